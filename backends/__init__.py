@@ -1,0 +1,1 @@
+"""Store implementations, one module per technology (imported lazily by omniq.registry)."""

@@ -1,0 +1,347 @@
+"""In-process stores for all three roles: nothing survives the process, nothing is shared."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from omniq.models import Delivery, QueueStats, Task, TaskEvent, TaskResult, WorkerInfo
+from omniq.registry import Role
+from omniq.storage import LocalSignal
+
+
+@dataclass
+class _Entry:
+    task: Task
+    attempts: int = 0
+    state: str = "waiting"  # waiting | running | failed
+    ready_at: float = 0.0
+    lease_until: float = 0.0
+    token: int = 0
+
+
+@dataclass
+class _Lane:
+    """One named queue: a heap of (-priority, ready_at, seq, task_id)."""
+
+    heap: list[tuple[int, float, int, str]] = field(default_factory=list)
+
+
+class MemoryQueue:
+    """A queue for one process (tests, embedded use, local callables)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._lanes: dict[str, _Lane] = {}
+        self._unique: dict[str, str] = {}
+        self._workers: dict[str, tuple[WorkerInfo, float]] = {}
+        self._seq = itertools.count()
+        self._tokens = itertools.count(1)
+        self._cond: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _push(self, entry: _Entry) -> None:
+        lane = self._lanes.setdefault(entry.task.queue, _Lane())
+        item = (-entry.task.priority, entry.ready_at, next(self._seq), entry.task.id)
+        heapq.heappush(lane.heap, item)
+
+    async def enqueue(self, task: Task) -> str:
+        if task.unique_key is not None:
+            existing = self._unique.get(task.unique_key)
+            if existing is not None and existing in self._entries:
+                return existing
+            self._unique[task.unique_key] = task.id
+        ready = task.eta.timestamp() if task.eta else 0.0
+        entry = _Entry(task=task, ready_at=ready)
+        self._entries[task.id] = entry
+        self._push(entry)
+        await self._wake()
+        return task.id
+
+    async def _wake(self) -> None:
+        cond = self._condition()
+        async with cond:
+            cond.notify_all()
+
+    def _reclaim_expired(self, now: float) -> None:
+        for entry in self._entries.values():
+            if entry.state == "running" and entry.lease_until <= now:
+                entry.state = "waiting"
+                entry.ready_at = 0.0
+                self._push(entry)
+
+    def _claim(self, queues: Sequence[str], lease: float) -> Delivery | None:
+        now = time.time()
+        self._reclaim_expired(now)
+        for name in queues:
+            lane = self._lanes.get(name)
+            if lane is None:
+                continue
+            delivery = self._claim_from(lane, now, lease)
+            if delivery is not None:
+                return delivery
+        return None
+
+    def _claim_from(self, lane: _Lane, now: float, lease: float) -> Delivery | None:
+        skipped: list[tuple[int, float, int, str]] = []
+        found: Delivery | None = None
+        while lane.heap:
+            item = heapq.heappop(lane.heap)
+            entry = self._entries.get(item[3])
+            if entry is None or entry.state != "waiting" or entry.ready_at != item[1]:
+                continue  # stale heap item
+            if entry.ready_at > now:
+                skipped.append(item)
+                continue
+            entry.state = "running"
+            entry.attempts += 1
+            entry.lease_until = now + lease
+            entry.token = next(self._tokens)
+            found = Delivery(task=entry.task, attempt=entry.attempts, receipt=entry.token)
+            break
+        for item in skipped:
+            heapq.heappush(lane.heap, item)
+        return found
+
+    async def dequeue(
+        self, queues: Sequence[str], lease: float, timeout: float
+    ) -> Delivery | None:
+        deadline = time.monotonic() + timeout
+        cond = self._condition()
+        while True:
+            delivery = self._claim(queues, lease)
+            if delivery is not None:
+                return delivery
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            # Wake for new work, or soon enough to see ETAs and expired leases.
+            async with cond:
+                try:
+                    await asyncio.wait_for(cond.wait(), min(remaining, 0.05))
+                except TimeoutError:
+                    pass
+
+    def _held(self, delivery: Delivery) -> _Entry | None:
+        entry = self._entries.get(delivery.task_id)
+        if entry is None or entry.state != "running" or entry.token != delivery.receipt:
+            return None
+        return entry
+
+    def _finish(self, task_id: str) -> None:
+        entry = self._entries.pop(task_id, None)
+        if entry and entry.task.unique_key and self._unique.get(entry.task.unique_key) == task_id:
+            del self._unique[entry.task.unique_key]
+
+    async def ack(self, delivery: Delivery, *, failed: bool = False) -> None:
+        entry = self._entries.get(delivery.task_id)
+        if entry is None:
+            return
+        if failed:
+            entry.state = "failed"
+            if entry.task.unique_key and self._unique.get(entry.task.unique_key) == entry.task.id:
+                del self._unique[entry.task.unique_key]
+        else:
+            self._finish(delivery.task_id)
+
+    async def retry(self, delivery: Delivery, delay: float) -> None:
+        entry = self._entries.get(delivery.task_id)
+        if entry is None:
+            return
+        entry.state = "waiting"
+        entry.ready_at = time.time() + delay
+        self._push(entry)
+        await self._wake()
+
+    async def release(self, delivery: Delivery) -> None:
+        entry = self._held(delivery)
+        if entry is None:
+            return
+        entry.state = "waiting"
+        entry.attempts = max(0, entry.attempts - 1)
+        entry.ready_at = 0.0
+        self._push(entry)
+        await self._wake()
+
+    async def extend(self, delivery: Delivery, lease: float) -> bool:
+        entry = self._held(delivery)
+        if entry is None:
+            return False
+        entry.lease_until = time.time() + lease
+        return True
+
+    async def cancel(self, task_id: str) -> bool:
+        entry = self._entries.get(task_id)
+        if entry is None or entry.state != "waiting":
+            return False
+        self._finish(task_id)
+        return True
+
+    async def get_task(self, task_id: str) -> Task | None:
+        entry = self._entries.get(task_id)
+        return entry.task if entry else None
+
+    async def stats(self) -> list[QueueStats]:
+        now = time.time()
+        counts: dict[str, dict[str, int]] = {}
+        for entry in self._entries.values():
+            c = counts.setdefault(entry.task.queue, {})
+            state = entry.state
+            if state == "waiting":
+                state = "scheduled" if entry.ready_at > now else "queued"
+            c[state] = c.get(state, 0) + 1
+        return [
+            QueueStats(
+                queue=name,
+                queued=c.get("queued", 0),
+                scheduled=c.get("scheduled", 0),
+                running=c.get("running", 0),
+                failed=c.get("failed", 0),
+            )
+            for name, c in sorted(counts.items())
+        ]
+
+    async def purge(self, queue: str | None = None) -> int:
+        doomed = [
+            tid
+            for tid, e in self._entries.items()
+            if e.state != "running" and (queue is None or e.task.queue == queue)
+        ]
+        for tid in doomed:
+            self._finish(tid)
+        return len(doomed)
+
+    async def register_worker(self, info: WorkerInfo, ttl: float) -> None:
+        self._workers[info.worker_id] = (info, time.time() + ttl)
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
+
+    async def workers(self) -> list[WorkerInfo]:
+        now = time.time()
+        return [info for info, until in self._workers.values() if until > now]
+
+
+class MemoryResultStorage:
+    """Results in a dict; waiters in this process are woken at once."""
+
+    def __init__(self) -> None:
+        self._results: dict[str, TaskResult] = {}
+        self._signal = LocalSignal()
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def store(self, result: TaskResult) -> None:
+        self._results[result.task_id] = result
+        self._signal.notify(result.task_id)
+
+    async def get(self, task_id: str) -> TaskResult | None:
+        result = self._results.get(task_id)
+        if result is None or result.is_expired():
+            return None
+        return result
+
+    async def wait(self, task_id: str, timeout: float | None) -> TaskResult | None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            result = await self.get(task_id)
+            if result is not None:
+                return result
+            pause = 1.0 if deadline is None else min(1.0, deadline - loop.time())
+            if pause <= 0:
+                return None
+            await self._signal.wait(task_id, pause)
+
+    async def delete(self, task_id: str) -> bool:
+        return self._results.pop(task_id, None) is not None
+
+    async def cleanup(self, now: datetime) -> int:
+        doomed = [tid for tid, r in self._results.items() if r.is_expired(now)]
+        for tid in doomed:
+            del self._results[tid]
+        return len(doomed)
+
+
+class MemoryEventStorage:
+    """An append-only list; the cursor is the position, zero-padded so it sorts."""
+
+    def __init__(self) -> None:
+        self._events: list[TaskEvent | None] = []
+        self._by_task: dict[str, list[int]] = {}
+        self._signal = LocalSignal()
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def append(self, event: TaskEvent) -> None:
+        self._by_task.setdefault(event.task_id, []).append(len(self._events))
+        self._events.append(event)
+        self._signal.notify("*")
+
+    async def append_many(self, events: Sequence[TaskEvent]) -> None:
+        for event in events:
+            await self.append(event)
+
+    async def get(self, task_id: str) -> list[TaskEvent]:
+        return [e for i in self._by_task.get(task_id, []) if (e := self._events[i]) is not None]
+
+    async def read(self, after: str | None, limit: int) -> list[tuple[str, TaskEvent]]:
+        start = 0 if after is None else int(after) + 1
+        out: list[tuple[str, TaskEvent]] = []
+        for i in range(start, len(self._events)):
+            event = self._events[i]
+            if event is not None:
+                out.append((f"{i:016d}", event))
+                if len(out) >= limit:
+                    break
+        return out
+
+    async def last_cursor(self) -> str | None:
+        return f"{len(self._events) - 1:016d}" if self._events else None
+
+    async def wait_new(self, after: str | None, timeout: float) -> None:
+        last = await self.last_cursor()
+        if last is not None and (after is None or last > after):
+            return
+        await self._signal.wait("*", timeout)
+
+    async def cleanup(self, before: datetime) -> int:
+        count = 0
+        for i, event in enumerate(self._events):
+            if event is not None and event.timestamp < before:
+                self._events[i] = None
+                self._by_task[event.task_id].remove(i)
+                count += 1
+        return count
+
+
+def create(role: Role, settings: Mapping[str, Any]) -> Any:
+    if role == "queue":
+        return MemoryQueue()
+    if role == "results":
+        return MemoryResultStorage()
+    return MemoryEventStorage()

@@ -1,0 +1,1 @@
+"""The `omniq` command line."""

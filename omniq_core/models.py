@@ -1,0 +1,226 @@
+"""Domain records: Task, TaskResult, TaskEvent and their enums (frozen, store-agnostic)."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+
+class TaskStatus(StrEnum):
+    PENDING = "pending"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL = {
+    TaskStatus.COMPLETED,
+    TaskStatus.FAILED,
+    TaskStatus.TIMEOUT,
+    TaskStatus.CANCELLED,
+    TaskStatus.EXPIRED,
+}
+
+
+class EventType(StrEnum):
+    ENQUEUED = "enqueued"
+    STARTED = "started"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RETRIED = "retried"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    EXPIRED = "expired"
+
+
+class TaskKind(StrEnum):
+    PYTHON = "python"
+    SHELL = "shell"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def to_timestamp(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def from_timestamp(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+# --- task ids -------------------------------------------------------------
+# UUIDv7 layout: 48-bit millisecond clock, then a counter/random tail, so ids
+# sort by creation time as plain strings on every backend.
+_id_lock = threading.Lock()
+_last_ms = 0
+_seq = 0
+TASK_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def new_task_id() -> str:
+    global _last_ms, _seq
+    with _id_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _last_ms:
+            ms = _last_ms
+            _seq += 1
+            if _seq >= 1 << 12:
+                ms += 1
+                _seq = 0
+        else:
+            _seq = 0
+        _last_ms = ms
+        seq = _seq
+    rand = int.from_bytes(os.urandom(8), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= seq << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def is_task_id(value: str) -> bool:
+    return bool(TASK_ID_RE.match(value))
+
+
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def is_queue_name(value: str) -> bool:
+    """Queue names travel into keys, subjects, file names and SQL values: keep them plain."""
+    return bool(QUEUE_NAME_RE.match(value))
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work. `func` is an import path `pkg.mod:qualname` (or a local token)."""
+
+    func: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=new_task_id)
+    queue: str = "default"
+    priority: int = 0  # higher runs first
+    eta: datetime | None = None  # not before this time
+    max_retries: int = 0
+    retry_delay: float = 1.0  # base of the exponential backoff, seconds
+    timeout: float | None = None  # seconds per attempt
+    expires_at: datetime | None = None  # not started by then -> EXPIRED
+    unique_key: str | None = None
+    result_ttl: float | None = None  # seconds; None = store default
+    kind: TaskKind = TaskKind.PYTHON
+    created_at: datetime = field(default_factory=utcnow)
+
+    @property
+    def is_local(self) -> bool:
+        return self.func.startswith("local:")
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """The single outcome of a task: a return value or an error."""
+
+    task_id: str
+    status: TaskStatus
+    value: Any = None
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+    attempts: int = 1
+    queue: str = "default"
+    worker_id: str | None = None
+    enqueued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime = field(default_factory=utcnow)
+    expires_at: datetime | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == TaskStatus.COMPLETED
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or utcnow())
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """One lifecycle step of a task. `details` never carries task arguments."""
+
+    task_id: str
+    event_type: EventType
+    timestamp: datetime = field(default_factory=utcnow)
+    attempt: int = 0
+    worker_id: str | None = None
+    queue: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A task handed to one worker under a lease. `receipt` is the backend's token."""
+
+    task: Task
+    attempt: int  # 1 on first delivery; raised by retries and by expired leases
+    receipt: Any = None
+
+    @property
+    def task_id(self) -> str:
+        return self.task.id
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    queue: str
+    queued: int = 0  # ready to run now
+    scheduled: int = 0  # waiting for an ETA or a retry delay
+    running: int = 0  # leased to a worker
+    failed: int = 0  # kept after the last attempt failed (dead letters)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    started_at: datetime
+    heartbeat_at: datetime = field(default_factory=utcnow)
+    current_tasks: tuple[str, ...] = ()
+    concurrency: int = 1
+    tasks_done: int = 0
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    task_id: str | None = None
+    event_types: frozenset[EventType] | None = None
+    queue: str | None = None
+
+    def matches(self, event: TaskEvent) -> bool:
+        if self.task_id is not None and event.task_id != self.task_id:
+            return False
+        if self.event_types is not None and event.event_type not in self.event_types:
+            return False
+        return self.queue is None or event.queue == self.queue
+
+
+def seconds_from_now(seconds: float) -> datetime:
+    return utcnow() + timedelta(seconds=seconds)

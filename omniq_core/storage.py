@@ -1,0 +1,263 @@
+"""The three store roles (Protocols) and the behaviour every backend shares.
+
+Backends implement a few primitives; waiting, following, TTL math and the
+thread that runs blocking drivers live here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from omniq.models import (
+    Delivery,
+    EventFilter,
+    QueueStats,
+    Task,
+    TaskEvent,
+    TaskResult,
+    WorkerInfo,
+)
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class TaskQueue(Protocol):
+    """Where tasks wait. Delivery is at-least-once on every durable backend."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def enqueue(self, task: Task) -> str:
+        """Store the task; return its id, or the id of the unfinished task with
+        the same `unique_key` (then nothing new is stored)."""
+
+    async def dequeue(
+        self, queues: Sequence[str], lease: float, timeout: float
+    ) -> Delivery | None:
+        """Claim the next runnable task: queues in the order given, then higher
+        priority, then older. Skips tasks whose ETA is in the future. Waits up
+        to `timeout` seconds (0 = do not wait). The lease lasts `lease` seconds;
+        when it expires the task becomes claimable again with attempt + 1."""
+
+    async def ack(self, delivery: Delivery, *, failed: bool = False) -> None:
+        """Finish the task. `failed=True` keeps it as a dead letter (counted in
+        stats, readable by get_task) until purged or retried."""
+
+    async def retry(self, delivery: Delivery, delay: float) -> None:
+        """Put the task back to run again after `delay` seconds, attempt kept
+        (the next delivery has attempt + 1)."""
+
+    async def release(self, delivery: Delivery) -> None:
+        """Hand the task back at once without counting the attempt."""
+
+    async def extend(self, delivery: Delivery, lease: float) -> bool:
+        """Renew the lease for `lease` seconds from now; False if it was lost."""
+
+    async def cancel(self, task_id: str) -> bool:
+        """Remove a task that no worker holds; False if running, done or unknown."""
+
+    async def get_task(self, task_id: str) -> Task | None:
+        """The task while it is queued, scheduled, running or dead-lettered."""
+
+    async def stats(self) -> list[QueueStats]: ...
+
+    async def purge(self, queue: str | None = None) -> int:
+        """Drop waiting and dead-lettered tasks (of one queue, or all); running
+        tasks are left alone. Returns how many were dropped."""
+
+    async def register_worker(self, info: WorkerInfo, ttl: float) -> None:
+        """Record or refresh a live worker; it disappears `ttl` s after its last call."""
+
+    async def unregister_worker(self, worker_id: str) -> None: ...
+    async def workers(self) -> list[WorkerInfo]: ...
+
+
+@runtime_checkable
+class ResultStorage(Protocol):
+    """One outcome per task. An expired result (expires_at passed) reads as None."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def store(self, result: TaskResult) -> None: ...
+    async def get(self, task_id: str) -> TaskResult | None: ...
+
+    async def wait(self, task_id: str, timeout: float | None) -> TaskResult | None:
+        """Block until the result exists (None after `timeout`; None timeout = forever)."""
+
+    async def delete(self, task_id: str) -> bool: ...
+
+    async def cleanup(self, now: datetime) -> int:
+        """Delete results whose expires_at <= now; return how many."""
+
+
+@runtime_checkable
+class EventStorage(Protocol):
+    """Append-only lifecycle log with an opaque, ordered cursor per event."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def append(self, event: TaskEvent) -> None: ...
+    async def append_many(self, events: Sequence[TaskEvent]) -> None: ...
+
+    async def get(self, task_id: str) -> list[TaskEvent]:
+        """Every stored event of one task, oldest first."""
+
+    async def read(
+        self, after: str | None, limit: int
+    ) -> list[tuple[str, TaskEvent]]:
+        """Events of all tasks after cursor `after` (None = from the oldest),
+        oldest first, at most `limit`, each with its cursor."""
+
+    async def last_cursor(self) -> str | None:
+        """Cursor of the newest event (None when empty): 'follow from now'."""
+
+    async def wait_new(self, after: str | None, timeout: float) -> None:
+        """Return when events after `after` may exist, or after `timeout`."""
+
+    async def cleanup(self, before: datetime) -> int:
+        """Delete events with timestamp < before; return how many."""
+
+
+# --- shared helpers -------------------------------------------------------
+
+
+class BlockingRunner:
+    """One dedicated thread per backend for blocking drivers (sqlite3, fsspec).
+
+    Keeps the event loop free and gives a driver connection one owning thread.
+    Re-created after fork so a forked child does not reuse the parent's thread.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._pid = os.getpid()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None or self._pid != os.getpid():
+            with self._lock:
+                if self._pool is None or self._pid != os.getpid():
+                    self._pid = os.getpid()
+                    self._pool = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=1, thread_name_prefix=self._name
+                    )
+        return self._pool
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor(), fn, *args)
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+class LocalSignal:
+    """Wakes waiters in this process at once; other processes are reached by polling.
+
+    Works across event loops: waiters register a future on their own loop.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+
+    def notify(self, key: str) -> None:
+        with self._lock:
+            waiters = self._waiters.pop(key, [])
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_set_done, fut)
+
+    async def wait(self, key: str, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        entry = (loop, fut)
+        with self._lock:
+            self._waiters.setdefault(key, []).append(entry)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with self._lock:
+                lst = self._waiters.get(key)
+                if lst and entry in lst:
+                    lst.remove(entry)
+                    if not lst:
+                        del self._waiters[key]
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class PollingBackoff:
+    """Poll intervals that start short (fast round trips) and grow when idle."""
+
+    def __init__(self, first: float = 0.002, most: float = 0.25, factor: float = 1.5) -> None:
+        self.first = first
+        self.most = most
+        self.factor = factor
+        self.current = first
+
+    def next(self) -> float:
+        value = self.current
+        self.current = min(self.most, self.current * self.factor)
+        return value
+
+    def reset(self) -> None:
+        self.current = self.first
+
+
+async def poll_for_result(
+    get: Callable[[str], Any],
+    signal: LocalSignal,
+    task_id: str,
+    timeout: float | None,
+) -> TaskResult | None:
+    """Shared `ResultStorage.wait` for stores without push: poll `get` with a
+    growing interval, woken early by results stored from this process."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    backoff = PollingBackoff()
+    while True:
+        result: TaskResult | None = await get(task_id)
+        if result is not None:
+            return result
+        pause = backoff.next()
+        if deadline is not None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            pause = min(pause, remaining)
+        await signal.wait(task_id, pause)
+
+
+async def follow_events(
+    storage: EventStorage,
+    after: str | None,
+    filters: EventFilter | None = None,
+    batch: int = 500,
+    idle_wait: float = 1.0,
+) -> AsyncIterator[tuple[str, TaskEvent]]:
+    """Yield (cursor, event) forever from cursor `after`; what `omniq tail` reads."""
+    cursor = after
+    while True:
+        rows = await storage.read(cursor, batch)
+        for cur, event in rows:
+            cursor = cur
+            if filters is None or filters.matches(event):
+                yield cur, event
+        if len(rows) < batch:
+            await storage.wait_new(cursor, idle_wait)

@@ -1,0 +1,131 @@
+"""EventStorage conformance: the same behaviour on every technology."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from omniq.models import EventFilter, EventType, TaskEvent, new_task_id, utcnow
+from omniq.storage import follow_events
+
+from .conftest import Harness
+
+
+def ev(task_id: str, kind: EventType = EventType.ENQUEUED, **kw: Any) -> TaskEvent:
+    return TaskEvent(task_id=task_id, event_type=kind, **kw)
+
+
+def test_append_and_get_in_order(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        tid, other = new_task_id(), new_task_id()
+        e1 = ev(tid, EventType.ENQUEUED, queue="q", details={"func": "m:f"})
+        e2 = ev(tid, EventType.STARTED, attempt=1, worker_id="w1", queue="q")
+        e3 = ev(tid, EventType.COMPLETED, attempt=1, worker_id="w1", queue="q",
+                details={"duration": 0.25})
+        await s.append(e1)
+        await s.append(ev(other))
+        await s.append_many([e2, e3])
+        assert await s.get(tid) == [e1, e2, e3]
+        assert [e.event_type for e in await s.get(other)] == [EventType.ENQUEUED]
+        assert await s.get(new_task_id()) == []
+
+    events_h.run(body)
+
+
+def test_timestamps_are_aware_utc(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        tid = new_task_id()
+        await s.append(ev(tid))
+        (got,) = await s.get(tid)
+        assert got.timestamp.tzinfo is not None
+        assert got.timestamp.utcoffset() == timedelta(0)
+
+    events_h.run(body)
+
+
+def test_read_with_cursor_resumes(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        start = await s.last_cursor()
+        tids = [new_task_id() for _ in range(7)]
+        for t in tids:
+            await s.append(ev(t))
+        rows = await s.read(start, 4)
+        assert [e.task_id for _, e in rows] == tids[:4]
+        rows2 = await s.read(rows[-1][0], 100)
+        assert [e.task_id for _, e in rows2] == tids[4:]
+        assert await s.read(rows2[-1][0], 100) == []
+        assert await s.last_cursor() == rows2[-1][0]
+
+    events_h.run(body)
+
+
+def test_read_from_none_starts_at_oldest(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        tids = [new_task_id() for _ in range(3)]
+        for t in tids:
+            await s.append(ev(t))
+        rows = await s.read(None, 100)
+        assert [e.task_id for _, e in rows][-3:] == tids
+
+    events_h.run(body)
+
+
+def test_follow_sees_events_from_another_handle(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        other = await events_h.another()
+        start = await s.last_cursor()
+        tid = new_task_id()
+        got: list[TaskEvent] = []
+
+        async def follower() -> None:
+            async for _, e in follow_events(s, start, EventFilter(task_id=tid), idle_wait=0.2):
+                got.append(e)
+                if len(got) == 2:
+                    return
+
+        f = asyncio.create_task(follower())
+        await asyncio.sleep(0.2)
+        await other.append(ev(new_task_id()))
+        await other.append(ev(tid, EventType.ENQUEUED))
+        await other.append(ev(tid, EventType.STARTED))
+        await asyncio.wait_for(f, 10)
+        assert [e.event_type for e in got] == [EventType.ENQUEUED, EventType.STARTED]
+
+    events_h.run(body)
+
+
+def test_wait_new_returns_early_when_events_exist(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        start = await s.last_cursor()
+        await s.append(ev(new_task_id()))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await s.wait_new(start, 20)
+        assert loop.time() - t0 < 10
+
+    events_h.run(body)
+
+
+def test_cleanup_removes_old_events(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        old_t, new_t = new_task_id(), new_task_id()
+        await s.append(ev(old_t, timestamp=utcnow() - timedelta(days=3)))
+        await s.append(ev(new_t))
+        removed = await s.cleanup(utcnow() - timedelta(days=1))
+        assert removed >= 1
+        assert await s.get(old_t) == []
+        assert len(await s.get(new_t)) == 1
+
+    events_h.run(body)
+
+
+def test_details_round_trip(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        tid = new_task_id()
+        details = {"error": "ValueError: x", "delay": 1.5, "nested": {"a": [1, 2]}}
+        await s.append(ev(tid, EventType.RETRIED, attempt=2, details=details))
+        (got,) = await s.get(tid)
+        assert got.details == details and got.attempt == 2
+
+    events_h.run(body)

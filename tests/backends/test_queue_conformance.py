@@ -1,0 +1,355 @@
+"""TaskQueue conformance: the same behaviour on every technology."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from omniq.models import Task, WorkerInfo, seconds_from_now, utcnow
+
+from .conftest import Harness
+
+LEASE = 30.0
+
+
+def task(queue: str = "default", **kw: Any) -> Task:
+    return Task(func="omniq.examples:add", args=(1, 2), queue=queue, **kw)
+
+
+def test_enqueue_then_dequeue_roundtrips_the_task(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = Task(
+            func="omniq.examples:add",
+            args=(1, [2, 3]),
+            kwargs={"x": {"y": "z"}},
+            max_retries=3,
+            timeout=5.0,
+            unique_key=None,
+        )
+        assert await q.enqueue(t) == t.id
+        d = await q.dequeue(["default"], LEASE, 0)
+        assert d is not None
+        assert d.task == t
+        assert d.attempt == 1
+        assert await q.dequeue(["default"], LEASE, 0) is None
+
+    queue_h.run(body)
+
+
+def test_dequeue_on_empty_queue_waits_for_timeout(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await q.dequeue(["default"], LEASE, 0.3) is None
+        assert loop.time() - start >= 0.25
+
+    queue_h.run(body)
+
+
+def test_blocked_dequeue_wakes_on_enqueue_from_another_handle(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        other = await queue_h.another()
+        waiter = asyncio.create_task(q.dequeue(["default"], LEASE, 10))
+        await asyncio.sleep(0.2)
+        t = task()
+        await other.enqueue(t)
+        d = await asyncio.wait_for(waiter, 8)
+        assert d is not None and d.task.id == t.id
+
+    queue_h.run(body)
+
+
+def test_fifo_within_same_priority(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        ids = [await q.enqueue(task()) for _ in range(5)]
+        got = []
+        for _ in ids:
+            d = await q.dequeue(["default"], LEASE, 1)
+            assert d is not None
+            got.append(d.task.id)
+        assert got == ids
+
+    queue_h.run(body)
+
+
+def test_higher_priority_first(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        low = await q.enqueue(task(priority=0))
+        high = await q.enqueue(task(priority=10))
+        mid = await q.enqueue(task(priority=5))
+        order = []
+        for _ in range(3):
+            d = await q.dequeue(["default"], LEASE, 1)
+            assert d is not None
+            order.append(d.task.id)
+        assert order == [high, mid, low]
+
+    queue_h.run(body)
+
+
+def test_queues_consumed_in_the_order_given(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        b = await q.enqueue(task("b"))
+        a = await q.enqueue(task("a"))
+        c = await q.enqueue(task("c"))
+        order = []
+        for _ in range(3):
+            d = await q.dequeue(["a", "b"], LEASE, 0.5)
+            order.append(d.task.id if d else None)
+        assert order == [a, b, None]
+        d = await q.dequeue(["c"], LEASE, 1)
+        assert d is not None and d.task.id == c
+
+    queue_h.run(body)
+
+
+def test_delayed_task_waits_for_eta(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        later = await q.enqueue(task(eta=seconds_from_now(1.0)))
+        now = await q.enqueue(task())
+        d = await q.dequeue(["default"], LEASE, 0)
+        assert d is not None and d.task.id == now
+        assert await q.dequeue(["default"], LEASE, 0) is None
+        d = await q.dequeue(["default"], LEASE, 5)
+        assert d is not None and d.task.id == later
+
+    queue_h.run(body)
+
+
+def test_past_eta_runs_at_once(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = await q.enqueue(task(eta=utcnow() - timedelta(seconds=10)))
+        d = await q.dequeue(["default"], LEASE, 1)
+        assert d is not None and d.task.id == t
+
+    queue_h.run(body)
+
+
+def test_expired_lease_redelivers_with_higher_attempt(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = await q.enqueue(task())
+        first = await q.dequeue(["default"], 1.0, 0)
+        assert first is not None and first.attempt == 1
+        assert await q.dequeue(["default"], 1.0, 0) is None
+        second = await q.dequeue(["default"], LEASE, 6)
+        assert second is not None
+        assert second.task.id == t
+        assert second.attempt == 2
+        # The first holder lost its lease.
+        assert await q.extend(first, LEASE) is False
+
+    queue_h.run(body)
+
+
+def test_extend_keeps_the_lease(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        await q.enqueue(task())
+        d = await q.dequeue(["default"], 1.0, 0)
+        assert d is not None
+        for _ in range(3):
+            await asyncio.sleep(0.5)
+            assert await q.extend(d, 1.0) is True
+        assert await q.dequeue(["default"], LEASE, 0) is None
+
+    queue_h.run(body)
+
+
+def test_ack_removes_the_task(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = await q.enqueue(task())
+        d = await q.dequeue(["default"], 1.0, 0)
+        assert d is not None
+        await q.ack(d)
+        assert await q.get_task(t) is None
+        await asyncio.sleep(1.3)
+        assert await q.dequeue(["default"], LEASE, 0) is None
+
+    queue_h.run(body)
+
+
+def test_failed_ack_keeps_a_dead_letter(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = await q.enqueue(task("dl"))
+        d = await q.dequeue(["dl"], LEASE, 0)
+        assert d is not None
+        await q.ack(d, failed=True)
+        kept = await q.get_task(t)
+        assert kept is not None and kept.id == t
+        stats = {s.queue: s for s in await q.stats()}
+        assert stats["dl"].failed == 1
+        assert stats["dl"].running == 0
+        assert await q.dequeue(["dl"], LEASE, 0) is None
+        assert await q.purge("dl") == 1
+        assert await q.get_task(t) is None
+
+    queue_h.run(body)
+
+
+def test_retry_requeues_after_delay_and_counts_attempt(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = await q.enqueue(task())
+        d = await q.dequeue(["default"], LEASE, 0)
+        assert d is not None
+        await q.retry(d, 0.8)
+        assert await q.dequeue(["default"], LEASE, 0) is None
+        again = await q.dequeue(["default"], LEASE, 5)
+        assert again is not None and again.task.id == t and again.attempt == 2
+
+    queue_h.run(body)
+
+
+def test_release_hands_back_without_counting(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = await q.enqueue(task())
+        d = await q.dequeue(["default"], LEASE, 0)
+        assert d is not None
+        await q.release(d)
+        again = await q.dequeue(["default"], LEASE, 1)
+        assert again is not None and again.task.id == t and again.attempt == 1
+
+    queue_h.run(body)
+
+
+def test_cancel_waiting_task(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = await q.enqueue(task())
+        assert await q.cancel(t) is True
+        assert await q.get_task(t) is None
+        assert await q.dequeue(["default"], LEASE, 0) is None
+        assert await q.cancel(t) is False
+
+    queue_h.run(body)
+
+
+def test_cancel_scheduled_task(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = await q.enqueue(task(eta=seconds_from_now(0.5)))
+        assert await q.cancel(t) is True
+        assert await q.dequeue(["default"], LEASE, 1.0) is None
+
+    queue_h.run(body)
+
+
+def test_cancel_running_task_is_refused(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = await q.enqueue(task())
+        d = await q.dequeue(["default"], LEASE, 0)
+        assert d is not None
+        assert await q.cancel(t) is False
+        assert await q.get_task(t) is not None
+
+    queue_h.run(body)
+
+
+def test_cancel_unknown_task(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        assert await q.cancel(task().id) is False
+
+    queue_h.run(body)
+
+
+def test_unique_key_dedupes_while_unfinished(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        first = await q.enqueue(task(unique_key="nightly"))
+        second = await q.enqueue(task(unique_key="nightly"))
+        assert second == first
+        d = await q.dequeue(["default"], LEASE, 0)
+        assert d is not None
+        assert await q.enqueue(task(unique_key="nightly")) == first  # still running
+        assert await q.dequeue(["default"], LEASE, 0) is None
+        await q.ack(d)
+        third = await q.enqueue(task(unique_key="nightly"))
+        assert third != first
+
+    queue_h.run(body)
+
+
+def test_unique_key_is_free_after_cancel(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        first = await q.enqueue(task(unique_key="k1"))
+        assert await q.cancel(first)
+        assert await q.enqueue(task(unique_key="k1")) != first
+
+    queue_h.run(body)
+
+
+def test_stats_per_queue_and_state(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        await q.enqueue(task("s1"))
+        await q.enqueue(task("s1"))
+        await q.enqueue(task("s1", eta=seconds_from_now(60)))
+        await q.enqueue(task("s2"))
+        d = await q.dequeue(["s2"], LEASE, 0)
+        assert d is not None
+        stats = {s.queue: s for s in await q.stats()}
+        assert (stats["s1"].queued, stats["s1"].scheduled, stats["s1"].running) == (2, 1, 0)
+        assert (stats["s2"].queued, stats["s2"].running) == (0, 1)
+
+    queue_h.run(body)
+
+
+def test_purge_drops_waiting_tasks_of_one_queue(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        for _ in range(3):
+            await q.enqueue(task("p1"))
+        keep = await q.enqueue(task("p2"))
+        assert await q.purge("p1") == 3
+        assert await q.dequeue(["p1"], LEASE, 0) is None
+        d = await q.dequeue(["p2"], LEASE, 0)
+        assert d is not None and d.task.id == keep
+
+    queue_h.run(body)
+
+
+def test_get_task_while_waiting_and_running(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = task(priority=3)
+        await q.enqueue(t)
+        assert await q.get_task(t.id) == t
+        await q.dequeue(["default"], LEASE, 0)
+        assert await q.get_task(t.id) == t
+
+    queue_h.run(body)
+
+
+def test_concurrent_consumers_never_share_a_task(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        ids = {await q.enqueue(task()) for _ in range(40)}
+        handles = [q] + [await queue_h.another() for _ in range(3)]
+        seen: list[str] = []
+
+        async def consume(h: Any) -> None:
+            while True:
+                d = await h.dequeue(["default"], LEASE, 0.2)
+                if d is None:
+                    return
+                seen.append(d.task.id)
+                await h.ack(d)
+
+        await asyncio.gather(*(consume(h) for h in handles))
+        assert sorted(seen) == sorted(ids)
+
+    queue_h.run(body)
+
+
+def test_worker_registry(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        info = WorkerInfo(
+            worker_id="w-1", host="h", pid=42, queues=("a", "b"), started_at=utcnow(),
+            current_tasks=("x",), concurrency=4, tasks_done=7,
+        )
+        await q.register_worker(info, 30)
+        workers = await q.workers()
+        assert [w.worker_id for w in workers] == ["w-1"]
+        assert workers[0].queues == ("a", "b") and workers[0].tasks_done == 7
+        await q.register_worker(
+            WorkerInfo(worker_id="w-2", host="h", pid=43, queues=("a",), started_at=utcnow()),
+            1.0,
+        )
+        await asyncio.sleep(1.5)
+        assert [w.worker_id for w in await q.workers()] == ["w-1"]
+        await q.unregister_worker("w-1")
+        assert await q.workers() == []
+
+    queue_h.run(body)

@@ -1,0 +1,140 @@
+"""ResultStorage conformance: the same behaviour on every technology."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from omniq.models import TaskResult, TaskStatus, new_task_id, seconds_from_now, utcnow
+
+from .conftest import Harness
+
+
+def ok(task_id: str | None = None, **kw: Any) -> TaskResult:
+    return TaskResult(task_id=task_id or new_task_id(), status=TaskStatus.COMPLETED, **kw)
+
+
+def test_store_and_get_roundtrip(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        r = TaskResult(
+            task_id=new_task_id(),
+            status=TaskStatus.FAILED,
+            value=None,
+            error_type="ValueError",
+            error_message="bad ünïcode",
+            traceback="Traceback...\n",
+            attempts=3,
+            queue="q1",
+            worker_id="w1",
+            enqueued_at=utcnow(),
+            started_at=utcnow(),
+            expires_at=seconds_from_now(60),
+        )
+        await s.store(r)
+        got = await s.get(r.task_id)
+        assert got == r
+
+    results_h.run(body)
+
+
+def test_values_keep_their_json_shape(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        for value in [30, "hello", None, [1, "a", None], {"k": {"n": 1.5}}, True]:
+            r = ok(value=value)
+            await s.store(r)
+            got = await s.get(r.task_id)
+            assert got is not None and got.value == value
+
+    results_h.run(body)
+
+
+def test_get_unknown_is_none(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        assert await s.get(new_task_id()) is None
+
+    results_h.run(body)
+
+
+def test_wait_returns_at_once_when_present(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        r = ok(value=1)
+        await s.store(r)
+        assert await s.wait(r.task_id, 0) == r
+
+    results_h.run(body)
+
+
+def test_wait_times_out(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await s.wait(new_task_id(), 0.3) is None
+        assert loop.time() - start >= 0.25
+
+    results_h.run(body)
+
+
+def test_wait_wakes_for_result_stored_by_another_handle(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        other = await results_h.another()
+        r = ok(value="late")
+        waiter = asyncio.create_task(s.wait(r.task_id, 10))
+        await asyncio.sleep(0.2)
+        await other.store(r)
+        got = await asyncio.wait_for(waiter, 8)
+        assert got is not None and got.value == "late"
+
+    results_h.run(body)
+
+
+def test_many_waiters_on_one_task(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        r = ok(value=5)
+        waiters = [asyncio.create_task(s.wait(r.task_id, 10)) for _ in range(5)]
+        await asyncio.sleep(0.1)
+        await s.store(r)
+        got = await asyncio.gather(*waiters)
+        assert all(g is not None and g.value == 5 for g in got)
+
+    results_h.run(body)
+
+
+def test_delete(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        r = ok()
+        await s.store(r)
+        assert await s.delete(r.task_id) is True
+        assert await s.get(r.task_id) is None
+        assert await s.delete(r.task_id) is False
+
+    results_h.run(body)
+
+
+def test_expired_result_reads_as_none_and_cleanup_removes_it(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        old = ok(expires_at=utcnow() - timedelta(seconds=1))
+        fresh = ok(expires_at=seconds_from_now(3600))
+        forever = ok(expires_at=None)
+        for r in (old, fresh, forever):
+            await s.store(r)
+        assert await s.get(old.task_id) is None
+        assert await s.cleanup(utcnow()) >= 1
+        assert await s.get(fresh.task_id) == fresh
+        assert await s.get(forever.task_id) == forever
+        assert await s.cleanup(utcnow() + timedelta(days=1)) >= 1
+        assert await s.get(fresh.task_id) is None
+        assert await s.get(forever.task_id) == forever
+
+    results_h.run(body)
+
+
+def test_store_overwrites_same_task(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        tid = new_task_id()
+        await s.store(ok(tid, value=1))
+        await s.store(ok(tid, value=2))
+        got = await s.get(tid)
+        assert got is not None and got.value == 2
+
+    results_h.run(body)
