@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -119,9 +120,7 @@ class MemoryQueue:
             heapq.heappush(lane.heap, item)
         return found
 
-    async def dequeue(
-        self, queues: Sequence[str], lease: float, timeout: float
-    ) -> Delivery | None:
+    async def dequeue(self, queues: Sequence[str], lease: float, timeout: float) -> Delivery | None:
         deadline = time.monotonic() + timeout
         cond = self._condition()
         while True:
@@ -133,10 +132,8 @@ class MemoryQueue:
                 return None
             # Wake for new work, or soon enough to see ETAs and expired leases.
             async with cond:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(cond.wait(), min(remaining, 0.05))
-                except TimeoutError:
-                    pass
 
     def _held(self, delivery: Delivery) -> _Entry | None:
         entry = self._entries.get(delivery.task_id)

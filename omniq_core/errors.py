@@ -80,6 +80,9 @@ def redact(text: str) -> str:
     """Mask passwords in URLs/DSNs found anywhere in a message."""
     import re
 
-    text = re.sub(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@",
-                  r"\g<scheme>\g<user>:***@", text)
+    text = re.sub(
+        r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@",
+        r"\g<scheme>\g<user>:***@",
+        text,
+    )
     return re.sub(r"(?i)(password\s*=\s*)('[^']*'|\S+)", r"\1***", text)

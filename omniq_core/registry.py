@@ -35,9 +35,7 @@ def canonical(name: str) -> str:
     key = name.strip().lower()
     key = ALIASES.get(key, key)
     if key not in BACKENDS:
-        raise ConfigError(
-            f"unknown backend type {name!r}; choose one of: {', '.join(BACKENDS)}"
-        )
+        raise ConfigError(f"unknown backend type {name!r}; choose one of: {', '.join(BACKENDS)}")
     return key
 
 

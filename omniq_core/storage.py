@@ -38,9 +38,7 @@ class TaskQueue(Protocol):
         """Store the task; return its id, or the id of the unfinished task with
         the same `unique_key` (then nothing new is stored)."""
 
-    async def dequeue(
-        self, queues: Sequence[str], lease: float, timeout: float
-    ) -> Delivery | None:
+    async def dequeue(self, queues: Sequence[str], lease: float, timeout: float) -> Delivery | None:
         """Claim the next runnable task: queues in the order given, then higher
         priority, then older. Skips tasks whose ETA is in the future. Waits up
         to `timeout` seconds (0 = do not wait). The lease lasts `lease` seconds;
@@ -109,9 +107,7 @@ class EventStorage(Protocol):
     async def get(self, task_id: str) -> list[TaskEvent]:
         """Every stored event of one task, oldest first."""
 
-    async def read(
-        self, after: str | None, limit: int
-    ) -> list[tuple[str, TaskEvent]]:
+    async def read(self, after: str | None, limit: int) -> list[tuple[str, TaskEvent]]:
         """Events of all tasks after cursor `after` (None = from the oldest),
         oldest first, at most `limit`, each with its cursor."""
 

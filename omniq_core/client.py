@@ -1,0 +1,671 @@
+"""The Python API: `AsyncOmniQ` (the core) and `OmniQ` (its synchronous facade)."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from omniq import serialization
+from omniq.errors import (
+    OmniQError,
+    ResultTimeout,
+    TaskCancelled,
+    TaskExpired,
+    TaskFailed,
+    TaskNotFound,
+    TaskTimeout,
+)
+from omniq.models import (
+    EventFilter,
+    EventType,
+    QueueStats,
+    Task,
+    TaskEvent,
+    TaskKind,
+    TaskResult,
+    TaskStatus,
+    WorkerInfo,
+    is_queue_name,
+    new_task_id,
+    utcnow,
+)
+from omniq.storage import EventStorage, ResultStorage, TaskQueue, follow_events
+
+if TYPE_CHECKING:
+    from omniq.config import OmniQConfig
+    from omniq.worker import Worker, WorkerSettings
+
+log = logging.getLogger("omniq")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """How to run one task; kept apart from the task's own keyword arguments."""
+
+    queue: str | None = None
+    delay: float | timedelta | None = None  # run no sooner than this from now
+    eta: datetime | None = None  # run no sooner than this time (aware)
+    priority: int = 0  # higher runs first
+    retries: int | None = None
+    retry_delay: float | None = None
+    timeout: float | None = None  # seconds per attempt
+    ttl: float | None = None  # expire if no worker started it within this
+    result_ttl: float | None = None
+    unique_key: str | None = None
+
+
+Call = tuple[Any, ...]  # (func,), (func, args), (func, args, kwargs)
+
+
+def _seconds(value: float | timedelta | None) -> float | None:
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return value
+
+
+def raise_for_result(result: TaskResult) -> Any:
+    """The task's value, or the exception that stands for its outcome."""
+    if result.status == TaskStatus.COMPLETED:
+        return result.value
+    kind = {
+        TaskStatus.TIMEOUT: TaskTimeout,
+        TaskStatus.CANCELLED: TaskCancelled,
+        TaskStatus.EXPIRED: TaskExpired,
+    }.get(result.status, TaskFailed)
+    raise kind(
+        result.task_id,
+        result.status.value,
+        result.error_type,
+        result.error_message,
+        result.traceback,
+    )
+
+
+class AsyncOmniQ:
+    """Enqueue tasks and read their outcomes; optionally run an embedded worker."""
+
+    def __init__(
+        self,
+        config: OmniQConfig | None = None,
+        *,
+        task_queue: TaskQueue | None = None,
+        result_storage: ResultStorage | None = None,
+        event_storage: EventStorage | None = None,
+    ) -> None:
+        if config is None:
+            from omniq.config import OmniQConfig
+
+            config = OmniQConfig()
+        self.config = config
+        self._given = (task_queue, result_storage, event_storage)
+        self._stores: tuple[TaskQueue, ResultStorage, EventStorage] | None = None
+        self._local_queue: TaskQueue | None = None
+        self._local_functions: dict[str, Callable[..., Any]] = {}
+        self._local_tokens: dict[int, str] = {}
+        self._workers: dict[str, tuple[Worker, asyncio.Task[int]]] = {}
+        self._open_lock: asyncio.Lock | None = None
+
+    # --- lifecycle ---------------------------------------------------------
+    async def open(self) -> None:
+        if self._stores is not None:
+            return
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self._stores is None:
+                self._stores = await self._build_stores()
+
+    async def _build_stores(self) -> tuple[TaskQueue, ResultStorage, EventStorage]:
+        from omniq import registry
+
+        built = []
+        for given, role, prefix in zip(
+            self._given,
+            registry.ROLES,
+            ("task_queue", "result_storage", "event_storage"),
+            strict=True,
+        ):
+            if given is None:
+                kind, settings = self.config.store(prefix)
+                given = registry.create(kind, role, settings)
+            await given.open()
+            built.append(given)
+        return built[0], built[1], built[2]
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop embedded workers (running tasks finish first when `drain`) and close stores."""
+        if drain:
+            await self._drain_local()
+        for worker, _ in self._workers.values():
+            worker.request_stop(force=not drain)
+        await asyncio.gather(*(t for _, t in self._workers.values()), return_exceptions=True)
+        self._workers.clear()
+        if self._stores is not None:
+            stores, self._stores = self._stores, None
+            for store in stores:
+                with contextlib.suppress(Exception):
+                    await store.close()
+
+    async def __aenter__(self) -> AsyncOmniQ:
+        await self.open()
+        await self.start_worker()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def queue(self) -> TaskQueue:
+        return self._require()[0]
+
+    @property
+    def results(self) -> ResultStorage:
+        return self._require()[1]
+
+    @property
+    def events(self) -> EventStorage:
+        return self._require()[2]
+
+    def _require(self) -> tuple[TaskQueue, ResultStorage, EventStorage]:
+        if self._stores is None:
+            raise OmniQError("AsyncOmniQ is not open: use `async with AsyncOmniQ()` or open()")
+        return self._stores
+
+    # --- embedded workers ----------------------------------------------------
+    def worker_settings(self, **overrides: Any) -> WorkerSettings:
+        from omniq.worker import settings_from_config
+
+        return settings_from_config(self.config, **overrides)
+
+    async def start_worker(self, **overrides: Any) -> Worker:
+        """Run a worker on the configured queue inside this process (all modules allowed)."""
+        await self.open()
+        if "queue" in self._workers:
+            return self._workers["queue"][0]
+        overrides.setdefault("allowed_modules", None)
+        return self._spawn_worker("queue", self.queue, self.worker_settings(**overrides))
+
+    def _spawn_worker(self, name: str, queue: TaskQueue, settings: WorkerSettings) -> Worker:
+        from omniq.worker import Worker
+
+        worker = Worker(
+            queue, self.results, self.events, settings, local_functions=self._local_functions
+        )
+        task = asyncio.create_task(worker.run(), name=f"omniq-{name}-worker")
+        task.add_done_callback(_log_worker_crash)
+        self._workers[name] = (worker, task)
+        return worker
+
+    def _local(self) -> TaskQueue:
+        """Callables other processes cannot import run here only, off a private queue."""
+        if self._local_queue is None:
+            from omniq.backends.memory import MemoryQueue
+
+            self._local_queue = MemoryQueue()
+        if "local" not in self._workers:
+            settings = self.worker_settings(
+                allowed_modules=None,
+                register=False,
+                queues=tuple(self._local_queues()),
+                poll_interval=0.5,
+            )
+            self._spawn_worker("local", self._local_queue, settings)
+        return self._local_queue
+
+    def _local_queues(self) -> list[str]:
+        return sorted({self.config.default_queue, *self.config.worker_queues, "default"})
+
+    async def _drain_local(self) -> None:
+        """Local tasks cannot run anywhere else: give them time to finish before closing."""
+        if self._local_queue is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.worker_shutdown_timeout
+        while loop.time() < deadline:
+            stats = await self._local_queue.stats()
+            if not any(s.queued or s.running for s in stats):
+                return
+            await asyncio.sleep(0.01)
+        log.warning("closing with local tasks still waiting; they will not run")
+
+    # --- enqueue -------------------------------------------------------------
+    async def enqueue(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> str:
+        """Queue `func(*args, **kwargs)`; every keyword goes to `func` (see `options`)."""
+        return await self.enqueue_call(func, args, kwargs)
+
+    def options(self, **options: Any) -> BoundOptions:
+        """`await omniq.options(queue="mail", delay=30).enqueue(send, to)`."""
+        return BoundOptions(self, TaskOptions(**options))
+
+    async def enqueue_call(
+        self,
+        func: Callable[..., Any] | str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        options: TaskOptions | None = None,
+    ) -> str:
+        await self.open()
+        task = self.build_task(func, tuple(args), dict(kwargs or {}), options or TaskOptions())
+        return await self.submit(task)
+
+    async def enqueue_many(
+        self, calls: Iterable[Call], options: TaskOptions | None = None
+    ) -> list[str]:
+        """Queue many calls given as (func, args, kwargs) tuples; returns their ids in order."""
+        await self.open()
+        opts = options or TaskOptions()
+        tasks = [self.build_task(*_unpack_call(c), opts) for c in calls]
+        return [await self.submit(t) for t in tasks]
+
+    def build_task(
+        self,
+        func: Callable[..., Any] | str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: TaskOptions,
+    ) -> Task:
+        serialization.check_arguments(args, kwargs)
+        cfg = self.config
+        queue = options.queue or cfg.default_queue
+        if not is_queue_name(queue):
+            raise ValueError(f"invalid queue name {queue!r}: use letters, digits, '_', '-', '.'")
+        now = utcnow()
+        delay = _seconds(options.delay)
+        eta = options.eta or (now + timedelta(seconds=delay) if delay else None)
+        ttl = options.ttl if options.ttl is not None else cfg.default_task_ttl
+        return Task(
+            func=self._func_ref(func),
+            args=args,
+            kwargs=kwargs,
+            queue=queue,
+            priority=options.priority,
+            eta=eta,
+            max_retries=options.retries if options.retries is not None else cfg.default_retries,
+            retry_delay=options.retry_delay
+            if options.retry_delay is not None
+            else cfg.default_retry_delay,
+            timeout=options.timeout if options.timeout is not None else cfg.default_timeout,
+            expires_at=(eta or now) + timedelta(seconds=ttl) if ttl else None,
+            unique_key=options.unique_key,
+            result_ttl=options.result_ttl,
+            created_at=now,
+        )
+
+    def _func_ref(self, func: Callable[..., Any] | str) -> str:
+        if isinstance(func, str):
+            if func.startswith("local:"):
+                raise ValueError("local callables are enqueued by passing the function itself")
+            serialization.module_of(func)  # shape check only; the worker imports it
+            if ":" not in func and "." not in func:
+                raise ValueError(f"{func!r} is not an import path like 'package.module:function'")
+            return func
+        if not callable(func):
+            raise TypeError(f"{func!r} is not callable")
+        path = serialization.callable_path(func)
+        return path if path is not None else self._register_local(func)
+
+    def _register_local(self, func: Callable[..., Any]) -> str:
+        token = self._local_tokens.get(id(func))
+        if token is None:
+            name = getattr(func, "__qualname__", type(func).__name__)
+            token = f"local:{getattr(func, '__module__', '?')}.{name}#{len(self._local_tokens) + 1}"
+            self._local_tokens[id(func)] = token
+            self._local_functions[token] = func
+        return token
+
+    async def submit(self, task: Task) -> str:
+        """Write the task and its ENQUEUED event (the event first, so it sorts first)."""
+        await self.open()
+        queue = self._local() if task.is_local else self.queue
+        event = TaskEvent(
+            task_id=task.id,
+            event_type=EventType.ENQUEUED,
+            timestamp=task.created_at,
+            queue=task.queue,
+            details=_enqueue_details(task),
+        )
+        if task.unique_key is None:
+            await self.events.append(event)
+            return await queue.enqueue(task)
+        task_id = await queue.enqueue(task)
+        if task_id == task.id:
+            await self.events.append(event)
+        return task_id
+
+    # --- outcomes ------------------------------------------------------------
+    async def get_result(self, task_id: str, timeout: float | None = None) -> Any:
+        """The task's return value. Waits `timeout` seconds (None: until done, 0: not at all).
+
+        Raises TaskFailed (or TaskTimeout/TaskCancelled/TaskExpired) carrying the remote
+        error, ResultTimeout while it is still pending, TaskNotFound for an unknown id.
+        """
+        return raise_for_result(await self.wait_result(task_id, timeout))
+
+    async def wait_result(self, task_id: str, timeout: float | None = None) -> TaskResult:
+        await self.open()
+        result = await self.results.get(task_id)
+        if result is not None:
+            return result
+        if not await self.task_exists(task_id):
+            raise TaskNotFound(f"no task with id {task_id}")
+        if timeout is not None and timeout <= 0:
+            raise ResultTimeout(f"task {task_id} has no result yet")
+        result = await self.results.wait(task_id, timeout)
+        if result is None:
+            raise ResultTimeout(f"task {task_id} has no result after {timeout:g}s")
+        return result
+
+    async def task_exists(self, task_id: str) -> bool:
+        await self.open()
+        if self._local_queue is not None and await self._local_queue.get_task(task_id):
+            return True
+        if await self.queue.get_task(task_id) is not None:
+            return True
+        if await self.results.get(task_id) is not None:
+            return True
+        return bool(await self.events.get(task_id))
+
+    async def get_events(self, task_id: str) -> list[TaskEvent]:
+        await self.open()
+        return await self.events.get(task_id)
+
+    async def follow_events(
+        self,
+        after: str | None = "now",
+        filters: EventFilter | None = None,
+        idle_wait: float = 1.0,
+    ) -> AsyncIterator[tuple[str, TaskEvent]]:
+        """Live events of all tasks as (cursor, event).
+
+        `after` is "now", None (from the oldest) or a cursor from an earlier event.
+        """
+        await self.open()
+        start = await self.events.last_cursor() if after == "now" else after
+        async for item in follow_events(self.events, start, filters, idle_wait=idle_wait):
+            yield item
+
+    # --- operations ----------------------------------------------------------
+    async def cancel(self, task_id: str) -> bool:
+        """Cancel a task no worker has started; records a CANCELLED outcome."""
+        await self.open()
+        for queue in (self._local_queue, self.queue):
+            if queue is None:
+                continue
+            task = await queue.get_task(task_id)
+            if task is not None and await queue.cancel(task_id):
+                await self._record_cancel(task)
+                return True
+        return False
+
+    async def _record_cancel(self, task: Task) -> None:
+        ttl = task.result_ttl if task.result_ttl is not None else self.config.result_ttl
+        now = utcnow()
+        await self.results.store(
+            TaskResult(
+                task_id=task.id,
+                status=TaskStatus.CANCELLED,
+                error_type="Cancelled",
+                error_message="cancelled before it started",
+                attempts=0,
+                queue=task.queue,
+                enqueued_at=task.created_at,
+                finished_at=now,
+                expires_at=now + timedelta(seconds=ttl) if ttl else None,
+            )
+        )
+        await self.events.append(
+            TaskEvent(task_id=task.id, event_type=EventType.CANCELLED, queue=task.queue)
+        )
+
+    async def retry(self, task_id: str) -> str:
+        """Queue a failed task again under a new id; returns the new id."""
+        await self.open()
+        task = await self.queue.get_task(task_id)
+        if task is None:
+            raise TaskNotFound(f"no failed task kept for id {task_id} (only dead letters retry)")
+        result = await self.results.get(task_id)
+        if result is None or result.ok:
+            raise OmniQError(f"task {task_id} has not failed; only failed tasks can be retried")
+        fresh = replace(task, id=new_task_id(), created_at=utcnow(), eta=None, expires_at=None)
+        return await self.submit(fresh)
+
+    async def stats(self) -> list[QueueStats]:
+        await self.open()
+        return await self.queue.stats()
+
+    async def workers(self) -> list[WorkerInfo]:
+        await self.open()
+        return await self.queue.workers()
+
+    async def check(self) -> dict[str, str | None]:
+        """Try each configured store: role -> None when reachable, else the error."""
+        from omniq import registry
+
+        report: dict[str, str | None] = {}
+        for role, prefix in zip(
+            registry.ROLES, ("task_queue", "result_storage", "event_storage"), strict=True
+        ):
+            report[role] = await _probe(self.config, prefix, role)
+        return report
+
+
+async def _probe(config: OmniQConfig, prefix: str, role: Any) -> str | None:
+    from omniq import registry
+
+    try:
+        kind, settings = config.store(prefix)
+        store = registry.create(kind, role, settings)
+        await asyncio.wait_for(store.open(), 15)
+        try:
+            probe = {
+                "queue": lambda: store.stats(),
+                "results": lambda: store.get(new_task_id()),
+                "events": lambda: store.last_cursor(),
+            }[role]
+            await asyncio.wait_for(probe(), 15)
+        finally:
+            await store.close()
+    except TimeoutError:
+        return "timed out after 15s"
+    except OmniQError as exc:
+        return str(exc)
+    return None
+
+
+def _enqueue_details(task: Task) -> dict[str, Any]:
+    details: dict[str, Any] = {"func": task.func if task.kind == TaskKind.PYTHON else "shell"}
+    if task.eta is not None:
+        details["eta"] = task.eta.isoformat()
+    if task.priority:
+        details["priority"] = task.priority
+    if task.unique_key:
+        details["key"] = task.unique_key
+    return details
+
+
+def _unpack_call(call: Call) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    if not isinstance(call, tuple) or not 1 <= len(call) <= 3:
+        raise TypeError("enqueue_many takes (func,), (func, args) or (func, args, kwargs) tuples")
+    func = call[0]
+    args = tuple(call[1]) if len(call) > 1 else ()
+    kwargs = dict(call[2]) if len(call) > 2 else {}
+    return func, args, kwargs
+
+
+def _log_worker_crash(task: asyncio.Task[int]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("embedded worker stopped", exc_info=task.exception())
+
+
+class BoundOptions:
+    """`client.options(...)`: enqueue with task options, on the sync or async client."""
+
+    def __init__(self, client: Any, options: TaskOptions) -> None:
+        self._client = client
+        self._options = options
+
+    def enqueue(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        return self._client.enqueue_call(func, args, kwargs, self._options)
+
+    def enqueue_many(self, calls: Iterable[Call]) -> Any:
+        return self._client.enqueue_many(calls, self._options)
+
+
+# --- the synchronous facade -------------------------------------------------
+
+
+class _LoopThread:
+    """A private event loop on a daemon thread, so `OmniQ` works from any context."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="omniq-loop", daemon=True
+        )
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise OmniQError("OmniQ (sync) cannot be called from its own loop; use AsyncOmniQ")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+_live: weakref.WeakSet[OmniQ] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    # A script that never closed its OmniQ still exits promptly, its stores flushed.
+    for client in list(_live):
+        with contextlib.suppress(Exception):
+            client.close(drain=False)
+
+
+class OmniQ:
+    """Synchronous API over `AsyncOmniQ`. `with OmniQ() as omniq:` runs an embedded worker."""
+
+    def __init__(
+        self,
+        config: OmniQConfig | None = None,
+        *,
+        task_queue: TaskQueue | None = None,
+        result_storage: ResultStorage | None = None,
+        event_storage: EventStorage | None = None,
+    ) -> None:
+        self._core = AsyncOmniQ(
+            config,
+            task_queue=task_queue,
+            result_storage=result_storage,
+            event_storage=event_storage,
+        )
+        self._thread: _LoopThread | None = None
+        self._lock = threading.Lock()
+        _live.add(self)
+
+    @property
+    def config(self) -> OmniQConfig:
+        return self._core.config
+
+    @property
+    def core(self) -> AsyncOmniQ:
+        return self._core
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = _LoopThread()
+        return self._thread.call(coro)
+
+    def __enter__(self) -> OmniQ:
+        self._run(self._core.open())
+        self._run(_start(self._core))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self, drain: bool = True) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        with contextlib.suppress(Exception):
+            thread.call(self._core.close(drain=drain))
+        thread.stop()
+
+    def start_worker(self, **overrides: Any) -> None:
+        self._run(_start(self._core, **overrides))
+
+    def enqueue(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> str:
+        return self._run(self._core.enqueue_call(func, args, kwargs))
+
+    def enqueue_call(
+        self,
+        func: Callable[..., Any] | str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        options: TaskOptions | None = None,
+    ) -> str:
+        return self._run(self._core.enqueue_call(func, args, kwargs, options))
+
+    def enqueue_many(self, calls: Iterable[Call], options: TaskOptions | None = None) -> list[str]:
+        return self._run(self._core.enqueue_many(list(calls), options))
+
+    def options(self, **options: Any) -> BoundOptions:
+        return BoundOptions(self, TaskOptions(**options))
+
+    def get_result(self, task_id: str, timeout: float | None = None) -> Any:
+        return self._run(self._core.get_result(task_id, timeout))
+
+    def wait_result(self, task_id: str, timeout: float | None = None) -> TaskResult:
+        return self._run(self._core.wait_result(task_id, timeout))
+
+    def get_events(self, task_id: str) -> list[TaskEvent]:
+        return self._run(self._core.get_events(task_id))
+
+    def follow_events(
+        self, after: str | None = "now", filters: EventFilter | None = None
+    ) -> Iterator[TaskEvent]:
+        """Yield events of all tasks as they happen (blocks between events)."""
+        agen = self._core.follow_events(after, filters).__aiter__()
+        try:
+            while True:
+                _, event = self._run(agen.__anext__())
+                yield event
+        finally:
+            if self._thread is not None:
+                with contextlib.suppress(Exception):
+                    self._run(agen.aclose())
+
+    def cancel(self, task_id: str) -> bool:
+        return self._run(self._core.cancel(task_id))
+
+    def retry(self, task_id: str) -> str:
+        return self._run(self._core.retry(task_id))
+
+    def stats(self) -> list[QueueStats]:
+        return self._run(self._core.stats())
+
+    def workers(self) -> list[WorkerInfo]:
+        return self._run(self._core.workers())
+
+
+async def _start(core: AsyncOmniQ, **overrides: Any) -> None:
+    await core.start_worker(**overrides)

@@ -1,0 +1,585 @@
+"""The worker engine: claims tasks, runs them, stores outcomes and events.
+
+Used by the embedded worker of `with OmniQ()` and by the `omniq worker` daemon.
+Order of writes for one task: STARTED event, run, result stored, outcome event,
+then ack, so a crash before the ack leads to a redelivery that finds the result
+and acks without running again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import os
+import random
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from omniq import serialization
+from omniq.errors import BackendUnavailable, SerializationError, TaskRefused
+from omniq.models import (
+    Delivery,
+    EventType,
+    Task,
+    TaskEvent,
+    TaskKind,
+    TaskResult,
+    TaskStatus,
+    WorkerInfo,
+    utcnow,
+)
+from omniq.storage import EventStorage, ResultStorage, TaskQueue
+
+log = logging.getLogger("omniq.worker")
+T = TypeVar("T")
+
+ALWAYS_ALLOWED = ("omniq.examples",)
+# A task redelivered this many times past its retries (its worker died each
+# time) is failed instead of being run again: a poison task must not loop.
+MAX_EXTRA_DELIVERIES = 10
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    queues: tuple[str, ...] = ("default",)
+    concurrency: int = 4
+    pool: str = "thread"  # thread | async | process
+    lease: float = 30.0
+    heartbeat: float | None = None  # None = lease / 3
+    poll_interval: float = 1.0
+    shutdown_timeout: float = 30.0
+    retry_backoff: float = 2.0
+    retry_max_delay: float = 300.0
+    result_ttl: float | None = 7 * 86400.0
+    event_ttl: float | None = 7 * 86400.0
+    allowed_modules: tuple[str, ...] | None = None  # None = any module (embedded use)
+    allow_shell: bool = False
+    shell_output_limit: int = 65536
+    burst: bool = False
+    max_tasks: int | None = None
+    cleanup_interval: float = 600.0
+    register: bool = True
+
+    @property
+    def heartbeat_every(self) -> float:
+        return self.heartbeat if self.heartbeat else max(0.05, self.lease / 3)
+
+
+class TaskTimedOut(Exception):
+    """Raised by a runner when a task exceeds its timeout."""
+
+
+def retry_delay(task: Task, attempt: int, settings: WorkerSettings) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random."""
+    base = task.retry_delay * settings.retry_backoff ** max(0, attempt - 1)
+    capped = min(settings.retry_max_delay, base)
+    return capped / 2 + random.uniform(0, capped / 2)
+
+
+def module_allowed(func_path: str, allowed: tuple[str, ...] | None) -> bool:
+    if allowed is None:
+        return True
+    module = serialization.module_of(func_path)
+    # A plain name also allows its submodules: "myapp" covers "myapp.tasks".
+    return any(
+        fnmatch.fnmatchcase(module, p) or module.startswith(p + ".")
+        for p in (*ALWAYS_ALLOWED, *allowed)
+    )
+
+
+def refused_message(func_path: str) -> str:
+    module = serialization.module_of(func_path)
+    return (
+        f"refused to run {func_path!r}: module {module!r} is not allowed by task_modules. "
+        f"Allow it with `omniq worker --task-modules '{module}'`, "
+        f"OMNIQ_TASK_MODULES={module}, or `task_modules: [{module}]` in omniq.yaml"
+    )
+
+
+def describe_error(exc: BaseException) -> tuple[str, str, str]:
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    tb = "".join(traceback.format_exception(exc))
+    return name, str(exc), tb
+
+
+@dataclass
+class _Running:
+    delivery: Delivery
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """Runs tasks from one queue store; results and events go to their stores."""
+
+    def __init__(
+        self,
+        queue: TaskQueue,
+        results: ResultStorage,
+        events: EventStorage,
+        settings: WorkerSettings | None = None,
+        *,
+        local_functions: Mapping[str, Callable[..., Any]] | None = None,
+        worker_id: str | None = None,
+        runner: Any = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.results = results
+        self.events = events
+        self.settings = settings or WorkerSettings()
+        self.local_functions = local_functions if local_functions is not None else {}
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.started_at = utcnow()
+        self.tasks_done = 0
+        self.running: dict[str, _Running] = {}
+        self._runner = runner
+        self._on_event = on_event
+        self._stopping = False
+        self._force = False
+        self._wakeup: asyncio.Event | None = None
+        self._threads: ThreadPoolExecutor | None = None
+        self._outage_logged = False
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    # --- control (thread-safe flags only) -------------------------------
+    def request_stop(self, force: bool = False) -> None:
+        """Stop taking tasks; `force` also stops waiting for running ones."""
+        self._stopping = True
+        self._force = self._force or force
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # --- main loop -------------------------------------------------------
+    async def run(self) -> int:
+        """Work until stopped (or, in burst mode, until the queues are empty)."""
+        s = self.settings
+        self._threads = ThreadPoolExecutor(
+            max_workers=s.concurrency, thread_name_prefix="omniq-task"
+        )
+        slots = asyncio.Semaphore(s.concurrency)
+        background = [asyncio.create_task(self._heartbeat_loop())]
+        try:
+            await self._fetch_loop(slots)
+            await self._drain()
+        finally:
+            for t in background:
+                t.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self._unregister()
+            self._threads.shutdown(wait=False, cancel_futures=True)
+        return self.tasks_done
+
+    async def _fetch_loop(self, slots: asyncio.Semaphore) -> None:
+        s = self.settings
+        backoff = 0.5
+        while not self._stopping and not self._reached_max():
+            await slots.acquire()
+            if self._stopping:
+                slots.release()
+                break
+            try:
+                wait = 0.05 if s.burst and not self.running else s.poll_interval
+                delivery = await self.queue.dequeue(s.queues, s.lease, wait)
+            except BackendUnavailable as exc:
+                slots.release()
+                self._log_outage(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 0.5
+            self._outage_over()
+            if delivery is None:
+                slots.release()
+                if s.burst and not self.running:
+                    break
+                continue
+            if self._stopping:
+                await self._release(delivery)
+                slots.release()
+                break
+            self._start_handler(delivery, slots)
+
+    def _start_handler(self, delivery: Delivery, slots: asyncio.Semaphore) -> None:
+        self.running[delivery.task_id] = _Running(delivery)
+        handler = asyncio.create_task(self._handle(delivery))
+        self._handlers.add(handler)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._handlers.discard(t)
+            self.running.pop(delivery.task_id, None)
+            slots.release()
+
+        handler.add_done_callback(done)
+
+    def _reached_max(self) -> bool:
+        m = self.settings.max_tasks
+        return m is not None and self.tasks_done + len(self.running) >= m
+
+    async def _drain(self) -> None:
+        """Let running tasks finish within the shutdown timeout, then hand the rest back."""
+        if not self._handlers:
+            return
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        while self._handlers and not self._force and time.monotonic() < deadline:
+            await asyncio.wait(set(self._handlers), timeout=0.1)
+        leftovers = [r.delivery for r in self.running.values()]
+        for handler in list(self._handlers):
+            handler.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        for delivery in leftovers:
+            await self._release(delivery)
+            log.warning("released task %s back to its queue at shutdown", delivery.task_id)
+
+    async def _release(self, delivery: Delivery) -> None:
+        with contextlib.suppress(Exception):
+            await self.queue.release(delivery)
+
+    # --- one task --------------------------------------------------------
+    async def _handle(self, delivery: Delivery) -> None:
+        task = delivery.task
+        if await self._skip_if_settled(delivery):
+            return
+        started_at = utcnow()
+        await self._emit(task, EventType.STARTED, delivery.attempt)
+        try:
+            value = await self._execute(task)
+        except asyncio.CancelledError:
+            raise
+        except TaskTimedOut:
+            await self._failure(
+                delivery,
+                started_at,
+                TimeoutError(f"task exceeded its timeout of {task.timeout}s"),
+                TaskStatus.TIMEOUT,
+            )
+        except TaskRefused as exc:
+            await self._finish(delivery, started_at, TaskStatus.FAILED, error=exc)
+        except (Exception, SystemExit) as exc:  # the task's own error, whatever it is
+            await self._failure(delivery, started_at, exc, TaskStatus.FAILED)
+        else:
+            await self._success(delivery, started_at, value)
+
+    async def _skip_if_settled(self, delivery: Delivery) -> bool:
+        task = delivery.task
+        if task.expires_at is not None and task.expires_at <= utcnow():
+            await self._finish(
+                delivery,
+                None,
+                TaskStatus.EXPIRED,
+                error=TaskRefused("task expired before a worker started it"),
+            )
+            return True
+        if delivery.attempt > 1:
+            existing = await self._resilient(lambda: self.results.get(task.id))
+            if existing is not None:
+                await self._resilient(lambda: self.queue.ack(delivery, failed=not existing.ok))
+                return True
+        if delivery.attempt > task.max_retries + 1 + MAX_EXTRA_DELIVERIES:
+            err = RuntimeError(
+                f"gave up after {delivery.attempt - 1} deliveries without an outcome"
+            )
+            await self._finish(delivery, None, TaskStatus.FAILED, error=err)
+            return True
+        return False
+
+    async def _success(self, delivery: Delivery, started_at: Any, value: Any) -> None:
+        try:
+            serialization.check_json(value, "the return value")
+        except SerializationError as exc:
+            await self._finish(delivery, started_at, TaskStatus.FAILED, error=exc)
+            return
+        await self._finish(delivery, started_at, TaskStatus.COMPLETED, value=value)
+
+    async def _failure(
+        self, delivery: Delivery, started_at: Any, exc: BaseException, status: TaskStatus
+    ) -> None:
+        task = delivery.task
+        if delivery.attempt <= task.max_retries:
+            delay = retry_delay(task, delivery.attempt, self.settings)
+            name, message, _ = describe_error(exc)
+            await self._emit(
+                task,
+                EventType.RETRIED,
+                delivery.attempt,
+                {
+                    "error": f"{name}: {message}"[:500],
+                    "delay": round(delay, 3),
+                    "outcome": status.value,
+                },
+            )
+            await self._resilient(lambda: self.queue.retry(delivery, delay))
+            log.info(
+                "task %s %s (attempt %d), retry in %.1fs",
+                task.id,
+                status.value,
+                delivery.attempt,
+                delay,
+            )
+            return
+        await self._finish(delivery, started_at, status, error=exc)
+
+    async def _finish(
+        self,
+        delivery: Delivery,
+        started_at: Any,
+        status: TaskStatus,
+        *,
+        value: Any = None,
+        error: BaseException | None = None,
+    ) -> None:
+        task = delivery.task
+        result = self._make_result(delivery, started_at, status, value, error)
+        await self._resilient(lambda: self.results.store(result))
+        details: dict[str, Any] = {}
+        if started_at is not None:
+            details["duration"] = round((result.finished_at - started_at).total_seconds(), 6)
+        if error is not None:
+            details["error"] = f"{result.error_type}: {result.error_message}"[:500]
+        await self._emit(task, _EVENT_OF[status], delivery.attempt, details)
+        await self._resilient(lambda: self.queue.ack(delivery, failed=not result.ok))
+        self.tasks_done += 1
+        self._log_outcome(result, details.get("duration"))
+
+    def _make_result(
+        self,
+        delivery: Delivery,
+        started_at: Any,
+        status: TaskStatus,
+        value: Any,
+        error: BaseException | None,
+    ) -> TaskResult:
+        task = delivery.task
+        finished = utcnow()
+        ttl = task.result_ttl if task.result_ttl is not None else self.settings.result_ttl
+        err_type = err_msg = tb = None
+        if error is not None:
+            err_type, err_msg, tb = describe_error(error)
+            if isinstance(error, TaskRefused | TimeoutError):
+                tb = None
+            if isinstance(error, ShellFailed):
+                value = error.output
+        return TaskResult(
+            task_id=task.id,
+            status=status,
+            value=value,
+            error_type=err_type,
+            error_message=err_msg,
+            traceback=tb,
+            attempts=delivery.attempt,
+            queue=task.queue,
+            worker_id=self.worker_id,
+            enqueued_at=task.created_at,
+            started_at=started_at,
+            finished_at=finished,
+            expires_at=None if ttl is None else finished + timedelta(seconds=ttl),
+        )
+
+    def _log_outcome(self, result: TaskResult, duration: float | None) -> None:
+        took = f" in {duration:.3f}s" if duration is not None else ""
+        if result.ok:
+            log.info("task %s completed%s", result.task_id, took)
+        else:
+            log.warning(
+                "task %s %s%s: %s: %s",
+                result.task_id,
+                result.status.value,
+                took,
+                result.error_type,
+                result.error_message,
+            )
+
+    async def _emit(
+        self, task: Task, kind: EventType, attempt: int, details: dict[str, Any] | None = None
+    ) -> None:
+        event = TaskEvent(
+            task_id=task.id,
+            event_type=kind,
+            attempt=attempt,
+            worker_id=self.worker_id,
+            queue=task.queue,
+            details=details or {},
+        )
+        await self._resilient(lambda: self.events.append(event))
+
+    # --- running the callable -------------------------------------------
+    async def _execute(self, task: Task) -> Any:
+        if task.kind == TaskKind.SHELL:
+            return await self._run_shell(task)
+        func_path = task.func
+        if task.is_local:
+            func = self.local_functions.get(task.func)
+            if func is None:
+                raise TaskRefused(f"local callable {task.func} is not registered in this process")
+        else:
+            if not module_allowed(func_path, self.settings.allowed_modules):
+                raise TaskRefused(refused_message(func_path))
+            func = None
+        if self._runner is not None and func is None:
+            return await self._runner.run(task)
+        if func is None:
+            func = await asyncio.get_running_loop().run_in_executor(
+                self._threads, serialization.resolve, func_path
+            )
+        return await self._call(func, task)
+
+    async def _call(self, func: Callable[..., Any], task: Task) -> Any:
+        if asyncio.iscoroutinefunction(func):
+            coro: Awaitable[Any] = func(*task.args, **task.kwargs)
+        else:
+            loop = asyncio.get_running_loop()
+            coro = loop.run_in_executor(self._threads, lambda: func(*task.args, **task.kwargs))
+        if task.timeout is None:
+            return await coro
+        try:
+            return await asyncio.wait_for(coro, task.timeout)
+        except TimeoutError:
+            # A thread cannot be killed: it runs on, but its outcome is TIMEOUT.
+            raise TaskTimedOut() from None
+
+    async def _run_shell(self, task: Task) -> Any:
+        if not self.settings.allow_shell:
+            raise TaskRefused(
+                "refused to run a shell task: this worker was not started with --allow-shell "
+                "(or allow_shell: true / OMNIQ_ALLOW_SHELL=1)"
+            )
+        from omniq.shell import run_shell
+
+        outcome = await run_shell(task, self.settings.shell_output_limit)
+        if outcome is None:
+            raise TaskTimedOut()
+        if outcome["exit_code"] != 0:
+            raise ShellFailed(outcome)
+        return outcome
+
+    # --- background duties -----------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        every = self.settings.heartbeat_every
+        last_cleanup = 0.0
+        while True:
+            try:
+                await self._register()
+                for running in list(self.running.values()):
+                    if not await self.queue.extend(running.delivery, self.settings.lease):
+                        log.warning(
+                            "lost the lease of task %s (another worker may run it)",
+                            running.delivery.task_id,
+                        )
+                if time.monotonic() - last_cleanup > self.settings.cleanup_interval:
+                    last_cleanup = time.monotonic()
+                    await self._cleanup()
+                self._outage_over()
+            except BackendUnavailable as exc:
+                self._log_outage(exc)
+            except Exception:
+                log.exception("heartbeat failed")
+            await asyncio.sleep(every)
+
+    async def _cleanup(self) -> None:
+        now = utcnow()
+        removed = await self.results.cleanup(now)
+        if self.settings.event_ttl is not None:
+            removed += await self.events.cleanup(now - timedelta(seconds=self.settings.event_ttl))
+        if removed:
+            log.info("removed %d expired results and events", removed)
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=self.settings.queues,
+            started_at=self.started_at,
+            current_tasks=tuple(self.running),
+            concurrency=self.settings.concurrency,
+            tasks_done=self.tasks_done,
+        )
+
+    async def _register(self) -> None:
+        if self.settings.register:
+            await self.queue.register_worker(self.info(), self.settings.heartbeat_every * 3 + 5)
+
+    async def _unregister(self) -> None:
+        if self.settings.register:
+            with contextlib.suppress(Exception):
+                await self.queue.unregister_worker(self.worker_id)
+
+    # --- outages ---------------------------------------------------------
+    def _log_outage(self, exc: BaseException) -> None:
+        if not self._outage_logged:
+            self._outage_logged = True
+            log.error("store unavailable, retrying with backoff: %s", exc)
+
+    def _outage_over(self) -> None:
+        if self._outage_logged:
+            self._outage_logged = False
+            log.warning("store reachable again, carrying on")
+
+    async def _resilient(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Retry a store write through an outage: an outcome must not be lost."""
+        backoff = 0.2
+        while True:
+            try:
+                value = await op()
+                self._outage_over()
+                return value
+            except BackendUnavailable as exc:
+                if self._force:
+                    raise
+                self._log_outage(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+
+class ShellFailed(Exception):
+    """A shell task exited non-zero; carries exit code, stdout and stderr."""
+
+    def __init__(self, output: dict[str, Any]) -> None:
+        self.output = output
+        super().__init__(f"command exited with code {output['exit_code']}")
+
+
+_EVENT_OF = {
+    TaskStatus.COMPLETED: EventType.COMPLETED,
+    TaskStatus.FAILED: EventType.FAILED,
+    TaskStatus.TIMEOUT: EventType.TIMEOUT,
+    TaskStatus.EXPIRED: EventType.EXPIRED,
+    TaskStatus.CANCELLED: EventType.CANCELLED,
+}
+
+
+def settings_from_config(config: Any, **overrides: Any) -> WorkerSettings:
+    """WorkerSettings from an OmniQConfig; keyword overrides win (CLI flags)."""
+    values: dict[str, Any] = {
+        "queues": tuple(config.worker_queues),
+        "concurrency": config.worker_concurrency,
+        "pool": config.worker_pool,
+        "lease": config.worker_lease_seconds,
+        "heartbeat": config.worker_heartbeat_seconds,
+        "poll_interval": config.worker_poll_interval,
+        "shutdown_timeout": config.worker_shutdown_timeout,
+        "retry_backoff": config.default_retry_backoff,
+        "retry_max_delay": config.default_retry_max_delay,
+        "result_ttl": config.result_ttl,
+        "event_ttl": config.event_ttl,
+        "allowed_modules": tuple(config.task_modules),
+        "allow_shell": config.allow_shell,
+        "shell_output_limit": config.shell_output_limit,
+    }
+    values.update(overrides)
+    return WorkerSettings(**values)
