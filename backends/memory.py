@@ -41,6 +41,7 @@ class MemoryQueue:
         self._entries: dict[str, _Entry] = {}
         self._lanes: dict[str, _Lane] = {}
         self._unique: dict[str, str] = {}
+        self._leased: dict[str, _Entry] = {}
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
         self._seq = itertools.count()
         self._tokens = itertools.count(1)
@@ -81,11 +82,18 @@ class MemoryQueue:
             cond.notify_all()
 
     def _reclaim_expired(self, now: float) -> None:
-        for entry in self._entries.values():
-            if entry.state == "running" and entry.lease_until <= now:
-                entry.state = "waiting"
-                entry.ready_at = 0.0
-                self._push(entry)
+        expired = [e for e in self._leased.values() if e.lease_until <= now]
+        for entry in expired:
+            self._set_state(entry, "waiting")
+            entry.ready_at = 0.0
+            self._push(entry)
+
+    def _set_state(self, entry: _Entry, state: str) -> None:
+        entry.state = state
+        if state == "running":
+            self._leased[entry.task.id] = entry
+        else:
+            self._leased.pop(entry.task.id, None)
 
     def _claim(self, queues: Sequence[str], lease: float) -> Delivery | None:
         now = time.time()
@@ -110,7 +118,7 @@ class MemoryQueue:
             if entry.ready_at > now:
                 skipped.append(item)
                 continue
-            entry.state = "running"
+            self._set_state(entry, "running")
             entry.attempts += 1
             entry.lease_until = now + lease
             entry.token = next(self._tokens)
@@ -142,6 +150,7 @@ class MemoryQueue:
         return entry
 
     def _finish(self, task_id: str) -> None:
+        self._leased.pop(task_id, None)
         entry = self._entries.pop(task_id, None)
         if entry and entry.task.unique_key and self._unique.get(entry.task.unique_key) == task_id:
             del self._unique[entry.task.unique_key]
@@ -151,7 +160,7 @@ class MemoryQueue:
         if entry is None:
             return
         if failed:
-            entry.state = "failed"
+            self._set_state(entry, "failed")
             if entry.task.unique_key and self._unique.get(entry.task.unique_key) == entry.task.id:
                 del self._unique[entry.task.unique_key]
         else:
@@ -161,7 +170,7 @@ class MemoryQueue:
         entry = self._entries.get(delivery.task_id)
         if entry is None:
             return
-        entry.state = "waiting"
+        self._set_state(entry, "waiting")
         entry.ready_at = time.time() + delay
         self._push(entry)
         await self._wake()
@@ -170,7 +179,7 @@ class MemoryQueue:
         entry = self._held(delivery)
         if entry is None:
             return
-        entry.state = "waiting"
+        self._set_state(entry, "waiting")
         entry.attempts = max(0, entry.attempts - 1)
         entry.ready_at = 0.0
         self._push(entry)
@@ -273,8 +282,12 @@ class MemoryResultStorage:
     async def delete(self, task_id: str) -> bool:
         return self._results.pop(task_id, None) is not None
 
-    async def cleanup(self, now: datetime) -> int:
-        doomed = [tid for tid, r in self._results.items() if r.is_expired(now)]
+    async def cleanup(self, now: datetime, finished_before: datetime | None = None) -> int:
+        doomed = [
+            tid
+            for tid, r in self._results.items()
+            if r.is_expired(now) or (finished_before is not None and r.finished_at < finished_before)
+        ]
         for tid in doomed:
             del self._results[tid]
         return len(doomed)

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -127,7 +127,7 @@ class AsyncOmniQ:
     async def _build_stores(self) -> tuple[TaskQueue, ResultStorage, EventStorage]:
         from omniq import registry
 
-        built = []
+        built: list[Any] = []
         for given, role, prefix in zip(
             self._given,
             registry.ROLES,
@@ -192,6 +192,8 @@ class AsyncOmniQ:
         if "queue" in self._workers:
             return self._workers["queue"][0]
         overrides.setdefault("allowed_modules", None)
+        # A short poll keeps `with OmniQ()` quick to close.
+        overrides.setdefault("poll_interval", min(0.2, self.config.worker_poll_interval))
         return self._spawn_worker("queue", self.queue, self.worker_settings(**overrides))
 
     def _spawn_worker(self, name: str, queue: TaskQueue, settings: WorkerSettings) -> Worker:
@@ -383,7 +385,7 @@ class AsyncOmniQ:
         after: str | None = "now",
         filters: EventFilter | None = None,
         idle_wait: float = 1.0,
-    ) -> AsyncIterator[tuple[str, TaskEvent]]:
+    ) -> AsyncGenerator[tuple[str, TaskEvent], None]:
         """Live events of all tasks as (cursor, event).
 
         `after` is "now", None (from the oldest) or a cursor from an earlier event.
@@ -445,6 +447,31 @@ class AsyncOmniQ:
     async def workers(self) -> list[WorkerInfo]:
         await self.open()
         return await self.queue.workers()
+
+    async def purge(
+        self,
+        *,
+        results_older_than: float | None = None,
+        events_older_than: float | None = None,
+        expired: bool = False,
+        queue: str | None = None,
+        all_queues: bool = False,
+    ) -> dict[str, int]:
+        """Delete old results/events and/or waiting tasks; returns counts by kind."""
+        await self.open()
+        now = utcnow()
+        counts: dict[str, int] = {}
+        if results_older_than is not None or expired:
+            before = None
+            if results_older_than is not None:
+                before = now - timedelta(seconds=results_older_than)
+            counts["results"] = await self.results.cleanup(now, finished_before=before)
+        if events_older_than is not None:
+            before = now - timedelta(seconds=events_older_than)
+            counts["events"] = await self.events.cleanup(before)
+        if queue is not None or all_queues:
+            counts["tasks"] = await self.queue.purge(None if all_queues else queue)
+        return counts
 
     async def check(self) -> dict[str, str | None]:
         """Try each configured store: role -> None when reachable, else the error."""
@@ -644,10 +671,10 @@ class OmniQ:
         self, after: str | None = "now", filters: EventFilter | None = None
     ) -> Iterator[TaskEvent]:
         """Yield events of all tasks as they happen (blocks between events)."""
-        agen = self._core.follow_events(after, filters).__aiter__()
+        agen = self._core.follow_events(after, filters)
         try:
             while True:
-                _, event = self._run(agen.__anext__())
+                _, event = self._run(_anext(agen))
                 yield event
         finally:
             if self._thread is not None:
@@ -669,3 +696,7 @@ class OmniQ:
 
 async def _start(core: AsyncOmniQ, **overrides: Any) -> None:
     await core.start_worker(**overrides)
+
+
+async def _anext(agen: AsyncGenerator[T, None]) -> T:
+    return await agen.__anext__()

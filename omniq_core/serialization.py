@@ -75,7 +75,7 @@ def resolve(path: str) -> Callable[..., Any]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise TypeError(f"{path!r} is not callable")
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def module_of(path: str) -> str:
@@ -253,7 +253,7 @@ def decode_worker(data: bytes | str) -> WorkerInfo:
 
 
 def dumps(value: Any) -> str:
-    return _dumps(value)  # type: ignore[no-any-return]
+    return _dumps(value)
 
 
 def loads(data: bytes | str) -> Any:

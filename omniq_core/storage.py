@@ -91,8 +91,9 @@ class ResultStorage(Protocol):
 
     async def delete(self, task_id: str) -> bool: ...
 
-    async def cleanup(self, now: datetime) -> int:
-        """Delete results whose expires_at <= now; return how many."""
+    async def cleanup(self, now: datetime, finished_before: datetime | None = None) -> int:
+        """Delete results whose expires_at <= now, and (when given) those whose
+        finished_at < finished_before; return how many."""
 
 
 @runtime_checkable

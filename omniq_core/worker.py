@@ -154,6 +154,7 @@ class Worker:
         self._threads: ThreadPoolExecutor | None = None
         self._outage_logged = False
         self._handlers: set[asyncio.Task[None]] = set()
+        self._resolved: dict[str, Callable[..., Any]] = {}
 
     # --- control (thread-safe flags only) -------------------------------
     def request_stop(self, force: bool = False) -> None:
@@ -433,9 +434,13 @@ class Worker:
         if self._runner is not None and func is None:
             return await self._runner.run(task)
         if func is None:
+            func = self._resolved.get(func_path)
+        if func is None:
+            # The first import may be slow or block: keep it off the loop.
             func = await asyncio.get_running_loop().run_in_executor(
                 self._threads, serialization.resolve, func_path
             )
+            self._resolved[func_path] = func
         return await self._call(func, task)
 
     async def _call(self, func: Callable[..., Any], task: Task) -> Any:

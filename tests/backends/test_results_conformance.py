@@ -138,3 +138,17 @@ def test_store_overwrites_same_task(results_h: Harness) -> None:
         assert got is not None and got.value == 2
 
     results_h.run(body)
+
+
+def test_cleanup_finished_before(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        old = ok(finished_at=utcnow() - timedelta(days=2), expires_at=seconds_from_now(3600))
+        new = ok(expires_at=seconds_from_now(3600))
+        await s.store(old)
+        await s.store(new)
+        removed = await s.cleanup(utcnow(), finished_before=utcnow() - timedelta(days=1))
+        assert removed >= 1
+        assert await s.get(old.task_id) is None
+        assert await s.get(new.task_id) == new
+
+    results_h.run(body)

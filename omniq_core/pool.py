@@ -1,0 +1,343 @@
+"""Runs tasks in child processes: a hard timeout kills the child, a crash fails one task only.
+
+concurrent.futures.ProcessPoolExecutor is not used on purpose: when one of its children
+dies, the whole executor is broken and every pending future fails. Here each child is
+managed on its own: a dead or killed child is replaced, the other tasks never notice.
+Children are reused between tasks (imports are paid once) and started with "forkserver"
+(or "spawn"), never "fork", so they do not inherit the worker's threads and event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import inspect
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from omniq.models import Task
+
+log = logging.getLogger("omniq.pool")
+
+# --- errors seen by the engine ------------------------------------------------------------
+
+
+class RemoteError(Exception):
+    """A task's exception from a child process, re-raised under the original type name.
+
+    Subclasses are made on the fly with the original module and name, so the engine's
+    describe_error() records e.g. "ValueError" or "myapp.errors.Bounced", not RemoteError.
+    """
+
+    def __init__(self, message: str, remote_traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.remote_traceback = remote_traceback
+
+
+class RemoteTraceback(Exception):
+    """Carries the child's traceback text as the cause, so formatted tracebacks show it."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text.rstrip()}\n"""'
+
+
+class WorkerProcessDied(Exception):
+    """The child running the task ended without answering (crash, os._exit, OOM kill)."""
+
+    def __init__(self, exit_code: int | None) -> None:
+        self.exit_code = exit_code
+        super().__init__(f"worker process exited with code {exit_code}{_signal_name(exit_code)}")
+
+
+def _signal_name(code: int | None) -> str:
+    if code is None or code >= 0:
+        return ""
+    try:
+        return f" ({signal.Signals(-code).name})"
+    except ValueError:
+        return ""
+
+
+_REMOTE_TYPES: dict[str, type[RemoteError]] = {}
+
+
+def remote_error(type_name: str, message: str, traceback_text: str | None) -> RemoteError:
+    """A RemoteError whose class is named like the child's exception."""
+    cls = _REMOTE_TYPES.get(type_name)
+    if cls is None:
+        module, _, name = type_name.rpartition(".")
+        attrs = {"__module__": module or "builtins", "__qualname__": name}
+        cls = type(name, (RemoteError,), attrs)
+        if len(_REMOTE_TYPES) < 1000:  # bounded: type names come from task code
+            _REMOTE_TYPES[type_name] = cls
+    error = cls(message, traceback_text)
+    if traceback_text:
+        error.__cause__ = RemoteTraceback(traceback_text)
+    return error
+
+
+# --- the child side ------------------------------------------------------------------------
+
+Job = tuple[str, tuple[Any, ...], dict[str, Any]]  # func path, args, kwargs
+Reply = tuple[str, Any]  # ("ok", value) or ("error", (type name, message, traceback))
+
+
+def _child_main(conn: Connection) -> None:
+    """Entry point of a child: run jobs from the pipe until told to stop or orphaned."""
+    _become_task_process()
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        reply = _run_job(*job)
+        try:
+            conn.send(reply)
+        except (OSError, ValueError):
+            return
+
+
+def _become_task_process() -> None:
+    # Own process group: a timeout kill reaches the task's own subprocesses too, and a
+    # Ctrl-C at the terminal goes to the worker, which decides what happens to tasks.
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    watcher = threading.Thread(
+        target=_exit_when_orphaned, args=(os.getppid(),), name="omniq-orphan", daemon=True
+    )
+    watcher.start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    # A worker killed with SIGKILL cannot stop its children; its lease on their tasks
+    # runs out and another worker will run them, so an orphan must not carry on.
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(70)
+
+
+def _run_job(func_path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Reply:
+    from omniq import serialization
+    from omniq.worker import describe_error
+
+    try:
+        func = serialization.resolve(func_path)
+        value = func(*args, **kwargs)
+        if inspect.isawaitable(value):
+            value = asyncio.run(_awaited(value))
+        serialization.check_json(value, "the return value")
+    except BaseException as exc:  # SystemExit too: it is the task's outcome, not ours
+        return "error", describe_error(exc)
+    return "ok", value
+
+
+async def _awaited(value: Any) -> Any:
+    return await value
+
+
+# --- the parent side -----------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Child:
+    process: BaseProcess
+    conn: Connection
+
+    def alive(self) -> bool:
+        return self.process.is_alive() and not self.conn.closed
+
+
+def default_start_method() -> str:
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+class ProcessRunner:
+    """`await runner.run(task)` runs one task in a child process of a managed pool.
+
+    Raises omniq.worker.TaskTimedOut after the task's timeout (the child is killed),
+    WorkerProcessDied when the child ends without answering, and a RemoteError named
+    like the task's own exception otherwise.
+    """
+
+    def __init__(self, size: int = 4, *, start_method: str | None = None) -> None:
+        self.size = max(1, size)
+        self._ctx = multiprocessing.get_context(start_method or default_start_method())
+        if self._ctx.get_start_method() == "forkserver":
+            self._ctx.set_forkserver_preload(["omniq.pool", "omniq.worker"])
+        self._idle: list[_Child] = []
+        self._busy: set[_Child] = set()
+        self._closed = False
+        _LIVE.add(self)
+
+    async def run(self, task: Task) -> Any:
+        if self._closed:
+            raise RuntimeError("the process pool is closed")
+        child = await self._send((task.func, tuple(task.args), dict(task.kwargs)))
+        reusable = False
+        try:
+            reply = await self._wait_reply(child, task.timeout)
+            reusable = True
+        finally:
+            # Timed out, cancelled (shutdown) or crashed: the child cannot be trusted again.
+            self._busy.discard(child)
+            if reusable:
+                self._give_back(child)
+            else:
+                _kill(child)
+        return _unpack(reply)
+
+    async def _send(self, job: Job) -> _Child:
+        """Hand the job to an idle child (a fresh one if needed); the child is then busy."""
+        for _ in range(3):
+            child = await self._acquire()
+            try:
+                child.conn.send(job)
+            except (OSError, ValueError):  # died while idle: replace it silently
+                _kill(child)
+                continue
+            self._busy.add(child)
+            return child
+        raise RuntimeError("cannot start a worker process for the task")
+
+    async def _acquire(self) -> _Child:
+        while self._idle:
+            child = self._idle.pop()
+            if child.alive():
+                return child
+            _kill(child)
+        return await self._spawn()
+
+    async def _spawn(self) -> _Child:
+        parent_end, child_end = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(  # type: ignore[attr-defined]
+            target=_child_main, args=(child_end,), name="omniq-task"
+        )
+        # Starting a child (and the fork server, the first time) blocks: not on the loop.
+        await asyncio.to_thread(process.start)
+        child_end.close()
+        return _Child(process, parent_end)
+
+    async def _wait_reply(self, child: _Child, timeout: float | None) -> Reply:
+        from omniq.worker import TaskTimedOut
+
+        try:
+            return await asyncio.wait_for(self._reply(child), timeout)
+        except TimeoutError:
+            raise TaskTimedOut() from None
+
+    async def _reply(self, child: _Child) -> Reply:
+        await _readable(child.conn.fileno(), child.process.sentinel)
+        if child.conn.poll():
+            with contextlib.suppress(EOFError, OSError):
+                reply: Reply = child.conn.recv()
+                return reply
+        raise WorkerProcessDied(await _exit_code(child))
+
+    def _give_back(self, child: _Child) -> None:
+        if self._closed or len(self._idle) >= self.size:
+            _stop(child)
+        else:
+            self._idle.append(child)
+
+    def close(self) -> None:
+        """Stop idle children, kill busy ones (their tasks were released by the engine)."""
+        if self._closed:
+            return
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for child in idle:
+            _stop(child)
+        for child in list(self._busy):
+            _kill(child)
+        self._busy.clear()
+        for child in idle:
+            child.process.join(1.0)
+            if child.process.exitcode is None:
+                _kill(child)
+        _LIVE.discard(self)
+
+    @property
+    def processes(self) -> int:
+        return len(self._idle) + len(self._busy)
+
+
+def _unpack(reply: Reply) -> Any:
+    kind, payload = reply
+    if kind == "ok":
+        return payload
+    type_name, message, traceback_text = payload
+    raise remote_error(type_name, message, traceback_text)
+
+
+async def _readable(*fds: int) -> None:
+    """Wait until any of `fds` is readable (data, EOF, or a process sentinel firing)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    for fd in fds:
+        loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+
+
+async def _exit_code(child: _Child) -> int | None:
+    """The exit code of a child that stopped answering (negative: killed by that signal)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_readable(child.process.sentinel), 5.0)
+    child.process.join(0.1)
+    return child.process.exitcode
+
+
+def _stop(child: _Child) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        child.conn.send(None)
+    child.conn.close()
+
+
+def _kill(child: _Child) -> None:
+    process = child.process
+    if process.exitcode is None and process.pid is not None:
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError):
+            process.kill()
+    child.conn.close()
+    # Reap now if it is already gone; the rest is reaped by multiprocessing later.
+    with contextlib.suppress(OSError, ValueError, AssertionError):
+        process.join(0)
+
+
+_LIVE: weakref.WeakSet[ProcessRunner] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Children are not daemonic (so tasks may use multiprocessing themselves); without
+    # this, multiprocessing's own exit hook would wait forever for them.
+    for runner in list(_LIVE):
+        runner.close()
