@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import signal
 import threading
-import time
 import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -96,9 +95,9 @@ Job = tuple[str, tuple[Any, ...], dict[str, Any]]  # func path, args, kwargs
 Reply = tuple[str, Any]  # ("ok", value) or ("error", (type name, message, traceback))
 
 
-def _child_main(conn: Connection) -> None:
+def _child_main(conn: Connection, lifeline: Connection) -> None:
     """Entry point of a child: run jobs from the pipe until told to stop or orphaned."""
-    _become_task_process()
+    _become_task_process(lifeline)
     while True:
         try:
             job = conn.recv()
@@ -113,7 +112,7 @@ def _child_main(conn: Connection) -> None:
             return
 
 
-def _become_task_process() -> None:
+def _become_task_process(lifeline: Connection) -> None:
     # Own process group: a timeout kill reaches the task's own subprocesses too, and a
     # Ctrl-C at the terminal goes to the worker, which decides what happens to tasks.
     with contextlib.suppress(OSError):
@@ -121,16 +120,18 @@ def _become_task_process() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     watcher = threading.Thread(
-        target=_exit_when_orphaned, args=(os.getppid(),), name="omniq-orphan", daemon=True
+        target=_exit_when_orphaned, args=(lifeline,), name="omniq-lifeline", daemon=True
     )
     watcher.start()
 
 
-def _exit_when_orphaned(parent: int) -> None:
-    # A worker killed with SIGKILL cannot stop its children; its lease on their tasks
-    # runs out and another worker will run them, so an orphan must not carry on.
-    while os.getppid() == parent:
-        time.sleep(1.0)
+def _exit_when_orphaned(lifeline: Connection) -> None:
+    # The worker holds the other end and never writes: readable means it is gone. A worker
+    # killed with SIGKILL cannot stop its children; its leases run out and another worker
+    # runs those tasks, so an orphan must not carry on. (The parent process id does not
+    # tell: under forkserver the parent is the fork server, which outlives the worker.)
+    with contextlib.suppress(Exception):
+        lifeline.poll(None)
     os._exit(70)
 
 
@@ -145,7 +146,9 @@ def _run_job(func_path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R
             value = asyncio.run(_awaited(value))
         serialization.check_json(value, "the return value")
     except BaseException as exc:  # SystemExit too: it is the task's outcome, not ours
-        return "error", describe_error(exc)
+        tb = exc.__traceback__
+        # The traceback starts in the task's code, not in this function.
+        return "error", describe_error(exc.with_traceback(tb.tb_next if tb else None))
     return "ok", value
 
 
@@ -160,9 +163,14 @@ async def _awaited(value: Any) -> Any:
 class _Child:
     process: BaseProcess
     conn: Connection
+    lifeline: Connection  # closing it makes the child exit
 
     def alive(self) -> bool:
         return self.process.is_alive() and not self.conn.closed
+
+    def close(self) -> None:
+        self.conn.close()
+        self.lifeline.close()
 
 
 def default_start_method() -> str:
@@ -227,13 +235,15 @@ class ProcessRunner:
 
     async def _spawn(self) -> _Child:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
+        life_read, life_write = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(  # type: ignore[attr-defined]
-            target=_child_main, args=(child_end,), name="omniq-task"
+            target=_child_main, args=(child_end, life_read), name="omniq-task"
         )
         # Starting a child (and the fork server, the first time) blocks: not on the loop.
         await asyncio.to_thread(process.start)
         child_end.close()
-        return _Child(process, parent_end)
+        life_read.close()
+        return _Child(process, parent_end, life_write)
 
     async def _wait_reply(self, child: _Child, timeout: float | None) -> Reply:
         from omniq.worker import TaskTimedOut
@@ -316,7 +326,7 @@ async def _exit_code(child: _Child) -> int | None:
 def _stop(child: _Child) -> None:
     with contextlib.suppress(OSError, ValueError):
         child.conn.send(None)
-    child.conn.close()
+    child.close()
 
 
 def _kill(child: _Child) -> None:
@@ -326,7 +336,7 @@ def _kill(child: _Child) -> None:
             os.killpg(process.pid, signal.SIGKILL)
         with contextlib.suppress(OSError, ValueError):
             process.kill()
-    child.conn.close()
+    child.close()
     # Reap now if it is already gone; the rest is reaped by multiprocessing later.
     with contextlib.suppress(OSError, ValueError, AssertionError):
         process.join(0)

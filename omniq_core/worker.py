@@ -119,7 +119,9 @@ def describe_error(exc: BaseException) -> tuple[str, str, str]:
 @dataclass
 class _Running:
     delivery: Delivery
+    handler: asyncio.Task[None]
     started: float = field(default_factory=time.monotonic)
+    finishing: bool = False  # its outcome is being written: a drain must let it end
 
 
 class Worker:
@@ -177,6 +179,7 @@ class Worker:
         background = [asyncio.create_task(self._heartbeat_loop())]
         try:
             await self._fetch_loop(slots)
+            await self._finish_running()
             await self._drain()
         finally:
             for t in background:
@@ -190,9 +193,7 @@ class Worker:
         s = self.settings
         backoff = 0.5
         while not self._stopping and not self._reached_max():
-            await slots.acquire()
-            if self._stopping:
-                slots.release()
+            if not await self._acquire_slot(slots):
                 break
             try:
                 wait = 0.05 if s.burst and not self.running else s.poll_interval
@@ -216,9 +217,20 @@ class Worker:
                 break
             self._start_handler(delivery, slots)
 
+    async def _acquire_slot(self, slots: asyncio.Semaphore) -> bool:
+        """A free slot, or False once a stop is requested while every slot is busy."""
+        # Polled, not awaited: a bare `await slots.acquire()` would not see request_stop()
+        # until a running task ended, so the shutdown timeout would never start.
+        while slots.locked():
+            if self._stopping:
+                return False
+            await asyncio.sleep(0.05)
+        await slots.acquire()  # free now: returns at once
+        return True
+
     def _start_handler(self, delivery: Delivery, slots: asyncio.Semaphore) -> None:
-        self.running[delivery.task_id] = _Running(delivery)
         handler = asyncio.create_task(self._handle(delivery))
+        self.running[delivery.task_id] = _Running(delivery, handler)
         self._handlers.add(handler)
 
         def done(t: asyncio.Task[None]) -> None:
@@ -232,6 +244,11 @@ class Worker:
         m = self.settings.max_tasks
         return m is not None and self.tasks_done + len(self.running) >= m
 
+    async def _finish_running(self) -> None:
+        """After max_tasks the last tasks run to their end, unless a stop is requested."""
+        while self._handlers and not self._stopping:
+            await asyncio.wait(set(self._handlers), timeout=0.1)
+
     async def _drain(self) -> None:
         """Let running tasks finish within the shutdown timeout, then hand the rest back."""
         if not self._handlers:
@@ -239,9 +256,12 @@ class Worker:
         deadline = time.monotonic() + self.settings.shutdown_timeout
         while self._handlers and not self._force and time.monotonic() < deadline:
             await asyncio.wait(set(self._handlers), timeout=0.1)
-        leftovers = [r.delivery for r in self.running.values()]
-        for handler in list(self._handlers):
-            handler.cancel()
+        # A handler writing its outcome is let finish: cancelled between the result write
+        # and the ack, its task would be released and run a second time.
+        cut = [r for r in self.running.values() if not r.finishing]
+        leftovers = [r.delivery for r in cut]
+        for running in cut:
+            running.handler.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
         for delivery in leftovers:
             await self._release(delivery)
@@ -345,6 +365,9 @@ class Worker:
         error: BaseException | None = None,
     ) -> None:
         task = delivery.task
+        running = self.running.get(task.id)
+        if running is not None:
+            running.finishing = True
         result = self._make_result(delivery, started_at, status, value, error)
         await self._resilient(lambda: self.results.store(result))
         details: dict[str, Any] = {}

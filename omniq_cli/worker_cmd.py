@@ -1,0 +1,292 @@
+"""`omniq worker`: the daemon that runs tasks (and prints its own systemd unit)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from omniq.cli import common, console
+
+if TYPE_CHECKING:
+    from omniq.config import OmniQConfig
+
+
+class Pool(StrEnum):
+    thread = "thread"
+    process = "process"
+    # "async" is a keyword, so the member has another name; the value is what users type.
+    async_ = "async"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+EPILOG = common.examples(
+    "omniq worker                                 # queue 'default', 4 threads",
+    "omniq worker -q high -q default -c 8         # 'high' first, then 'default'",
+    "omniq worker --burst                         # run what is queued, then exit (cron)",
+    "omniq worker --pool process                  # hard timeouts, crash isolation",
+    "omniq worker --task-modules 'myapp.tasks,myapp.jobs.*'",
+    "omniq worker --systemd-unit > /etc/systemd/system/omniq-worker.service",
+) + (
+    "\n\nSIGTERM or Ctrl-C: stop taking tasks, let running ones finish within"
+    "\n--shutdown-timeout, hand the rest back to the queue, exit 0. A second"
+    "\nsignal hands them back at once (exit 128 + signal number)."
+)
+
+
+def worker(
+    queue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--queue",
+            "-q",
+            metavar="NAME",
+            help="Queue to consume; repeat for several, consumed in the order given "
+            "[config worker_queues; default: default].",
+            callback=common.validate_queue,
+            show_default=False,
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--concurrency",
+            "-c",
+            min=1,
+            metavar="N",
+            help="Tasks run at once [default: 4].",
+            show_default=False,
+        ),
+    ] = None,
+    pool: Annotated[
+        Pool | None,
+        typer.Option(
+            "--pool",
+            case_sensitive=False,
+            help="thread: sync tasks in threads; async: for async tasks (sync ones still use "
+            "threads); process: each task in a child process, killed at its timeout "
+            "[default: thread].",
+            show_default=False,
+        ),
+    ] = None,
+    burst: Annotated[
+        bool, typer.Option("--burst", help="Exit 0 once the queues are empty (for cron).")
+    ] = False,
+    max_tasks: Annotated[
+        int | None,
+        typer.Option("--max-tasks", min=1, metavar="N", help="Exit 0 after N tasks."),
+    ] = None,
+    shutdown_timeout: Annotated[
+        str | None,
+        typer.Option(
+            "--shutdown-timeout",
+            callback=lambda value: seconds_option(value),
+            metavar="DURATION",
+            help="On SIGTERM, how long running tasks may take to finish before they are "
+            "handed back to the queue, e.g. 30s, 2m [default: 30s].",
+            show_default=False,
+        ),
+    ] = None,
+    task_modules: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task-modules",
+            metavar="GLOBS",
+            help="Modules whose callables this worker may run (comma-separated or repeated "
+            "globs, e.g. 'myapp.*'; a name covers its submodules; omniq.examples is always "
+            "allowed). '*' runs anything anyone can enqueue: unsafe on a shared broker.",
+            show_default=False,
+        ),
+    ] = None,
+    allow_shell: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-shell/--no-allow-shell",
+            help="Run shell-command tasks (omniq enqueue --shell) [default: no].",
+            show_default=False,
+        ),
+    ] = None,
+    log_level: Annotated[
+        LogLevel | None,
+        typer.Option(
+            "--log-level", case_sensitive=False, help="[default: INFO]", show_default=False
+        ),
+    ] = None,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option(
+            "--log-format",
+            case_sensitive=False,
+            help="text, or json (one object per line) [default: text].",
+            show_default=False,
+        ),
+    ] = None,
+    systemd_unit: Annotated[
+        bool,
+        typer.Option(
+            "--systemd-unit",
+            help="Print a systemd service unit (Type=notify, watchdog) that runs this worker "
+            "with these options, and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Run tasks from the queues until stopped; logs one line per task outcome to stderr."""
+    flags: dict[str, Any] = {
+        "worker_queues": queue or None,
+        "worker_concurrency": concurrency,
+        "worker_pool": pool.value if pool else None,
+        "worker_shutdown_timeout": shutdown_timeout,
+        "task_modules": split_globs(task_modules),
+        "allow_shell": allow_shell,
+        "log_level": log_level.value if log_level else None,
+        "log_format": log_format.value if log_format else None,
+    }
+    config = common.load_config(None, **flags)
+    if systemd_unit:
+        runs_once = burst or max_tasks is not None
+        console.line(unit_text(config, flags, burst, max_tasks, runs_once).rstrip("\n"))
+        raise typer.Exit(0)
+    raise typer.Exit(run_worker(config, burst=burst, max_tasks=max_tasks))
+
+
+def seconds_option(value: str | None) -> float | None:
+    """typer callback: "30s", "2m" -> seconds; a bad duration is a usage error (exit 2)."""
+    if value is None:
+        return None
+    try:
+        return common.duration(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def split_globs(values: list[str] | None) -> list[str] | None:
+    """`--task-modules a,b --task-modules c` -> [a, b, c]; None when not given."""
+    if not values:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def run_worker(config: OmniQConfig, *, burst: bool, max_tasks: int | None) -> int:
+    """Configure logging, run the daemon, return its exit code."""
+    import logging
+
+    from omniq.daemon import exit_if_task_threads_linger, serve
+    from omniq.logsetup import setup_logging
+    from omniq.worker import settings_from_config
+
+    settings = settings_from_config(config, burst=burst, max_tasks=max_tasks)
+    level = "DEBUG" if common.STATE.verbose else config.log_level
+    setup_logging(level, config.log_format)
+    # -v gave the "omniq" logger a handler of its own; the root handler now covers it.
+    logging.getLogger("omniq").handlers.clear()
+    logging.getLogger("omniq").setLevel(logging.NOTSET)
+    code = common.run_async(serve(config, settings))
+    exit_if_task_threads_linger(code)
+    return code
+
+
+# --- the systemd unit ------------------------------------------------------------------------
+
+
+def unit_text(
+    config: OmniQConfig, flags: dict[str, Any], burst: bool, max_tasks: int | None, runs_once: bool
+) -> str:
+    from omniq.systemd import UnitSpec, unit_file
+
+    command = [*omniq_program()]
+    if common.STATE.config_path:
+        command += ["--config", os.path.abspath(common.STATE.config_path)]
+    command += ["worker", *worker_args(flags, burst, max_tasks)]
+    env, withheld = environment_for_unit(config)
+    queues = ", ".join(config.worker_queues)
+    text = unit_file(
+        UnitSpec(
+            command=tuple(command),
+            shutdown_timeout=config.worker_shutdown_timeout,
+            working_directory=os.getcwd(),
+            description=f"OmniQ worker (queues: {queues})",
+            environment=tuple(env),
+        )
+    )
+    if runs_once:  # the worker exits 0 by design: start it again each time
+        text = text.replace("Restart=on-failure", "Restart=always")
+    notes = [
+        f"# {name} is set in your shell but holds a secret: move it to the EnvironmentFile"
+        for name in withheld
+    ]
+    return "\n".join(notes) + ("\n" if notes else "") + text
+
+
+def omniq_program() -> list[str]:
+    """How to start this same omniq: its script's absolute path, or python -m omniq.cli."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "omniq" and os.path.isfile(argv0):
+        return [os.path.abspath(argv0)]
+    if os.path.basename(argv0) != "__main__.py":
+        found = shutil.which("omniq")
+        if found:
+            return [os.path.abspath(found)]
+    return [sys.executable, "-m", "omniq.cli"]
+
+
+def worker_args(flags: dict[str, Any], burst: bool, max_tasks: int | None) -> list[str]:
+    """The options given on this command line, in a form the unit can repeat."""
+    args: list[str] = []
+    for name in flags.get("worker_queues") or ():
+        args += ["-q", name]
+    simple = (
+        ("--concurrency", "worker_concurrency"),
+        ("--pool", "worker_pool"),
+        ("--shutdown-timeout", "worker_shutdown_timeout"),
+        ("--log-level", "log_level"),
+        ("--log-format", "log_format"),
+    )
+    for option, key in simple:
+        value = flags.get(key)
+        if value is not None:
+            args += [option, f"{value:g}" if isinstance(value, float) else str(value)]
+    if flags.get("task_modules") is not None:
+        args += ["--task-modules", ",".join(flags["task_modules"])]
+    if flags.get("allow_shell") is not None:
+        args.append("--allow-shell" if flags["allow_shell"] else "--no-allow-shell")
+    if burst:
+        args.append("--burst")
+    if max_tasks is not None:
+        args += ["--max-tasks", str(max_tasks)]
+    return args
+
+
+def environment_for_unit(config: OmniQConfig) -> tuple[list[tuple[str, str]], list[str]]:
+    """OMNIQ_* variables of this shell for the unit (paths made absolute); secrets withheld."""
+    from omniq.config import KEYS
+
+    masked = config.as_dict(mask_secrets=True)
+    plain = config.as_dict(mask_secrets=False)
+    env: list[tuple[str, str]] = []
+    withheld: list[str] = []
+    for name, value in sorted(os.environ.items()):
+        if not name.startswith("OMNIQ_"):
+            continue
+        key = name[len("OMNIQ_") :].lower()
+        if key in KEYS and masked.get(key) != plain.get(key):
+            withheld.append(name)
+        elif name in ("OMNIQ_HOME", "OMNIQ_CONFIG"):
+            env.append((name, os.path.abspath(os.path.expanduser(value))))
+        elif key in KEYS:
+            env.append((name, value))
+    return env, withheld
