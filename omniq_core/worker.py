@@ -112,7 +112,8 @@ def describe_error(exc: BaseException) -> tuple[str, str, str]:
         if kind.__module__ == "builtins"
         else f"{kind.__module__}.{kind.__qualname__}"
     )
-    tb = "".join(traceback.format_exception(exc))
+    # A process-pool error carries the child's traceback: that is the one to show.
+    tb = getattr(exc, "remote_traceback", None) or "".join(traceback.format_exception(exc))
     return name, str(exc), tb
 
 
@@ -172,9 +173,7 @@ class Worker:
     async def run(self) -> int:
         """Work until stopped (or, in burst mode, until the queues are empty)."""
         s = self.settings
-        self._threads = ThreadPoolExecutor(
-            max_workers=s.concurrency, thread_name_prefix="omniq-task"
-        )
+        self._threads = self._new_thread_pool()
         slots = asyncio.Semaphore(s.concurrency)
         background = [asyncio.create_task(self._heartbeat_loop())]
         try:
@@ -477,8 +476,24 @@ class Worker:
         try:
             return await asyncio.wait_for(coro, task.timeout)
         except TimeoutError:
-            # A thread cannot be killed: it runs on, but its outcome is TIMEOUT.
+            if not asyncio.iscoroutinefunction(func):
+                self._abandon_thread(task)
             raise TaskTimedOut() from None
+
+    def _abandon_thread(self, task: Task) -> None:
+        """A thread cannot be killed: it runs on, so later tasks get a fresh pool."""
+        log.warning(
+            "task %s is still running in its thread after its timeout; "
+            "use --pool process to have timed-out tasks killed", task.id
+        )
+        old, self._threads = self._threads, self._new_thread_pool()
+        if old is not None:
+            old.shutdown(wait=False)
+
+    def _new_thread_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(
+            max_workers=self.settings.concurrency, thread_name_prefix="omniq-task"
+        )
 
     async def _run_shell(self, task: Task) -> Any:
         if not self.settings.allow_shell:

@@ -234,3 +234,13 @@ def test_context_exit_drains_local_tasks() -> None:
 def test_invalid_queue_name() -> None:
     with OmniQ(memory_config()) as client, pytest.raises(ValueError, match="invalid queue name"):
         client.options(queue="bad name!").enqueue("omniq.examples:add", 1, 2)
+
+
+def test_timed_out_sync_task_does_not_starve_later_tasks() -> None:
+    # One slot: the timed-out thread keeps sleeping, yet the next task must run.
+    with OmniQ(memory_config(worker_concurrency=1)) as client:
+        stuck = client.options(timeout=0.2).enqueue("omniq.examples:sleep", 8)
+        with pytest.raises(TaskTimeout):
+            client.get_result(stuck, timeout=6)
+        assert client.get_result(client.enqueue("omniq.examples:add", 1, 2), timeout=6) == 3
+        client.close(drain=False)
