@@ -1,0 +1,436 @@
+"""SQLite-only behaviour: schema versions, files and directories, locking, other processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from omniq import registry
+from omniq.backends.sqlite import (
+    SQLiteEventStorage,
+    SQLiteQueue,
+    SQLiteResultStorage,
+    _immediate,
+)
+from omniq.errors import BackendError, BackendUnavailable, ConfigError
+from omniq.models import (
+    EventType,
+    Task,
+    TaskEvent,
+    TaskResult,
+    TaskStatus,
+    new_task_id,
+    utcnow,
+)
+
+LEASE = 60.0
+
+
+def ok(task_id: str | None = None, value: Any = None) -> TaskResult:
+    return TaskResult(task_id=task_id or new_task_id(), status=TaskStatus.COMPLETED, value=value)
+
+
+async def opened(store: Any) -> Any:
+    await store.open()
+    return store
+
+
+# --- schema and files -------------------------------------------------------
+
+
+def test_constructor_touches_nothing_and_open_creates_parent_dirs(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "c" / "results.db"
+    store = SQLiteResultStorage(database_path=path)
+    assert not (tmp_path / "a").exists()
+
+    async def main() -> None:
+        await store.open()
+        await store.open()  # idempotent
+        await store.store(ok(value=1))
+        await store.close()
+        await store.close()  # idempotent
+
+    asyncio.run(main())
+    assert path.is_file()
+
+
+def test_schema_version_is_recorded_and_a_newer_one_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "queue.db"
+
+    async def open_close() -> None:
+        q = await opened(SQLiteQueue(database_path=path))
+        await q.close()
+
+    asyncio.run(open_close())
+    with sqlite3.connect(path) as conn:
+        (version,) = conn.execute(
+            "SELECT version FROM omniq_schema WHERE component = 'queue'"
+        ).fetchone()
+        assert version >= 1
+        conn.execute("UPDATE omniq_schema SET version = 999 WHERE component = 'queue'")
+    conn.close()
+    with pytest.raises(BackendError, match="newer OmniQ queue schema"):
+        asyncio.run(open_close())
+
+
+def test_three_roles_can_share_one_file(tmp_path: Path) -> None:
+    path = tmp_path / "omniq.db"
+
+    async def main() -> None:
+        q = await opened(SQLiteQueue(database_path=path))
+        r = await opened(SQLiteResultStorage(database_path=path))
+        e = await opened(SQLiteEventStorage(database_path=path))
+        t = Task(func="omniq.examples:add", args=(1, 2))
+        await q.enqueue(t)
+        d = await q.dequeue(["default"], LEASE, 0)
+        assert d is not None
+        await r.store(ok(t.id, 3))
+        await e.append(TaskEvent(task_id=t.id, event_type=EventType.COMPLETED))
+        await q.ack(d)
+        got = await r.get(t.id)
+        assert got is not None and got.value == 3
+        assert [ev.event_type for ev in await e.get(t.id)] == [EventType.COMPLETED]
+        for s in (q, r, e):
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+
+    async def main() -> None:
+        store = SQLiteEventStorage(database_path=path)
+        try:
+            with pytest.raises(BackendError, match=str(path)):
+                await store.open()
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_unwritable_location_is_backend_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+
+    async def main() -> None:
+        store = SQLiteQueue(database_path=blocker / "sub" / "queue.db")
+        try:
+            with pytest.raises(BackendUnavailable):
+                await store.open()
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_results_persist_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "results.db"
+    r = ok(value={"k": [1, 2]})
+
+    async def write() -> None:
+        store = await opened(SQLiteResultStorage(database_path=path))
+        await store.store(r)
+        await store.close()
+
+    async def read() -> TaskResult | None:
+        store = await opened(SQLiteResultStorage(database_path=path))
+        try:
+            return await store.get(r.task_id)
+        finally:
+            await store.close()
+
+    asyncio.run(write())
+    assert asyncio.run(read()) == r
+
+
+def test_store_reopens_lazily_after_close(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await opened(SQLiteEventStorage(database_path=tmp_path / "events.db"))
+        await store.close()
+        tid = new_task_id()
+        await store.append(TaskEvent(task_id=tid, event_type=EventType.ENQUEUED))
+        assert len(await store.get(tid)) == 1
+        await store.close()
+
+    asyncio.run(main())
+
+
+# --- factory ------------------------------------------------------------------
+
+
+def test_create_maps_settings(tmp_path: Path) -> None:
+    q = registry.create("sqlite", "queue", {"path": str(tmp_path / "q.db")})
+    assert isinstance(q, SQLiteQueue) and q.database_path == str(tmp_path / "q.db")
+    r = registry.create("sqlite", "results", {"base_dir": str(tmp_path)})
+    assert isinstance(r, SQLiteResultStorage)
+    assert r.database_path == str(tmp_path / "results.db")
+    e = registry.create(
+        "sqlite", "events", {"path": str(tmp_path / "e.db"), "options": {"busy_timeout": 2}}
+    )
+    assert isinstance(e, SQLiteEventStorage) and e.busy_timeout == 2.0
+    with pytest.raises(ConfigError, match="path"):
+        registry.create("sqlite", "queue", {})
+    with pytest.raises(ConfigError, match="bogus"):
+        registry.create("sqlite", "queue", {"path": "x.db", "options": {"bogus": 1}})
+
+
+# --- locking --------------------------------------------------------------------
+
+
+def _hammer(path: Path, errors: list[BaseException], rounds: int) -> None:
+    """One thread, its own event loop and its own handles: like another process."""
+
+    async def main() -> None:
+        q = await opened(SQLiteQueue(database_path=path / "queue.db", busy_timeout=0.2))
+        r = await opened(SQLiteResultStorage(database_path=path / "results.db", busy_timeout=0.2))
+        e = await opened(SQLiteEventStorage(database_path=path / "events.db", busy_timeout=0.2))
+        try:
+            for _ in range(rounds):
+                await q.enqueue(Task(func="omniq.examples:add", args=(1, 2)))
+                d = await q.dequeue(["default"], LEASE, 0.5)
+                if d is None:
+                    continue
+                await e.append(TaskEvent(task_id=d.task_id, event_type=EventType.STARTED))
+                await r.store(ok(d.task_id, 3))
+                await e.append(TaskEvent(task_id=d.task_id, event_type=EventType.COMPLETED))
+                await q.ack(d)
+        finally:
+            for s in (q, r, e):
+                await s.close()
+
+    try:
+        asyncio.run(main())
+    except BaseException as exc:
+        errors.append(exc)
+
+
+def _hold_write_locks(path: Path, stop: threading.Event, hold: float) -> None:
+    """A foreign writer that now and then keeps each file locked longer than the
+    stores' busy timeout."""
+    conns = [
+        sqlite3.connect(path / name, isolation_level=None, timeout=30)
+        for name in ("queue.db", "results.db", "events.db")
+    ]
+    try:
+        for _ in range(4):
+            for conn in conns:
+                conn.execute("BEGIN IMMEDIATE")
+            time.sleep(hold)
+            for conn in conns:
+                conn.execute("COMMIT")
+            if stop.wait(0.3):
+                return
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_two_handles_hammering_one_file_never_see_database_is_locked(tmp_path: Path) -> None:
+    async def create_files() -> None:
+        for s in (
+            SQLiteQueue(database_path=tmp_path / "queue.db"),
+            SQLiteResultStorage(database_path=tmp_path / "results.db"),
+            SQLiteEventStorage(database_path=tmp_path / "events.db"),
+        ):
+            await s.open()
+            await s.close()
+
+    asyncio.run(create_files())
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    # Held 0.35 s against a 0.2 s busy timeout: only the stores' own retry gets through.
+    holder = threading.Thread(target=_hold_write_locks, args=(tmp_path, stop, 0.35))
+    workers = [threading.Thread(target=_hammer, args=(tmp_path, errors, 150)) for _ in range(2)]
+    holder.start()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    stop.set()
+    holder.join(10)
+    assert errors == []
+
+    async def check() -> None:
+        q = await opened(SQLiteQueue(database_path=tmp_path / "queue.db"))
+        e = await opened(SQLiteEventStorage(database_path=tmp_path / "events.db"))
+        stats = await q.stats()
+        assert sum(s.running for s in stats) == 0
+        rows = await e.read(None, 10_000)
+        assert len(rows) == 2 * (300 - sum(s.queued for s in stats))
+        await q.close()
+        await e.close()
+
+    asyncio.run(check())
+
+
+# --- other processes ------------------------------------------------------------
+
+_WRITER = """
+import asyncio, sys
+from omniq.backends.sqlite import SQLiteEventStorage, SQLiteQueue, SQLiteResultStorage
+from omniq.models import EventType, Task, TaskEvent, TaskResult, TaskStatus
+
+async def main(base, task_id):
+    q = SQLiteQueue(database_path=base + "/queue.db")
+    r = SQLiteResultStorage(database_path=base + "/results.db")
+    e = SQLiteEventStorage(database_path=base + "/events.db")
+    await q.enqueue(Task(func="omniq.examples:add", args=(2, 3), id=task_id, priority=7))
+    await r.store(TaskResult(task_id=task_id, status=TaskStatus.COMPLETED, value=[5]))
+    await e.append(TaskEvent(task_id=task_id, event_type=EventType.ENQUEUED, queue="default"))
+    for s in (q, r, e):
+        await s.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_reads_what_another_process_wrote(tmp_path: Path) -> None:
+    task_id = new_task_id()
+    subprocess.run([sys.executable, "-c", _WRITER, str(tmp_path), task_id], check=True, timeout=60)
+
+    async def main() -> None:
+        q = await opened(SQLiteQueue(database_path=tmp_path / "queue.db"))
+        r = await opened(SQLiteResultStorage(database_path=tmp_path / "results.db"))
+        e = await opened(SQLiteEventStorage(database_path=tmp_path / "events.db"))
+        task = await q.get_task(task_id)
+        assert task is not None and task.args == (2, 3) and task.priority == 7
+        result = await r.wait(task_id, 5)
+        assert result is not None and result.value == [5]
+        assert [ev.event_type for ev in await e.get(task_id)] == [EventType.ENQUEUED]
+        for s in (q, r, e):
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_waiter_sees_a_result_stored_by_another_process(tmp_path: Path) -> None:
+    task_id = new_task_id()
+
+    async def main() -> None:
+        r = await opened(SQLiteResultStorage(database_path=tmp_path / "results.db"))
+        waiter = asyncio.create_task(r.wait(task_id, 30))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _WRITER, str(tmp_path), task_id
+        )
+        assert await proc.wait() == 0
+        got = await asyncio.wait_for(waiter, 30)
+        assert got is not None and got.value == [5]
+        await r.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_reconnects_instead_of_sharing_the_parent_connection(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteResultStorage(database_path=tmp_path / "results.db")
+    child_id = new_task_id()
+
+    async def parent_first() -> None:
+        await store.open()
+        await store.store(ok(value="parent"))
+
+    async def child() -> None:
+        await store.store(ok(child_id, "child"))
+        await store.close()
+
+    asyncio.run(parent_first())
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 0
+        try:
+            asyncio.run(child())
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+    async def parent_after() -> None:
+        got = await store.get(child_id)
+        assert got is not None and got.value == "child"
+        await store.close()
+
+    asyncio.run(parent_after())
+
+
+# --- cancellation -------------------------------------------------------------------
+
+
+def test_cancelled_dequeue_does_not_strand_the_task(tmp_path: Path) -> None:
+    async def main() -> None:
+        q = await opened(SQLiteQueue(database_path=tmp_path / "queue.db"))
+        for _ in range(20):
+            t = await q.enqueue(Task(func="omniq.examples:add", args=(1, 2)))
+            pending = asyncio.create_task(q.dequeue(["default"], LEASE, 5))
+            await asyncio.sleep(0)
+            pending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+            d = await q.dequeue(["default"], LEASE, 5)
+            assert d is not None and d.task.id == t and d.attempt == 1
+            await q.ack(d)
+        await q.close()
+
+    asyncio.run(main())
+
+
+# --- group commit -------------------------------------------------------------------
+
+
+def _half_done_then_fail(conn: sqlite3.Connection, task_id: str) -> None:
+    with _immediate(conn):
+        conn.execute(
+            "INSERT INTO omniq_events (task_id, ts, data) VALUES (?, 0, x'7b7d')", (task_id,)
+        )
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+
+def test_a_failing_write_in_a_shared_commit_fails_alone(tmp_path: Path) -> None:
+    async def main() -> None:
+        e = await opened(SQLiteEventStorage(database_path=tmp_path / "events.db"))
+        good = [TaskEvent(task_id=new_task_id(), event_type=EventType.STARTED) for _ in range(30)]
+        bad_id = new_task_id()
+        calls = [e.append(ev) for ev in good[:15]]
+        calls.append(e._write(_half_done_then_fail, bad_id))
+        calls += [e.append(ev) for ev in good[15:]]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert isinstance(outcomes[15], BackendError) and "no_such_table" in str(outcomes[15])
+        assert [o for i, o in enumerate(outcomes) if i != 15] == [None] * 30
+        assert await e.get(bad_id) == []  # its first statement was undone too
+        for ev in good:
+            assert await e.get(ev.task_id) == [ev]
+        await e.close()
+
+    asyncio.run(main())
+
+
+def test_cleanup_larger_than_one_chunk(tmp_path: Path) -> None:
+    async def main() -> None:
+        e = await opened(SQLiteEventStorage(database_path=tmp_path / "events.db"))
+        old = utcnow() - timedelta(days=3)
+        await e.append_many(
+            [TaskEvent(task_id=new_task_id(), event_type=EventType.ENQUEUED, timestamp=old)
+             for _ in range(12_001)]
+        )
+        keep = TaskEvent(task_id=new_task_id(), event_type=EventType.ENQUEUED)
+        await e.append(keep)
+        assert await e.cleanup(utcnow() - timedelta(days=1)) == 12_001
+        assert [ev for _, ev in await e.read(None, 100)] == [keep]
+        await e.close()
+
+    asyncio.run(main())
