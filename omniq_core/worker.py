@@ -158,12 +158,22 @@ class Worker:
         self._outage_logged = False
         self._handlers: set[asyncio.Task[None]] = set()
         self._resolved: dict[str, Callable[..., Any]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._nudge = asyncio.Event()  # set when a slot frees up or a stop is requested
 
     # --- control (thread-safe flags only) -------------------------------
     def request_stop(self, force: bool = False) -> None:
-        """Stop taking tasks; `force` also stops waiting for running ones."""
+        """Stop taking tasks; `force` also stops waiting for running ones.
+
+        Safe from signal handlers and other threads: it only sets flags and
+        schedules a wake-up on the worker's loop.
+        """
         self._stopping = True
         self._force = self._force or force
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._nudge.set)
 
     @property
     def stopping(self) -> bool:
@@ -173,6 +183,8 @@ class Worker:
     async def run(self) -> int:
         """Work until stopped (or, in burst mode, until the queues are empty)."""
         s = self.settings
+        self._loop = asyncio.get_running_loop()
+        self._nudge = asyncio.Event()
         self._threads = self._new_thread_pool()
         slots = asyncio.Semaphore(s.concurrency)
         background = [asyncio.create_task(self._heartbeat_loop())]
@@ -218,12 +230,13 @@ class Worker:
 
     async def _acquire_slot(self, slots: asyncio.Semaphore) -> bool:
         """A free slot, or False once a stop is requested while every slot is busy."""
-        # Polled, not awaited: a bare `await slots.acquire()` would not see request_stop()
-        # until a running task ended, so the shutdown timeout would never start.
+        # Not a bare `await slots.acquire()`: that would not see request_stop() until a
+        # running task ended, so the shutdown timeout would never start.
         while slots.locked():
             if self._stopping:
                 return False
-            await asyncio.sleep(0.05)
+            self._nudge.clear()
+            await self._nudge.wait()
         await slots.acquire()  # free now: returns at once
         return True
 
@@ -236,6 +249,7 @@ class Worker:
             self._handlers.discard(t)
             self.running.pop(delivery.task_id, None)
             slots.release()
+            self._nudge.set()
 
         handler.add_done_callback(done)
 
@@ -518,7 +532,9 @@ class Worker:
             try:
                 await self._register()
                 for running in list(self.running.values()):
-                    if not await self.queue.extend(running.delivery, self.settings.lease):
+                    extended = await self.queue.extend(running.delivery, self.settings.lease)
+                    # A task that finished meanwhile has no lease to keep: not a loss.
+                    if not extended and running.delivery.task_id in self.running:
                         log.warning(
                             "lost the lease of task %s (another worker may run it)",
                             running.delivery.task_id,

@@ -1,0 +1,70 @@
+"""Conformance plug-in: PostgreSQL, one schema per namespace on the shared test server.
+
+The server comes from $OMNIQ_TEST_POSTGRES_DSN, else postgresql://postgres@127.0.0.1:5432/test.
+Schemas made by the tests are dropped when the test process exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from pathlib import Path
+from typing import Any
+
+NAME = "postgres"
+ROLES = ("queue", "results", "events")
+DSN = os.environ.get("OMNIQ_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+_created: set[str] = set()
+_checked: list[str | None] = []
+
+
+def unavailable() -> str | None:
+    if not _checked:
+        _checked.append(_probe())
+    return _checked[0]
+
+
+def _probe() -> str | None:
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed"
+    try:
+        with psycopg.connect(DSN, connect_timeout=2):
+            return None
+    except psycopg.Error as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def schema_for(namespace: str) -> str:
+    """A schema name for `namespace`, dropped again at exit."""
+    name = f"omniq_test_{namespace}"
+    if not _created:
+        atexit.register(drop_schemas)
+    _created.add(name)
+    return name
+
+
+def drop_schemas() -> None:
+    import psycopg
+    from psycopg import sql
+
+    names = sorted(_created)
+    _created.clear()
+    if not names:
+        return
+    try:
+        with psycopg.connect(DSN, connect_timeout=2, autocommit=True) as conn:
+            for name in names:
+                drop = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+                conn.execute(drop.format(sql.Identifier(name)))
+    except psycopg.Error:
+        pass  # the server went away: nothing left to tidy
+
+
+async def make(role: str, tmp_path: Path, namespace: str) -> Any:
+    from omniq import registry
+
+    settings = {"dsn": DSN, "schema": schema_for(namespace)}
+    return registry.create("postgres", role, settings)

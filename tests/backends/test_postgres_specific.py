@@ -1,0 +1,537 @@
+"""PostgreSQL-only behaviour: DSNs, errors, schema names, migrations, LISTEN, outages, fork."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from omniq import registry
+from omniq.errors import BackendError, BackendUnavailable, ConfigError
+from omniq.models import (
+    EventType,
+    Task,
+    TaskEvent,
+    TaskResult,
+    TaskStatus,
+    new_task_id,
+)
+
+from . import tech_postgres
+
+psycopg = pytest.importorskip("psycopg")
+T = TypeVar("T")
+DSN = tech_postgres.DSN
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _need(reason: str | None, what: str) -> None:
+    if reason:
+        if IN_CI:
+            pytest.fail(f"{what} is required in CI but unavailable: {reason}")
+        pytest.skip(f"{what} unavailable: {reason}")
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    """A fresh schema name on the shared server, dropped afterwards."""
+    _need(tech_postgres.unavailable(), "PostgreSQL")
+    name = "omniq_sp_" + uuid.uuid4().hex[:10]
+    yield name
+    _drop_schema(DSN, name)
+
+
+def _drop_schema(dsn: str, name: str) -> None:
+    from psycopg import sql
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=3) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+def make(role: str, dsn: str, schema: str, **options: Any) -> Any:
+    settings: dict[str, Any] = {"dsn": dsn, "schema": schema}
+    if options:
+        settings["options"] = options
+    return registry.create("postgres", role, settings)
+
+
+def run(body: Callable[[], Awaitable[T]], timeout: float = 60) -> T:
+    async def main() -> T:
+        return await asyncio.wait_for(body(), timeout)
+
+    return asyncio.run(main())
+
+
+def ok(task_id: str | None = None, value: Any = 1) -> TaskResult:
+    return TaskResult(task_id=task_id or new_task_id(), status=TaskStatus.COMPLETED, value=value)
+
+
+# --- construction and DSNs ---------------------------------------------------
+
+
+def test_seed_placeholder_dsn_builds_without_connecting() -> None:
+    from omniq.events import PostgreSQLEventStorage
+    from omniq.results import PostgreSQLResultStorage
+
+    dsn = "postgresql://user:password@host:port/database"
+    results = PostgreSQLResultStorage(dsn=dsn)
+    events = PostgreSQLEventStorage(dsn=dsn)
+    assert "password" not in repr(results) and "host:port/database" in repr(events)
+
+    async def body() -> None:
+        with pytest.raises(BackendUnavailable) as err:
+            await results.get(new_task_id())
+        assert "host:port/database" in str(err.value)
+        assert "password" not in str(err.value)
+        await results.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"dsn": "postgresql://postgres@127.0.0.1:5432/test"},
+        {"url": "postgres://postgres@127.0.0.1:5432/test?application_name=omniq-test"},
+        {"dsn": "host=127.0.0.1 port=5432 dbname=test user=postgres"},
+        {"host": "127.0.0.1", "port": 5432, "db": "test", "username": "postgres"},
+        {"dsn": "postgresql://nobody@127.0.0.1:1/nowhere", "port": 5432, "db": "test",
+         "username": "postgres", "options": {"connect_timeout": 3, "max_size": 2}},
+    ],
+    ids=["url", "url-alias", "key-value", "parts", "parts-override-dsn"],
+)
+def test_dsn_forms_reach_the_server(settings: dict[str, Any], schema: str) -> None:
+    store = registry.create("postgres", "results", {**settings, "schema": schema})
+
+    async def body() -> None:
+        r = ok()
+        await store.store(r)
+        assert await store.get(r.task_id) == r
+        await store.close()
+
+    run(body)
+
+
+def test_tls_and_libpq_options_are_passed_through() -> None:
+    store = registry.create("postgres", "queue", {
+        "dsn": "postgresql://u:secret@db.example:6543/app",
+        "tls": {"ca": "/etc/ca.pem", "cert": "/etc/c.pem", "key": "/etc/k.pem"},
+        "options": {"application_name": "billing", "max_size": 3},
+    })
+    conninfo = store._conninfo
+    for part in ("sslmode=verify-full", "sslrootcert=/etc/ca.pem", "sslcert=/etc/c.pem",
+                 "sslkey=/etc/k.pem", "application_name=billing", "port=6543"):
+        assert part in conninfo
+    assert "secret" not in repr(store)
+    assert "sslmode=require" in registry.create(
+        "postgres", "events", {"dsn": "postgresql://h/db", "tls": True}
+    )._conninfo
+
+
+def test_bad_settings_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="tls"):
+        registry.create("postgres", "queue", {"dsn": "postgresql://h/db", "tls": {"bogus": 1}})
+    with pytest.raises(ConfigError, match="min_size"):
+        registry.create("postgres", "queue", {"dsn": "postgresql://h/db",
+                                              "options": {"min_size": 5, "max_size": 2}})
+    with pytest.raises(ConfigError, match="DSN"):
+        registry.create("postgres", "queue", {})
+    with pytest.raises(ConfigError, match="bogus"):
+        registry.create("postgres", "queue", {"dsn": "postgresql://h/db",
+                                              "options": {"bogus": 1}})
+    store = registry.create("postgres", "queue", {"dsn": "postgresql://h/db?bogus=1"})
+
+    async def body() -> None:
+        with pytest.raises(ConfigError, match="DSN"):
+            await store.open()
+
+    run(body)
+
+
+# --- errors never show the password -------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("form", ["url", "key-value"])
+def test_unreachable_port_is_unavailable_without_password(form: str) -> None:
+    port = _free_port()
+    dsn = (f"postgresql://postgres:S3cretPw@127.0.0.1:{port}/test" if form == "url"
+           else f"host=127.0.0.1 port={port} dbname=test user=postgres password=S3cretPw")
+    store = registry.create("postgres", "queue", {"dsn": dsn})
+
+    async def body() -> str:
+        with pytest.raises(BackendUnavailable) as err:
+            await store.open()
+        return str(err.value)
+
+    message = run(body)
+    assert f"127.0.0.1:{port}/test" in message
+    assert "S3cretPw" not in message and "\n" not in message
+
+
+def test_missing_database_is_unavailable_without_password() -> None:
+    _need(tech_postgres.unavailable(), "PostgreSQL")
+    db = "omniq_no_such_db_" + uuid.uuid4().hex[:6]
+    store = registry.create(
+        "postgres", "events", {"dsn": f"postgresql://postgres:S3cretPw@127.0.0.1:5432/{db}"}
+    )
+
+    async def body() -> str:
+        with pytest.raises(BackendUnavailable) as err:
+            await store.append(TaskEvent(task_id=new_task_id(), event_type=EventType.ENQUEUED))
+        return str(err.value)
+
+    message = run(body)
+    assert db in message and "does not exist" in message
+    assert "S3cretPw" not in message
+
+
+def test_sql_errors_become_backend_errors(schema: str) -> None:
+    store = make("queue", DSN, schema)
+
+    async def body() -> None:
+        await store.open()
+        _drop_schema(DSN, schema)  # pulled from under the open store
+        with pytest.raises(BackendError, match="does not exist"):
+            await store.enqueue(Task(func="m:f"))
+        await store.close()
+
+    run(body)
+
+
+# --- schema names and migrations --------------------------------------------------
+
+
+def test_odd_schema_name_is_quoted_everywhere() -> None:
+    _need(tech_postgres.unavailable(), "PostgreSQL")
+    name = f'My "odd" schema {uuid.uuid4().hex[:6]}'
+    try:
+        async def body() -> None:
+            q, r, e = (make(role, DSN, name) for role in ("queue", "results", "events"))
+            task = Task(func="m:f", queue="odd")
+            await q.enqueue(task)
+            d = await q.dequeue(["odd"], 30, 1)
+            assert d is not None and d.task == task
+            waiter = asyncio.create_task(r.wait(task.id, 10))
+            await asyncio.sleep(0.1)
+            await r.store(ok(task.id))
+            assert await waiter is not None
+            await e.append(TaskEvent(task_id=task.id, event_type=EventType.STARTED))
+            assert len(await e.get(task.id)) == 1
+            for store in (q, r, e):
+                await store.close()
+
+        run(body)
+    finally:
+        _drop_schema(DSN, name)
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 64, "pg_mine", "a\x00b"])
+def test_unusable_schema_names_are_refused_clearly(name: str) -> None:
+    with pytest.raises(ConfigError, match="schema name"):
+        registry.create("postgres", "queue", {"dsn": DSN, "schema": name})
+
+
+def _versions(schema: str) -> list[int]:
+    from psycopg import sql
+
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        query = sql.SQL("SELECT version FROM {}.schema_version ORDER BY version")
+        return [row[0] for row in conn.execute(query.format(sql.Identifier(schema)))]
+
+
+def test_migrations_are_idempotent(schema: str) -> None:
+    from omniq.backends.postgres import SCHEMA_VERSION
+
+    async def body() -> None:
+        for role in ("queue", "results", "events", "queue"):
+            store = make(role, DSN, schema)
+            await store.open()
+            await store.open()
+            await store.close()
+
+    run(body)
+    assert _versions(schema) == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_concurrent_first_opens_of_a_fresh_schema(schema: str) -> None:
+    async def body() -> None:
+        stores = [make(role, DSN, schema) for role in ("queue", "results", "events") * 2]
+        await asyncio.gather(*(s.open() for s in stores))
+        await stores[0].enqueue(Task(func="m:f"))
+        for s in stores:
+            await s.close()
+
+    run(body)
+    assert len(_versions(schema)) >= 1
+
+
+# --- LISTEN/NOTIFY ------------------------------------------------------------------
+# Poll intervals are set far beyond the waits, so only a notification can wake them.
+
+
+def test_result_wait_is_woken_by_notification(schema: str) -> None:
+    async def body() -> None:
+        waiter_store = make("results", DSN, schema, poll_interval=120)
+        writer = make("results", DSN, schema)
+        r = ok(value="pushed")
+        waiter = asyncio.create_task(waiter_store.wait(r.task_id, 30))
+        await asyncio.sleep(0.3)
+        await writer.store(r)
+        got = await asyncio.wait_for(waiter, 20)
+        assert got is not None and got.value == "pushed"
+        for s in (waiter_store, writer):
+            await s.close()
+
+    run(body)
+
+
+def test_dequeue_and_wait_new_are_woken_by_notification(schema: str) -> None:
+    async def body() -> None:
+        q_wait, q_put = make("queue", DSN, schema, poll_interval=120), make("queue", DSN, schema)
+        e_wait, e_put = make("events", DSN, schema, poll_interval=120), make("events", DSN, schema)
+        await e_put.open()
+        start = await e_wait.last_cursor()
+        taker = asyncio.create_task(q_wait.dequeue(["wake"], 30, 30))
+        follower = asyncio.create_task(e_wait.wait_new(start, 30))
+        await asyncio.sleep(0.3)
+        task = Task(func="m:f", queue="wake")
+        await q_put.enqueue(task)
+        await e_put.append(TaskEvent(task_id=task.id, event_type=EventType.ENQUEUED))
+        d = await asyncio.wait_for(taker, 20)
+        assert d is not None and d.task.id == task.id
+        await asyncio.wait_for(follower, 20)
+        assert [e.task_id for _, e in await e_wait.read(start, 10)] == [task.id]
+        for s in (q_wait, q_put, e_wait, e_put):
+            await s.close()
+
+    run(body)
+
+
+# --- fork ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_reconnects_and_leaves_the_parent_alone(schema: str) -> None:
+    store = make("queue", DSN, schema)
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(store.open())
+        sessions = [c.info.backend_pid for c in store._state.pool._idle]
+        child_task = Task(func="m:f", queue="forked")
+        pid = os.fork()
+        if pid == 0:  # child: new loop, must not reuse the parent's sockets
+            code = 1
+            try:
+                child_loop = asyncio.new_event_loop()
+                child_loop.run_until_complete(store.enqueue(child_task))
+                child_loop.run_until_complete(store.close())
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        got = loop.run_until_complete(store.get_task(child_task.id))
+        assert got == child_task
+        # The parent kept its own sessions: the child did not close them.
+        assert [c.info.backend_pid for c in store._state.pool._idle] == sessions
+        loop.run_until_complete(store.close())
+    finally:
+        loop.close()
+
+
+def test_store_moves_to_a_new_event_loop(schema: str) -> None:
+    store = make("results", DSN, schema)
+    r = ok(value="first loop")
+
+    async def first() -> None:
+        await store.store(r)
+        assert await store.wait(r.task_id, 1) == r  # starts the listener on this loop
+
+    async def second() -> None:
+        assert await store.get(r.task_id) == r
+        late = ok()
+        waiter = asyncio.create_task(store.wait(late.task_id, 10))
+        await asyncio.sleep(0.2)
+        await store.store(late)
+        assert await waiter == late
+        await store.close()
+
+    asyncio.run(first())  # ends without close(), like a CLI command
+    asyncio.run(second())
+
+
+# --- outage and reconnect (private server) ------------------------------------------
+
+
+class PrivateServer:
+    """A throw-away PostgreSQL cluster on a free port, run as a non-root user."""
+
+    def __init__(self) -> None:
+        self.bin = self._bindir()
+        self.port = _free_port()
+        self.dir = tempfile.mkdtemp(prefix="omniq-pg-")
+        self.data = os.path.join(self.dir, "data")
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @staticmethod
+    def _bindir() -> str:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                       key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+        initdb = found[-1] if found else shutil.which("initdb")
+        if not initdb:
+            raise RuntimeError("initdb not found")
+        return str(Path(initdb).parent)
+
+    def _cmd(self, *args: str) -> None:
+        argv = [os.path.join(self.bin, args[0]), *args[1:]]
+        if self.user:
+            argv = ["runuser", "-u", self.user, "--", *argv]
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+
+    def init(self) -> None:
+        if self.user:
+            shutil.chown(self.dir, self.user)
+        self._cmd("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+
+    def start(self) -> None:
+        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                "-c fsync=off -c max_connections=40")
+        self._cmd("pg_ctl", "-D", self.data, "-o", opts, "-l", os.path.join(self.dir, "log"),
+                  "-w", "-t", "30", "start")
+
+    def stop(self) -> None:
+        self._cmd("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+
+    def destroy(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def private_server() -> Iterator[PrivateServer]:
+    try:
+        server = PrivateServer()
+    except RuntimeError as exc:
+        _need(str(exc), "a private PostgreSQL server")
+        raise
+    try:
+        server.init()
+    except (subprocess.SubprocessError, OSError) as exc:
+        server.destroy()
+        detail = getattr(exc, "stderr", b"") or b""
+        _need(f"{exc} {detail.decode(errors='replace')[-300:]}", "a private PostgreSQL server")
+    yield server
+    server.destroy()
+
+
+def test_outage_raises_unavailable_then_the_same_stores_recover(
+    private_server: PrivateServer,
+) -> None:
+    dsn = private_server.dsn
+
+    async def body() -> None:
+        q = make("queue", dsn, "outage", connect_timeout=2, poll_interval=120)
+        r = make("results", dsn, "outage", connect_timeout=2, poll_interval=120)
+        e = make("events", dsn, "outage", connect_timeout=2, poll_interval=120)
+        other = make("results", dsn, "outage")
+        for s in (q, r, e, other):
+            await s.open()
+        before = Task(func="m:f")
+        await q.enqueue(before)
+        early = ok()
+        await other.store(early)
+        assert await r.wait(early.task_id, 5) == early  # the listener is up
+
+        await asyncio.to_thread(private_server.stop)
+        outage: list[Callable[[], Awaitable[Any]]] = [
+            lambda: q.enqueue(Task(func="m:f")),
+            lambda: q.dequeue(["default"], 30, 1),
+            lambda: r.get(early.task_id),
+            lambda: r.wait(new_task_id(), 2),
+            lambda: e.append(TaskEvent(task_id=before.id, event_type=EventType.STARTED)),
+        ]
+        for op in outage:
+            with pytest.raises(BackendUnavailable, match="unavailable"):
+                await op()
+        await asyncio.to_thread(private_server.start)
+
+        d = await q.dequeue(["default"], 30, 5)
+        assert d is not None and d.task.id == before.id
+        await e.append(TaskEvent(task_id=before.id, event_type=EventType.STARTED))
+        assert len(await e.get(before.id)) == 1
+        # The dedicated LISTEN connection reconnected: only a notification wakes this.
+        late = ok(d.task.id, value="after restart")
+        waiter = asyncio.create_task(r.wait(late.task_id, 30))
+        await asyncio.sleep(0.5)
+        await other.store(late)
+        assert await asyncio.wait_for(waiter, 20) == late
+        await q.ack(d)
+        for s in (q, r, e, other):
+            await s.close()
+
+    run(body, timeout=90)
+
+
+# --- event cursors under concurrent appends ------------------------------------------
+
+
+def test_cursor_reader_misses_nothing_while_many_handles_append(schema: str) -> None:
+    """Ids are assigned before commit; appends must become visible in id order or a
+    follower that already moved past an id would never see that event."""
+
+    async def body() -> None:
+        writers = [make("events", DSN, schema) for _ in range(6)]
+        reader = make("events", DSN, schema)
+        for s in (*writers, reader):
+            await s.open()
+        sent: set[str] = set()
+        seen: list[str] = []
+
+        async def write(store: Any) -> None:
+            for _ in range(60):
+                tid = new_task_id()
+                sent.add(tid)
+                await store.append(TaskEvent(task_id=tid, event_type=EventType.ENQUEUED))
+
+        async def follow(stop: asyncio.Event) -> None:
+            cursor = None
+            while True:
+                finished = stop.is_set()
+                rows = await reader.read(cursor, 50)
+                seen.extend(event.task_id for _, event in rows)
+                if rows:
+                    cursor = rows[-1][0]
+                if finished and not rows:
+                    return
+
+        stop = asyncio.Event()
+        follower = asyncio.create_task(follow(stop))
+        await asyncio.gather(*(write(w) for w in writers))
+        stop.set()
+        await follower
+        assert len(seen) == len(set(seen))
+        assert set(seen) == sent
+        for s in (*writers, reader):
+            await s.close()
+
+    run(body)
