@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import logging
 import os
 import random
@@ -158,6 +159,7 @@ class Worker:
         self._outage_logged = False
         self._handlers: set[asyncio.Task[None]] = set()
         self._resolved: dict[str, Callable[..., Any]] = {}
+        self._writer = EventWriter(events, self._resilient)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nudge = asyncio.Event()  # set when a slot frees up or a stop is requested
 
@@ -290,24 +292,30 @@ class Worker:
         if await self._skip_if_settled(delivery):
             return
         started_at = utcnow()
-        await self._emit(task, EventType.STARTED, delivery.attempt)
-        try:
-            value = await self._execute(task)
-        except asyncio.CancelledError:
-            raise
-        except TaskTimedOut:
-            await self._failure(
-                delivery,
-                started_at,
-                TimeoutError(f"task exceeded its timeout of {task.timeout}s"),
-                TaskStatus.TIMEOUT,
-            )
-        except TaskRefused as exc:
-            await self._finish(delivery, started_at, TaskStatus.FAILED, error=exc)
-        except (Exception, SystemExit) as exc:  # the task's own error, whatever it is
-            await self._failure(delivery, started_at, exc, TaskStatus.FAILED)
+        # STARTED is written while the task runs; it must be stored before the outcome.
+        started = self._writer.submit(self._event(task, EventType.STARTED, delivery.attempt))
+        kind, payload = await self._run_task(task)
+        await started
+        if kind == "ok":
+            await self._success(delivery, started_at, payload)
+        elif kind == "timeout":
+            error = TimeoutError(f"task exceeded its timeout of {task.timeout}s")
+            await self._failure(delivery, started_at, error, TaskStatus.TIMEOUT)
+        elif kind == "refused":
+            await self._finish(delivery, started_at, TaskStatus.FAILED, error=payload)
         else:
-            await self._success(delivery, started_at, value)
+            await self._failure(delivery, started_at, payload, TaskStatus.FAILED)
+
+    async def _run_task(self, task: Task) -> tuple[str, Any]:
+        """Run the callable; its outcome as ("ok", value) or (kind, exception)."""
+        try:
+            return "ok", await self._execute(task)
+        except TaskTimedOut:
+            return "timeout", None
+        except TaskRefused as exc:
+            return "refused", exc
+        except (Exception, SystemExit) as exc:  # the task's own error, whatever it is
+            return "error", exc
 
     async def _skip_if_settled(self, delivery: Delivery) -> bool:
         task = delivery.task
@@ -441,18 +449,18 @@ class Worker:
                 result.error_message,
             )
 
+    def _event(
+        self, task: Task, kind: EventType, attempt: int, details: dict[str, Any] | None = None
+    ) -> TaskEvent:
+        return TaskEvent(
+            task_id=task.id, event_type=kind, attempt=attempt, worker_id=self.worker_id,
+            queue=task.queue, details=details or {},
+        )
+
     async def _emit(
         self, task: Task, kind: EventType, attempt: int, details: dict[str, Any] | None = None
     ) -> None:
-        event = TaskEvent(
-            task_id=task.id,
-            event_type=kind,
-            attempt=attempt,
-            worker_id=self.worker_id,
-            queue=task.queue,
-            details=details or {},
-        )
-        await self._resilient(lambda: self.events.append(event))
+        await self._writer.submit(self._event(task, kind, attempt, details))
 
     # --- running the callable -------------------------------------------
     async def _execute(self, task: Task) -> Any:
@@ -603,6 +611,44 @@ class Worker:
                 self._log_outage(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
+
+
+class EventWriter:
+    """Group commit for events: what handlers submit while a write is in flight goes
+    out together in the next `append_many`. No added delay for a lone event."""
+
+    def __init__(
+        self, events: EventStorage, resilient: Callable[[Callable[[], Awaitable[None]]], Any]
+    ) -> None:
+        self._events = events
+        self._resilient = resilient
+        self._pending: list[tuple[TaskEvent, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    def submit(self, event: TaskEvent) -> asyncio.Future[None]:
+        """Queue an event; the future resolves once it is stored."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((event, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            events = [event for event, _ in batch]
+            try:
+                await self._resilient(functools.partial(self._events.append_many, events))
+            except BaseException as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
 
 
 class ShellFailed(Exception):
