@@ -68,6 +68,7 @@ class WorkerSettings:
     burst: bool = False
     max_tasks: int | None = None
     cleanup_interval: float = 600.0
+    fetchers: int | None = None  # concurrent dequeue calls; None = min(concurrency, 4)
     register: bool = True
 
     @property
@@ -160,6 +161,7 @@ class Worker:
         self._handlers: set[asyncio.Task[None]] = set()
         self._resolved: dict[str, Callable[..., Any]] = {}
         self._writer = EventWriter(events, self._resilient)
+        self._fetching = 0  # dequeue calls in flight
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nudge = asyncio.Event()  # set when a slot frees up or a stop is requested
 
@@ -191,7 +193,10 @@ class Worker:
         slots = asyncio.Semaphore(s.concurrency)
         background = [asyncio.create_task(self._heartbeat_loop())]
         try:
-            await self._fetch_loop(slots)
+            # Several claims in flight hide the store's round trip (or let a
+            # batching store thread commit them together).
+            fetchers = s.fetchers or min(s.concurrency, 4)
+            await asyncio.gather(*(self._fetch_loop(slots) for _ in range(fetchers)))
             await self._finish_running()
             await self._drain()
         finally:
@@ -208,8 +213,9 @@ class Worker:
         while not self._stopping and not self._reached_max():
             if not await self._acquire_slot(slots):
                 break
+            wait = 0.05 if s.burst and not self.running else s.poll_interval
+            self._fetching += 1
             try:
-                wait = 0.05 if s.burst and not self.running else s.poll_interval
                 delivery = await self.queue.dequeue(s.queues, s.lease, wait)
             except BackendUnavailable as exc:
                 slots.release()
@@ -217,6 +223,8 @@ class Worker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
+            finally:
+                self._fetching -= 1
             backoff = 0.5
             self._outage_over()
             if delivery is None:
@@ -257,7 +265,7 @@ class Worker:
 
     def _reached_max(self) -> bool:
         m = self.settings.max_tasks
-        return m is not None and self.tasks_done + len(self.running) >= m
+        return m is not None and self.tasks_done + len(self.running) + self._fetching >= m
 
     async def _finish_running(self) -> None:
         """After max_tasks the last tasks run to their end, unless a stop is requested."""
