@@ -1,0 +1,386 @@
+"""NATS-only behaviour: configuration, unreachable/misconfigured servers, restarts, fork, lanes.
+
+Servers that get killed or misconfigured are private nats-server processes on
+spare ports; the shared one on 4222 is only used for data tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from omniq.errors import BackendUnavailable, ConfigError
+from omniq.models import EventType, Task, TaskEvent, TaskResult, TaskStatus, seconds_from_now
+
+nats_backend = pytest.importorskip("omniq.backends.nats", reason="nats-py is not installed")
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+SHARED = "nats://127.0.0.1:4222"
+T = TypeVar("T")
+
+
+def _need(reason: str | None) -> None:
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+def _spare_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateServer:
+    """A nats-server of our own on a spare port, which tests may kill and restart."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.port = _spare_port()
+        self.args = ["-a", "127.0.0.1", "-p", str(self.port), *args]
+        self.log = tmp_path / f"nats-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen([NATS_SERVER, *self.args], stdout=out, stderr=out)
+        deadline = time.monotonic() + 10
+        while not _port_open(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server did not start: {self.log.read_text()[-500:]}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def private_server(tmp_path: Path) -> Iterator[Callable[..., PrivateServer]]:
+    _need(None if os.path.exists(NATS_SERVER) else f"{NATS_SERVER} is not installed")
+    started: list[PrivateServer] = []
+
+    def start(*args: str) -> PrivateServer:
+        server = PrivateServer(tmp_path, *args)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def shared_prefix() -> Iterator[str]:
+    _need(None if _port_open(4222) else "no NATS server on 127.0.0.1:4222")
+    prefix = "sp_" + uuid.uuid4().hex[:10]
+    yield prefix
+    asyncio.run(_drop_prefix(prefix))
+
+
+async def _drop_prefix(prefix: str) -> None:
+    import nats
+
+    nc = await nats.connect(SHARED, max_reconnect_attempts=1)
+    js = nc.jetstream()
+    for info in await js.streams_info():
+        if info.config.name.startswith((prefix + "_", f"KV_{prefix}_")):
+            await js.delete_stream(info.config.name)
+    await nc.close()
+
+
+def _task(queue: str = "default", **kw: Any) -> Task:
+    return Task(func="omniq.examples:add", args=(1, 2), queue=queue, **kw)
+
+
+async def _eventually(fn: Callable[[], Awaitable[T]], within: float = 20.0) -> T:
+    """Retry `fn` while the backend is unavailable (a server coming back)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await fn()
+        except BackendUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+# --- configuration ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["", "a.b", "with space", "star*", "x" * 65, "gt>"])
+def test_bad_prefix_is_a_config_error(prefix: str) -> None:
+    with pytest.raises(ConfigError, match="prefix"):
+        nats_backend.NATSQueue(prefix=prefix)
+    with pytest.raises(ConfigError, match="prefix"):
+        nats_backend.create("results", {"prefix": prefix})
+
+
+def test_constructors_do_not_connect() -> None:
+    nats_backend.NATSResultStorage(servers=["nats://localhost:4222"])
+    nats_backend.NATSEventStorage(servers="nats://nowhere.invalid:4222")
+    nats_backend.NATSQueue(servers=["nats://u:p@10.255.255.1:1"], prefix="ok-name_1")
+
+
+def test_create_maps_settings_and_rejects_foreign_keys() -> None:
+    store = nats_backend.create("queue", {"url": "nats://h:1", "prefix": "pp"})
+    assert isinstance(store, nats_backend.NATSQueue) and store.prefix == "pp"
+    assert store._conn.servers == ["nats://h:1"]
+    store = nats_backend.create("events", {"host": "h2", "port": 4333})
+    assert store._conn.servers == ["nats://h2:4333"]
+    with pytest.raises(ConfigError, match="dsn"):
+        nats_backend.create("results", {"dsn": "postgresql://x"})
+    with pytest.raises(ConfigError, match="server"):
+        nats_backend.create("results", {"servers": []})
+
+
+# --- unreachable and misconfigured servers -----------------------------------
+
+
+def test_unreachable_server_is_unavailable_without_password() -> None:
+    port = _spare_port()  # nothing listens there
+
+    async def body() -> None:
+        store = nats_backend.NATSResultStorage(servers=[f"nats://bob:s3cret@127.0.0.1:{port}"])
+        with pytest.raises(BackendUnavailable) as info:
+            await asyncio.wait_for(store.open(), 30)  # guards against a hang, not a speed check
+        message = str(info.value)
+        assert "s3cret" not in message and "\n" not in message
+        assert f"127.0.0.1:{port}" in message
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_bad_credentials_are_unavailable(private_server: Callable[..., PrivateServer]) -> None:
+    server = private_server("--user", "alice", "--pass", "right")
+
+    async def body() -> None:
+        store = nats_backend.NATSQueue(server.url, username="alice", password="wrong-pw")
+        with pytest.raises(BackendUnavailable, match="credentials") as info:
+            await asyncio.wait_for(store.open(), 30)
+        assert "wrong-pw" not in str(info.value)
+        good = nats_backend.NATSQueue(server.url, username="alice", password="right")
+        with pytest.raises(BackendUnavailable, match="JetStream is not enabled"):
+            await good.open()  # authenticated; this server has no JetStream
+        await good.close()
+
+    asyncio.run(body())
+
+
+def test_jetstream_disabled_gives_one_clear_line(
+    private_server: Callable[..., PrivateServer],
+) -> None:
+    server = private_server()  # no -js
+
+    async def body() -> None:
+        for cls in (nats_backend.NATSQueue, nats_backend.NATSResultStorage,
+                    nats_backend.NATSEventStorage):
+            store = cls(servers=[server.url])
+            with pytest.raises(BackendUnavailable) as info:
+                await asyncio.wait_for(store.open(), 30)
+            assert str(info.value) == (
+                f"JetStream is not enabled on nats://127.0.0.1:{server.port}; "
+                "start nats-server with -js"
+            )
+            await store.close()
+
+    asyncio.run(body())
+
+
+# --- server restart ------------------------------------------------------------
+
+
+def test_stores_opened_before_a_restart_work_after_it(
+    private_server: Callable[..., PrivateServer], tmp_path: Path
+) -> None:
+    server = private_server("-js", "-sd", str(tmp_path / "js"))
+
+    async def body() -> None:
+        q = nats_backend.NATSQueue(server.url, prefix="rs")
+        results = nats_backend.NATSResultStorage(server.url, prefix="rs")
+        events = nats_backend.NATSEventStorage(server.url, prefix="rs")
+        for store in (q, results, events):
+            await store.open()
+        before = _task()
+        await q.enqueue(before)
+        await events.append(TaskEvent(task_id=before.id, event_type=EventType.ENQUEUED))
+
+        server.kill()
+        deadline = time.monotonic() + 10
+        while q._conn.nc.is_connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # until the client notices, or a request would time out
+        with pytest.raises(BackendUnavailable):
+            await asyncio.wait_for(q.dequeue(["default"], 30, 0), 30)
+        server.start()
+
+        d = await _eventually(lambda: q.dequeue(["default"], 30, 2))
+        assert d is not None and d.task == before and d.attempt == 1
+        await _eventually(lambda: results.store(TaskResult(before.id, TaskStatus.COMPLETED, 3)))
+        got = await _eventually(lambda: results.wait(before.id, 5))
+        assert got is not None and got.value == 3
+        await _eventually(lambda: q.ack(d))
+        after = _task()
+        await _eventually(lambda: q.enqueue(after))
+        d2 = await _eventually(lambda: q.dequeue(["default"], 30, 5))
+        assert d2 is not None and d2.task.id == after.id
+        await _eventually(
+            lambda: events.append(TaskEvent(task_id=before.id, event_type=EventType.COMPLETED))
+        )
+        kinds = [e.event_type for e in await _eventually(lambda: events.get(before.id))]
+        assert kinds == [EventType.ENQUEUED, EventType.COMPLETED]
+        for store in (q, results, events):
+            await store.close()
+
+    asyncio.run(body())
+
+
+# --- fork ------------------------------------------------------------------------
+
+
+def _child_uses_parent_store(store: Any, task_id: str, out: Any) -> None:
+    async def body() -> None:
+        d = await store.dequeue(["default"], 30, 5)
+        out.put(None if d is None else d.task.id)
+        if d is not None:
+            await store.ack(d)
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_forked_child_reconnects_instead_of_sharing_sockets(shared_prefix: str) -> None:
+    q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+    t = _task()
+    asyncio.run(q.enqueue(t))  # opened in the parent
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_child_uses_parent_store, args=(q, t.id, out))
+    child.start()
+    child.join(30)
+    assert out.get(timeout=5) == t.id
+
+    async def parent_still_works() -> None:
+        assert await q.get_task(t.id) is None  # acked by the child
+        await q.close()
+
+    asyncio.run(parent_still_works())
+
+
+# --- lanes, scheduling and cleanup ------------------------------------------------
+
+
+def test_priority_levels_enqueued_elsewhere_are_found(shared_prefix: str) -> None:
+    async def body() -> None:
+        producer = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        low, high = _task(priority=-3), _task(priority=9)
+        await producer.enqueue(low)
+        await producer.enqueue(high)
+        consumer = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)  # a fresh process
+        order = []
+        for _ in range(2):
+            d = await consumer.dequeue(["default"], 30, 2)
+            assert d is not None
+            order.append(d.task.id)
+            await consumer.ack(d)
+        assert order == [high.id, low.id]
+        await producer.close()
+        await consumer.close()
+
+    asyncio.run(body())
+
+
+def test_early_fetch_of_a_scheduled_task_counts_no_attempt(shared_prefix: str) -> None:
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        t = _task(eta=seconds_from_now(0.6))
+        await q.enqueue(t)
+        assert await q.dequeue(["default"], 30, 0) is None  # fetched and parked
+        d = await q.dequeue(["default"], 30, 5)
+        assert d is not None and d.task.id == t.id and d.attempt == 1
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_cancelled_and_purged_tasks_leave_no_messages(shared_prefix: str) -> None:
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        cancelled = await q.enqueue(_task())
+        assert await q.cancel(cancelled)
+        assert await q.dequeue(["default"], 30, 0) is None  # drops the orphan message
+        for _ in range(3):
+            await q.enqueue(_task("p"))
+        assert await q.purge("p") == 3
+        info = await q._conn.js.stream_info(f"{shared_prefix}_tasks")
+        assert info.state.messages == 0
+        assert await q.stats() == []
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_unique_key_survives_a_holder_that_vanished(shared_prefix: str) -> None:
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        first = await q.enqueue(_task(unique_key="job"))
+        # Simulate a crash between finishing the task and freeing its key.
+        await q._state.purge(nats_backend._task_key(first))
+        second = await q.enqueue(_task(unique_key="job"))
+        assert second != first
+        assert await q.enqueue(_task(unique_key="job")) == second
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_a_message_that_is_not_a_task_is_dropped(shared_prefix: str) -> None:
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        await q.open()
+        await q._conn.js.publish(f"{shared_prefix}.tasks.default.p0", b"not json")
+        good = await q.enqueue(_task())
+        d = await q.dequeue(["default"], 30, 2)
+        assert d is not None and d.task.id == good
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_concurrent_enqueues_with_one_unique_key_store_one_task(shared_prefix: str) -> None:
+    async def body() -> None:
+        handles = [nats_backend.NATSQueue(SHARED, prefix=shared_prefix) for _ in range(4)]
+        ids = await asyncio.gather(*(h.enqueue(_task(unique_key="once")) for h in handles * 3))
+        assert len(set(ids)) == 1
+        assert [s.queued for s in await handles[0].stats()] == [1]
+        for h in handles:
+            await h.close()
+
+    asyncio.run(body())
