@@ -61,8 +61,7 @@ SETUPS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def config_values(setup: str, home: Path) -> dict[str, Any]:
-    ns = "bench" + uuid.uuid4().hex[:8]
+def config_values(setup: str, home: Path, ns: str) -> dict[str, Any]:
     values: dict[str, Any] = {"home": str(home), "result_ttl": 3600, "event_ttl": 3600}
     for kind, prefix in zip(SETUPS[setup], ("task_queue", "result_storage", "event_storage"),
                             strict=True):
@@ -156,8 +155,9 @@ def start_worker_process(values: dict[str, Any]) -> subprocess.Popen[bytes]:
 
 def run_setup(setup: str, n: int, rt: int, concurrency: int) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix=f"omniq-bench-{setup}-"))
+    ns = "bench" + uuid.uuid4().hex[:8]
     try:
-        values = config_values(setup, home)
+        values = config_values(setup, home, ns)
         row: dict[str, Any] = {"backend": setup, "tasks": n}
         # memory: a throwaway queue; the drain below fills its own (no sharing).
         row["enqueue_per_s"] = asyncio.run(bench_enqueue(values, n))
@@ -176,6 +176,32 @@ def run_setup(setup: str, n: int, rt: int, concurrency: int) -> dict[str, Any]:
         return row
     finally:
         shutil.rmtree(home, ignore_errors=True)
+        asyncio.run(drop_namespace(set(SETUPS[setup]), ns))
+
+
+async def drop_namespace(kinds: set[str], ns: str) -> None:
+    """Leave nothing behind on the shared servers."""
+    if "redis" in kinds:
+        import redis.asyncio as aioredis
+
+        r = aioredis.from_url("redis://127.0.0.1:6379/0")
+        async for key in r.scan_iter(match=f"{ns}*", count=1000):
+            await r.delete(key)
+        await r.aclose()
+    if "postgres" in kinds:
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{ns}" CASCADE')
+    if "nats" in kinds:
+        import nats
+
+        nc = await nats.connect("nats://127.0.0.1:4222")
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            if ns in info.config.name:
+                await js.delete_stream(info.config.name)
+        await nc.close()
 
 
 HEAD = f"{'backend':<10} {'enqueue/s':>10} {'drain/s':>10} {'rt p50 ms':>10} {'rt p99 ms':>10}"

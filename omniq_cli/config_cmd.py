@@ -1,0 +1,120 @@
+"""`omniq config show` / `omniq config check`: the effective settings; do the stores answer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from omniq.cli import common, console
+from omniq.cli.exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    from omniq.config import OmniQConfig
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+# Config key prefix of each store, in the order of omniq.registry.ROLES.
+STORES = (("queue", "task_queue"), ("results", "result_storage"), ("events", "event_storage"))
+
+SHOW_EPILOG = (
+    common.examples(
+        "omniq config show",
+        "omniq config show --all --json | jq '.values.result_storage_type'",
+        "omniq --config /etc/omniq/omniq.yaml config show",
+    )
+    + "\n\nPasswords, tokens and credentials inside URLs and DSNs are masked."
+)
+CHECK_EPILOG = (
+    common.examples(
+        "omniq config check",
+        "OMNIQ_RESULT_STORAGE_TYPE=redis omniq config check",
+    )
+    + "\n\nExit codes: 0 every store answered, 69 a store is unreachable, 78 bad config."
+)
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else console.to_json(value)
+
+
+def show(
+    as_json: JsonOpt = False,
+    show_all: Annotated[bool, typer.Option("--all", help="Also list unset options.")] = False,
+) -> None:
+    """Print the effective configuration and where each value came from."""
+    config = common.load_config()
+    values = config.as_dict(mask_secrets=True)
+    keys = [k for k, v in values.items() if show_all or v is not None]
+    if as_json:
+        console.json_line(
+            {
+                "config_file": config.config_file,
+                "values": {k: {"value": values[k], "source": config.source_of(k)} for k in keys},
+            }
+        )
+        return
+    rows = [[k, _shown(values[k]), config.source_of(k)] for k in keys]
+    title = f"config file: {config.config_file or 'none'}"
+    console.table(["KEY", "VALUE", "SOURCE"], rows, title=title)
+
+
+def check(as_json: JsonOpt = False) -> None:
+    """Validate the configuration and try to reach every configured store."""
+    config = common.load_config()
+    report = common.run_async(_check(config))
+    rows = []
+    for role, prefix in STORES:
+        error = report.get(role)
+        kind = getattr(config, f"{prefix}_type")
+        rows.append(
+            {
+                "store": prefix,
+                "type": kind,
+                "where": location(config, prefix),
+                "ok": error is None,
+                "error": error,
+            }
+        )
+    for row in rows:
+        if as_json:
+            console.json_line(row)
+        else:
+            state = "ok" if row["ok"] else f"UNREACHABLE: {row['error']}"
+            console.line(f"{row['store']:<15} {row['type']:<8} {row['where']}  {state}")
+    if any(not row["ok"] for row in rows):
+        raise typer.Exit(ExitCode.UNAVAILABLE)
+
+
+def location(config: OmniQConfig, prefix: str) -> str:
+    """Where a store lives, secrets masked: a path, URL, DSN or host."""
+    values = config.as_dict(mask_secrets=True)
+    for option in ("path", "base_dir", "url", "dsn", "servers", "host"):
+        value = values.get(f"{prefix}_{option}")
+        if value:
+            if option == "host" and values.get(f"{prefix}_port"):
+                return f"{value}:{values[f'{prefix}_port']}"
+            return ",".join(value) if isinstance(value, list) else str(value)
+    return "-"
+
+
+async def _check(config: OmniQConfig) -> dict[str, str | None]:
+    from omniq.client import AsyncOmniQ
+    from omniq.errors import redact
+
+    report = await AsyncOmniQ(config).check()
+    # Driver messages may quote a URL: never print its password.
+    return {role: None if error is None else redact(error) for role, error in report.items()}
+
+
+def register(app: typer.Typer, name: str | None = None) -> None:
+    """Add the `config` group to `app`."""
+    group = typer.Typer(
+        help="Show the effective configuration or check that the stores answer.",
+        epilog=common.examples("omniq config show", "omniq config check"),
+        no_args_is_help=True,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    common.command(group, "show", epilog=SHOW_EPILOG)(show)
+    common.command(group, "check", epilog=CHECK_EPILOG)(check)
+    app.add_typer(group, name="config")

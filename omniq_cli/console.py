@@ -1,0 +1,187 @@
+"""Every byte the `omniq` command writes goes through here.
+
+Plain, script-friendly text by default; rich tables, colours and progress bars
+only when the stream they go to is a terminal. rich is imported only then, so
+scripts and `omniq --help` never pay for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+PROG = "omniq"
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def stdin_is_tty() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+# --- plain output -----------------------------------------------------------------------------
+
+
+def line(text: str = "", *, flush: bool = False) -> None:
+    """One line on stdout (ids, values): what scripts read."""
+    sys.stdout.write(text + "\n")
+    if flush:
+        sys.stdout.flush()
+
+
+def json_line(value: Any, *, flush: bool = False) -> None:
+    """One JSON document on one line of stdout (`--json`; JSON lines for streams)."""
+    line(to_json(value), flush=flush)
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+def error(message: str) -> None:
+    """A user-facing error: one or two readable lines on stderr."""
+    _stderr(f"{PROG}: error: {message}")
+
+
+def warn(message: str) -> None:
+    _stderr(f"{PROG}: warning: {message}")
+
+
+def info(message: str) -> None:
+    """Human-oriented notes on stderr, so stdout stays parseable."""
+    _stderr(message)
+
+
+def _stderr(text: str) -> None:
+    sys.stdout.flush()  # keep stdout and stderr in order on a shared terminal
+    sys.stderr.write(text.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def iso(moment: datetime | None) -> str:
+    """Aware UTC time as ISO 8601 with milliseconds and a Z."""
+    if moment is None:
+        return "-"
+    text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def ago(moment: datetime | None, now: datetime | None = None) -> str:
+    """'3s ago', '5m ago': how old a heartbeat is, for people."""
+    if moment is None:
+        return "-"
+    seconds = max(0.0, ((now or datetime.now(UTC)) - moment).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+# --- rich, on terminals only ------------------------------------------------------------------
+
+
+@functools.cache
+def _console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def table(
+    columns: Sequence[str], rows: Sequence[Sequence[str]], *, title: str | None = None
+) -> None:
+    """A rich table on a terminal; tab-separated lines without a header otherwise."""
+    if not stdout_is_tty():
+        for row in rows:
+            line("\t".join(row))
+        return
+    from rich.table import Table
+
+    grid = Table(title=title, title_justify="left", header_style="bold")
+    for index, name in enumerate(columns):
+        # The first column (a time, a key) reads badly when folded; later ones may fold.
+        grid.add_column(name, overflow="fold", no_wrap=index == 0)
+    for row in rows:
+        grid.add_row(*row)
+    _console().print(grid)
+
+
+_EVENT_STYLE = {
+    "completed": "green",
+    "failed": "red",
+    "timeout": "red",
+    "expired": "yellow",
+    "cancelled": "yellow",
+    "retried": "yellow",
+    "started": "cyan",
+}
+
+
+def stream_line(fields: Sequence[str], kind_at: int) -> None:
+    """One live event: tab-separated when piped; on a terminal aligned, its type coloured."""
+    if not stdout_is_tty():
+        line("\t".join(fields), flush=True)
+        return
+    from rich.markup import escape
+
+    shown = [escape(f) for f in fields]
+    kind = fields[kind_at]
+    style = _EVENT_STYLE.get(kind, "default")
+    shown[kind_at] = f"[{style}]{escape(kind):<9}[/{style}]"
+    shown[0] = f"[dim]{shown[0]}[/dim]"
+    _console().print("  ".join(shown), soft_wrap=True)  # long lines wrap like plain text
+
+
+def confirm(question: str) -> bool:
+    """Ask on the terminal; anything but y/yes is a no."""
+    _stderr(f"{question} [y/N] ")
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")
+
+
+class Progress:
+    """Counts work done; draws a bar on stderr only when stderr is a terminal."""
+
+    def __init__(self, total: int | None, description: str) -> None:
+        self.total = total
+        self.description = description
+        self._bar: Any = None
+        self._task: Any = None
+
+    def advance(self, amount: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, amount)
+
+
+@contextlib.contextmanager
+def progress(total: int | None, description: str) -> Iterator[Progress]:
+    meter = Progress(total, description)
+    if not stderr_is_tty():
+        yield meter
+        return
+    from rich.progress import Progress as RichProgress
+
+    # The bar is on stderr. When stdout is the same terminal, what is written to it is
+    # printed above the bar; when stdout is a file or pipe it must not go through the bar.
+    shared = stdout_is_tty()
+    bar_console = _console(stderr=True)
+    with RichProgress(
+        console=bar_console, transient=True, redirect_stdout=shared, redirect_stderr=False
+    ) as bar:
+        meter._bar = bar
+        meter._task = bar.add_task(description, total=total)
+        yield meter
