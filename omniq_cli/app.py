@@ -121,7 +121,7 @@ def _convert(value: Any, annotation: Any, info: Any) -> Any:
 
 def _plain_runtime_params(original: Callable[[Any], Any], base: type) -> Any:
     @dataclass(frozen=True)
-    class PlainParam(base):  # type: ignore[misc, valid-type]
+    class PlainParam(base):
         def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
             try:
                 if isinstance(value, list | tuple):

@@ -64,6 +64,7 @@ class TaskOptions:
 
 
 Call = tuple[Any, ...]  # (func,), (func, args), (func, args, kwargs)
+_PREFIX = {"queue": "task_queue", "results": "result_storage", "events": "event_storage"}
 
 
 def _seconds(value: float | timedelta | None) -> float | None:
@@ -107,7 +108,7 @@ class AsyncOmniQ:
             config = OmniQConfig()
         self.config = config
         self._given = (task_queue, result_storage, event_storage)
-        self._stores: tuple[TaskQueue, ResultStorage, EventStorage] | None = None
+        self._opened: dict[str, Any] = {}
         self._local_queue: TaskQueue | None = None
         self._local_functions: dict[str, Callable[..., Any]] = {}
         self._local_tokens: dict[int, str] = {}
@@ -116,30 +117,31 @@ class AsyncOmniQ:
 
     # --- lifecycle ---------------------------------------------------------
     async def open(self) -> None:
-        if self._stores is not None:
-            return
+        """Open all three stores (calls below open only the stores they use)."""
+        for role in _PREFIX:
+            await self._store(role)
+
+    async def _store(self, role: str) -> Any:
+        """The store of `role`, built and opened on first use."""
+        store = self._opened.get(role)
+        if store is not None:
+            return store
         if self._open_lock is None:
             self._open_lock = asyncio.Lock()
         async with self._open_lock:
-            if self._stores is None:
-                self._stores = await self._build_stores()
+            if role not in self._opened:
+                self._opened[role] = await self._build_store(role)
+        return self._opened[role]
 
-    async def _build_stores(self) -> tuple[TaskQueue, ResultStorage, EventStorage]:
+    async def _build_store(self, role: Any) -> Any:
         from omniq import registry
 
-        built: list[Any] = []
-        for given, role, prefix in zip(
-            self._given,
-            registry.ROLES,
-            ("task_queue", "result_storage", "event_storage"),
-            strict=True,
-        ):
-            if given is None:
-                kind, settings = self.config.store(prefix)
-                given = registry.create(kind, role, settings)
-            await given.open()
-            built.append(given)
-        return built[0], built[1], built[2]
+        store = self._given[list(_PREFIX).index(role)]
+        if store is None:
+            kind, settings = self.config.store(_PREFIX[role])
+            store = registry.create(kind, role, settings)
+        await store.open()
+        return store
 
     async def close(self, drain: bool = True) -> None:
         """Stop embedded workers (running tasks finish first when `drain`) and close stores."""
@@ -149,11 +151,10 @@ class AsyncOmniQ:
             worker.request_stop(force=not drain)
         await asyncio.gather(*(t for _, t in self._workers.values()), return_exceptions=True)
         self._workers.clear()
-        if self._stores is not None:
-            stores, self._stores = self._stores, None
-            for store in stores:
-                with contextlib.suppress(Exception):
-                    await store.close()
+        stores, self._opened = self._opened, {}
+        for store in stores.values():
+            with contextlib.suppress(Exception):
+                await store.close()
 
     async def __aenter__(self) -> AsyncOmniQ:
         await self.open()
@@ -164,21 +165,35 @@ class AsyncOmniQ:
         await self.close()
 
     @property
+    def is_open(self) -> bool:
+        return bool(self._opened)
+
+    @property
     def queue(self) -> TaskQueue:
-        return self._require()[0]
+        return self._require("queue")
 
     @property
     def results(self) -> ResultStorage:
-        return self._require()[1]
+        return self._require("results")
 
     @property
     def events(self) -> EventStorage:
-        return self._require()[2]
+        return self._require("events")
 
-    def _require(self) -> tuple[TaskQueue, ResultStorage, EventStorage]:
-        if self._stores is None:
+    async def _q(self) -> TaskQueue:
+        return await self._store("queue")
+
+    async def _r(self) -> ResultStorage:
+        return await self._store("results")
+
+    async def _e(self) -> EventStorage:
+        return await self._store("events")
+
+    def _require(self, role: str) -> Any:
+        store = self._opened.get(role)
+        if store is None:
             raise OmniQError("AsyncOmniQ is not open: use `async with AsyncOmniQ()` or open()")
-        return self._stores
+        return store
 
     # --- embedded workers ----------------------------------------------------
     def worker_settings(self, **overrides: Any) -> WorkerSettings:
@@ -207,8 +222,10 @@ class AsyncOmniQ:
         self._workers[name] = (worker, task)
         return worker
 
-    def _local(self) -> TaskQueue:
+    async def _local(self) -> TaskQueue:
         """Callables other processes cannot import run here only, off a private queue."""
+        await self._r()
+        await self._e()
         if self._local_queue is None:
             from omniq.backends.memory import MemoryQueue
 
@@ -255,7 +272,6 @@ class AsyncOmniQ:
         kwargs: dict[str, Any] | None = None,
         options: TaskOptions | None = None,
     ) -> str:
-        await self.open()
         task = self.build_task(func, tuple(args), dict(kwargs or {}), options or TaskOptions())
         return await self.submit(task)
 
@@ -263,7 +279,6 @@ class AsyncOmniQ:
         self, calls: Iterable[Call], options: TaskOptions | None = None
     ) -> list[str]:
         """Queue many calls given as (func, args, kwargs) tuples; returns their ids in order."""
-        await self.open()
         opts = options or TaskOptions()
         tasks = [self.build_task(*_unpack_call(c), opts) for c in calls]
         return [await self.submit(t) for t in tasks]
@@ -326,8 +341,8 @@ class AsyncOmniQ:
 
     async def submit(self, task: Task) -> str:
         """Write the task and its ENQUEUED event (the event first, so it sorts first)."""
-        await self.open()
-        queue = self._local() if task.is_local else self.queue
+        queue = await self._local() if task.is_local else await self._q()
+        events = await self._e()
         event = TaskEvent(
             task_id=task.id,
             event_type=EventType.ENQUEUED,
@@ -336,11 +351,11 @@ class AsyncOmniQ:
             details=_enqueue_details(task),
         )
         if task.unique_key is None:
-            await self.events.append(event)
+            await events.append(event)
             return await queue.enqueue(task)
         task_id = await queue.enqueue(task)
         if task_id == task.id:
-            await self.events.append(event)
+            await events.append(event)
         return task_id
 
     # --- outcomes ------------------------------------------------------------
@@ -353,32 +368,31 @@ class AsyncOmniQ:
         return raise_for_result(await self.wait_result(task_id, timeout))
 
     async def wait_result(self, task_id: str, timeout: float | None = None) -> TaskResult:
-        await self.open()
-        result = await self.results.get(task_id)
+        results = await self._r()
+        result = await results.get(task_id)
         if result is not None:
             return result
         if not await self.task_exists(task_id):
             raise TaskNotFound(f"no task with id {task_id}")
         if timeout is not None and timeout <= 0:
             raise ResultTimeout(f"task {task_id} has no result yet")
-        result = await self.results.wait(task_id, timeout)
+        result = await results.wait(task_id, timeout)
         if result is None:
             raise ResultTimeout(f"task {task_id} has no result after {timeout:g}s")
         return result
 
     async def task_exists(self, task_id: str) -> bool:
-        await self.open()
         if self._local_queue is not None and await self._local_queue.get_task(task_id):
             return True
-        if await self.queue.get_task(task_id) is not None:
+        if await (await self._q()).get_task(task_id) is not None:
             return True
-        if await self.results.get(task_id) is not None:
+        if await (await self._r()).get(task_id) is not None:
             return True
-        return bool(await self.events.get(task_id))
+        return bool(await (await self._e()).get(task_id))
 
     async def get_events(self, task_id: str) -> list[TaskEvent]:
-        await self.open()
-        return await self.events.get(task_id)
+        events = await self._e()
+        return await events.get(task_id)
 
     async def follow_events(
         self,
@@ -390,16 +404,15 @@ class AsyncOmniQ:
 
         `after` is "now", None (from the oldest) or a cursor from an earlier event.
         """
-        await self.open()
-        start = await self.events.last_cursor() if after == "now" else after
-        async for item in follow_events(self.events, start, filters, idle_wait=idle_wait):
+        events = await self._e()
+        start = await events.last_cursor() if after == "now" else after
+        async for item in follow_events(events, start, filters, idle_wait=idle_wait):
             yield item
 
     # --- operations ----------------------------------------------------------
     async def cancel(self, task_id: str) -> bool:
         """Cancel a task no worker has started; records a CANCELLED outcome."""
-        await self.open()
-        for queue in (self._local_queue, self.queue):
+        for queue in (self._local_queue, await self._q()):
             if queue is None:
                 continue
             task = await queue.get_task(task_id)
@@ -411,7 +424,8 @@ class AsyncOmniQ:
     async def _record_cancel(self, task: Task) -> None:
         ttl = task.result_ttl if task.result_ttl is not None else self.config.result_ttl
         now = utcnow()
-        await self.results.store(
+        results, events = await self._r(), await self._e()
+        await results.store(
             TaskResult(
                 task_id=task.id,
                 status=TaskStatus.CANCELLED,
@@ -424,29 +438,29 @@ class AsyncOmniQ:
                 expires_at=now + timedelta(seconds=ttl) if ttl else None,
             )
         )
-        await self.events.append(
+        await events.append(
             TaskEvent(task_id=task.id, event_type=EventType.CANCELLED, queue=task.queue)
         )
 
     async def retry(self, task_id: str) -> str:
         """Queue a failed task again under a new id; returns the new id."""
-        await self.open()
-        task = await self.queue.get_task(task_id)
+        queue, results = await self._q(), await self._r()
+        task = await queue.get_task(task_id)
         if task is None:
             raise TaskNotFound(f"no failed task kept for id {task_id} (only dead letters retry)")
-        result = await self.results.get(task_id)
+        result = await results.get(task_id)
         if result is None or result.ok:
             raise OmniQError(f"task {task_id} has not failed; only failed tasks can be retried")
         fresh = replace(task, id=new_task_id(), created_at=utcnow(), eta=None, expires_at=None)
         return await self.submit(fresh)
 
     async def stats(self) -> list[QueueStats]:
-        await self.open()
-        return await self.queue.stats()
+        queue = await self._q()
+        return await queue.stats()
 
     async def workers(self) -> list[WorkerInfo]:
-        await self.open()
-        return await self.queue.workers()
+        queue = await self._q()
+        return await queue.workers()
 
     async def purge(
         self,
@@ -458,19 +472,21 @@ class AsyncOmniQ:
         all_queues: bool = False,
     ) -> dict[str, int]:
         """Delete old results/events and/or waiting tasks; returns counts by kind."""
-        await self.open()
         now = utcnow()
         counts: dict[str, int] = {}
         if results_older_than is not None or expired:
             before = None
             if results_older_than is not None:
                 before = now - timedelta(seconds=results_older_than)
-            counts["results"] = await self.results.cleanup(now, finished_before=before)
+            results = await self._r()
+            counts["results"] = await results.cleanup(now, finished_before=before)
         if events_older_than is not None:
             before = now - timedelta(seconds=events_older_than)
-            counts["events"] = await self.events.cleanup(before)
+            events = await self._e()
+            counts["events"] = await events.cleanup(before)
         if queue is not None or all_queues:
-            counts["tasks"] = await self.queue.purge(None if all_queues else queue)
+            store = await self._q()
+            counts["tasks"] = await store.purge(None if all_queues else queue)
         return counts
 
     async def check(self) -> dict[str, str | None]:

@@ -227,7 +227,7 @@ def test_context_exit_drains_local_tasks() -> None:
     with OmniQ(memory_config()) as client:
         task_id = client.enqueue(lambda: time.sleep(0.3) or "done")
         results = client.core
-    assert results._stores is None  # closed
+    assert not results.is_open
     del task_id
 
 
