@@ -353,9 +353,9 @@ async def _enqueue_all(config: OmniQConfig, specs: list[TaskSpec], as_json: bool
         with console.progress(len(tasks), "queueing") as meter:
             for start in range(0, len(tasks), BATCH):
                 batch = tasks[start : start + BATCH]
-                # One at a time: submission order is the queue's FIFO order.
-                for task in batch:
-                    _report(task, await client.submit(task), as_json, flush=False)
+                # Events in one write; tasks in file order, which is the queue's FIFO order.
+                for task, task_id in zip(batch, await client.submit_many(batch), strict=True):
+                    _report(task, task_id, as_json, flush=False)
                 sys.stdout.flush()
                 meter.advance(len(batch))
 

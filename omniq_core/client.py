@@ -281,7 +281,7 @@ class AsyncOmniQ:
         """Queue many calls given as (func, args, kwargs) tuples; returns their ids in order."""
         opts = options or TaskOptions()
         tasks = [self.build_task(*_unpack_call(c), opts) for c in calls]
-        return [await self.submit(t) for t in tasks]
+        return await self.submit_many(tasks)
 
     def build_task(
         self,
@@ -343,13 +343,7 @@ class AsyncOmniQ:
         """Write the task and its ENQUEUED event (the event first, so it sorts first)."""
         queue = await self._local() if task.is_local else await self._q()
         events = await self._e()
-        event = TaskEvent(
-            task_id=task.id,
-            event_type=EventType.ENQUEUED,
-            timestamp=task.created_at,
-            queue=task.queue,
-            details=_enqueue_details(task),
-        )
+        event = _enqueued_event(task)
         if task.unique_key is None:
             await events.append(event)
             return await queue.enqueue(task)
@@ -357,6 +351,17 @@ class AsyncOmniQ:
         if task_id == task.id:
             await events.append(event)
         return task_id
+
+    async def submit_many(self, tasks: Sequence[Task]) -> list[str]:
+        """Like `submit` for many tasks: their ENQUEUED events go out in one write."""
+        plain = {t.id for t in tasks if t.unique_key is None and not t.is_local}
+        if plain:
+            events = await self._e()
+            await events.append_many([_enqueued_event(t) for t in tasks if t.id in plain])
+        queue = await self._q()
+        return [
+            await queue.enqueue(t) if t.id in plain else await self.submit(t) for t in tasks
+        ]
 
     # --- outcomes ------------------------------------------------------------
     async def get_result(self, task_id: str, timeout: float | None = None) -> Any:
@@ -522,6 +527,16 @@ async def _probe(config: OmniQConfig, prefix: str, role: Any) -> str | None:
     except OmniQError as exc:
         return str(exc)
     return None
+
+
+def _enqueued_event(task: Task) -> TaskEvent:
+    return TaskEvent(
+        task_id=task.id,
+        event_type=EventType.ENQUEUED,
+        timestamp=task.created_at,
+        queue=task.queue,
+        details=_enqueue_details(task),
+    )
 
 
 def _enqueue_details(task: Task) -> dict[str, Any]:
