@@ -1,0 +1,529 @@
+"""Redis-only behaviour: URLs and auth, error translation, key prefixes, TTLs, the
+capped stream, and recovery after a server restart (on a private redis-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from omniq.backends.redis import RedisEventStorage, RedisQueue, RedisResultStorage, create
+from omniq.errors import BackendError, BackendUnavailable, ConfigError
+from omniq.models import (
+    EventType,
+    Task,
+    TaskEvent,
+    TaskResult,
+    TaskStatus,
+    new_task_id,
+    seconds_from_now,
+    utcnow,
+)
+
+from .tech_redis import HOST, PORT, unavailable
+
+SERVER = shutil.which("redis-server")
+
+
+def _require(reason: str | None) -> None:
+    if reason:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"Redis is required in CI: {reason}")
+        pytest.skip(reason)
+
+
+def run(body: Callable[[], Awaitable[None]], timeout: float = 60) -> None:
+    asyncio.run(asyncio.wait_for(body(), timeout))
+
+
+def task(queue: str = "default", **kw: Any) -> Task:
+    return Task(func="omniq.examples:add", args=(1, 2), queue=queue, **kw)
+
+
+def _drop_keys(port: int, prefix: str, password: str | None = None) -> None:
+    client = redis.Redis(host=HOST, port=port, password=password, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A fresh key prefix on the shared server, removed afterwards."""
+    _require(unavailable())
+    name = "rt" + uuid.uuid4().hex[:10]
+    yield name
+    _drop_keys(PORT, name)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of our own on a spare port, so it can be killed and restarted."""
+
+    def __init__(self, tmp_path: Path, password: str | None = None) -> None:
+        self.port = _free_port()
+        self.password = password
+        self.dir = tmp_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert SERVER
+        args = [SERVER, "--port", str(self.port), "--bind", HOST, "--save", "",
+                "--appendonly", "no", "--dir", str(self.dir)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(host=HOST, port=self.port, password=self.password,
+                             socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("private redis-server did not start") from None
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def admin(self) -> Any:
+        return redis.Redis(host=HOST, port=self.port, password=self.password, socket_timeout=5)
+
+
+@pytest.fixture
+def private(tmp_path: Path) -> Iterator[PrivateRedis]:
+    _require(None if SERVER else "redis-server binary not found")
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_auth(tmp_path: Path) -> Iterator[PrivateRedis]:
+    _require(None if SERVER else "redis-server binary not found")
+    server = PrivateRedis(tmp_path, password="s3cret-Pw-917")
+    server.start()
+    yield server
+    server.stop()
+
+
+# --- configuration ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "{app}", "app:omniq", "app*", "-app", "é", "x" * 65])
+def test_bad_prefix_is_rejected_at_construction(bad: str) -> None:
+    with pytest.raises(ConfigError, match="prefix"):
+        RedisQueue(prefix=bad)
+
+
+def test_constructors_never_connect() -> None:
+    for cls in (RedisQueue, RedisResultStorage, RedisEventStorage):
+        cls(host="no-such-host.invalid", port=1, password="pw")
+
+
+def test_create_maps_settings_and_rejects_unknown_ones() -> None:
+    store = create("results", {"url": "redis://127.0.0.1:6379/2", "prefix": "app1",
+                               "options": {"socket_timeout": 2}})
+    assert isinstance(store, RedisResultStorage) and store.prefix == "app1"
+    events = create("events", {"host": "h", "port": 7000, "options": {"stream_maxlen": 10}})
+    assert isinstance(events, RedisEventStorage)
+    with pytest.raises(ConfigError, match="path"):
+        create("queue", {"path": "/tmp/x.db"})
+    with pytest.raises(ConfigError, match="no_such_option"):
+        create("queue", {"options": {"no_such_option": 1}})
+    with pytest.raises(ConfigError, match="redis://"):
+        create("queue", {"url": "http://127.0.0.1:6379"})
+    with pytest.raises(ConfigError, match="stream_maxlen"):
+        RedisEventStorage(options={"stream_maxlen": 0})
+
+
+def test_tls_flag_turns_a_redis_url_into_rediss() -> None:
+    store = RedisQueue(url="redis://127.0.0.1:6380/0", tls=True)
+    assert store._conn.url is not None and store._conn.url.startswith("rediss://")
+
+
+def test_repr_shows_no_password() -> None:
+    store = RedisQueue(url="redis://u:hunter2-secret@127.0.0.1:6379/0")
+    assert "hunter2" not in repr(store) and "127.0.0.1:6379" in repr(store)
+
+
+# --- URLs, auth and unreachable servers ----------------------------------------
+
+
+def test_url_forms_reach_the_same_data(prefix: str) -> None:
+    async def body() -> None:
+        by_host = RedisQueue(host=HOST, port=PORT, db=0, prefix=prefix)
+        by_url = RedisQueue(url=f"redis://{HOST}:{PORT}/0", prefix=prefix)
+        async with by_host, by_url:
+            t = await by_host.enqueue(task())
+            got = await by_url.get_task(t)
+            assert got is not None and got.id == t
+
+    run(body)
+
+
+def test_password_and_acl_user(private_auth: PrivateRedis) -> None:
+    admin = private_auth.admin()
+    admin.acl_setuser("alice", enabled=True, passwords=["+alice-pw-55"], keys=["*"],
+                      channels=["*"], commands=["+@all"])
+    admin.close()
+    port, pw = private_auth.port, private_auth.password
+
+    async def body() -> None:
+        stores = [
+            RedisResultStorage(host=HOST, port=port, password=pw, prefix="a"),
+            RedisResultStorage(url=f"redis://:{pw}@{HOST}:{port}/0", prefix="a"),
+            RedisResultStorage(url=f"redis://alice:alice-pw-55@{HOST}:{port}/0", prefix="a"),
+            RedisResultStorage(host=HOST, port=port, username="alice", password="alice-pw-55",
+                               prefix="a"),
+        ]
+        r = TaskResult(task_id=new_task_id(), status=TaskStatus.COMPLETED, value=7)
+        await stores[0].open()
+        await stores[0].store(r)
+        for store in stores:
+            async with store:
+                assert await store.get(r.task_id) == r
+
+    run(body)
+
+
+@pytest.mark.parametrize("how", ["kwargs", "url", "acl-user", "missing"])
+def test_wrong_password_is_one_line_without_the_secret(
+    private_auth: PrivateRedis, how: str
+) -> None:
+    port = private_auth.port
+    wrong = "Wr0ng-Secret-4242"
+    store = {
+        "kwargs": lambda: RedisQueue(host=HOST, port=port, password=wrong),
+        "url": lambda: RedisQueue(url=f"redis://:{wrong}@{HOST}:{port}/0"),
+        "acl-user": lambda: RedisQueue(url=f"redis://bob:{wrong}@{HOST}:{port}/0"),
+        "missing": lambda: RedisQueue(host=HOST, port=port),
+    }[how]()
+
+    async def body() -> None:
+        with pytest.raises(BackendUnavailable) as info:
+            await store.open()
+        message = str(info.value)
+        assert f"{HOST}:{port}" in message
+        assert wrong not in message and private_auth.password not in message
+        assert "\n" not in message
+        await store.close()
+
+    run(body)
+
+
+def test_unreachable_port_is_backend_unavailable() -> None:
+    port = _free_port()  # nothing listens there
+
+    async def body() -> None:
+        for store in (RedisQueue(host=HOST, port=port),
+                      RedisResultStorage(url=f"redis://:pw-xyz-1@{HOST}:{port}/0"),
+                      RedisEventStorage(host=HOST, port=port)):
+            with pytest.raises(BackendUnavailable) as info:
+                await store.open()
+            assert f"{HOST}:{port}" in str(info.value)
+            assert "pw-xyz-1" not in str(info.value) and "\n" not in str(info.value)
+            await store.close()
+        q = RedisQueue(host=HOST, port=port)  # never opened: the first call connects
+        with pytest.raises(BackendUnavailable):
+            await q.enqueue(task())
+        await q.close()
+
+    run(body)
+
+
+# --- prefixes and layout ---------------------------------------------------------
+
+
+def test_two_prefixes_are_isolated(prefix: str) -> None:
+    other = prefix + "b"
+
+    async def body() -> None:
+        qa, qb = RedisQueue(host=HOST, port=PORT, prefix=prefix), RedisQueue(prefix=other)
+        ra, rb = RedisResultStorage(prefix=prefix), RedisResultStorage(prefix=other)
+        ea, eb = RedisEventStorage(prefix=prefix), RedisEventStorage(prefix=other)
+        for s in (qa, qb, ra, rb, ea, eb):
+            await s.open()
+        t = await qa.enqueue(task(unique_key="same"))
+        assert await qb.enqueue(task(unique_key="same")) != t
+        d = await qb.dequeue(["default"], 30, 0)
+        assert d is not None and d.task.id != t
+        assert await qb.dequeue(["default"], 30, 0) is None
+        r = TaskResult(task_id=t, status=TaskStatus.COMPLETED, value=1)
+        await ra.store(r)
+        assert await rb.get(t) is None and await ra.get(t) == r
+        await ea.append(TaskEvent(task_id=t, event_type=EventType.ENQUEUED))
+        assert await eb.get(t) == [] and await eb.last_cursor() is None
+        assert len(await ea.get(t)) == 1
+        for s in (qa, qb, ra, rb, ea, eb):
+            await s.close()
+
+    try:
+        run(body)
+    finally:
+        _drop_keys(PORT, other)
+
+
+def test_result_key_gets_a_ttl(prefix: str) -> None:
+    async def body() -> None:
+        async with RedisResultStorage(host=HOST, port=PORT, prefix=prefix) as s:
+            timed = TaskResult(task_id=new_task_id(), status=TaskStatus.COMPLETED,
+                               expires_at=seconds_from_now(60))
+            forever = TaskResult(task_id=new_task_id(), status=TaskStatus.COMPLETED)
+            await s.store(timed)
+            await s.store(forever)
+
+        admin = redis.Redis(host=HOST, port=PORT)
+        assert 50_000 < admin.pttl(f"{prefix}:r:{timed.task_id}") <= 60_000
+        assert admin.pttl(f"{prefix}:r:{forever.task_id}") == -1
+        admin.close()
+
+    run(body)
+
+
+def test_global_event_stream_is_capped(prefix: str) -> None:
+    async def body() -> None:
+        async with RedisEventStorage(prefix=prefix, options={"stream_maxlen": 50}) as s:
+            tid = new_task_id()
+            await s.append_many([TaskEvent(task_id=tid, event_type=EventType.RETRIED,
+                                           attempt=i) for i in range(1200)])
+            rows = await s.read(None, 5000)
+            # MAXLEN ~ trims whole stream nodes (100 entries each by default).
+            assert 50 <= len(rows) < 300
+            assert rows[-1][1].attempt == 1199
+            assert len(await s.get(tid)) == 1200  # the per-task list is not capped
+
+    run(body)
+
+
+def test_event_list_gets_a_ttl_and_cleanup_keeps_newer_events(prefix: str) -> None:
+    async def body() -> None:
+        async with RedisEventStorage(prefix=prefix, event_ttl=3600) as s:
+            tid = new_task_id()
+            old = TaskEvent(task_id=tid, event_type=EventType.ENQUEUED,
+                            timestamp=utcnow() - timedelta(days=3))
+            new = TaskEvent(task_id=tid, event_type=EventType.STARTED)
+            await s.append_many([old, new])
+            admin = redis.Redis(host=HOST, port=PORT)
+            assert 3_500_000 < admin.pttl(f"{prefix}:et:{tid}") <= 3_600_000
+            assert await s.cleanup(utcnow() - timedelta(days=1)) == 1
+            assert await s.get(tid) == [new]
+            assert 3_500_000 < admin.pttl(f"{prefix}:et:{tid}") <= 3_600_000
+            assert [e for _, e in await s.read(None, 10)] == [new]
+            admin.close()
+
+    run(body)
+
+
+def test_invalid_cursor_is_a_value_error(prefix: str) -> None:
+    async def body() -> None:
+        async with RedisEventStorage(prefix=prefix) as s:
+            with pytest.raises(ValueError, match="cursor"):
+                await s.read("not-a-cursor", 10)
+
+    run(body)
+
+
+# --- pipelining -----------------------------------------------------------------
+
+
+def test_concurrent_calls_share_round_trips_and_keep_their_own_replies(prefix: str) -> None:
+    async def body() -> None:
+        async with RedisQueue(prefix=prefix) as q:
+            tasks = [task(priority=i % 3) for i in range(300)]
+            ids = await asyncio.gather(*(q.enqueue(t) for t in tasks))
+            assert ids == [t.id for t in tasks]
+            got = await asyncio.gather(*(q.get_task(t.id) for t in tasks))
+            assert got == tasks
+            # One failing command does not spoil the others of its pipeline.
+            results = await asyncio.gather(
+                q._conn.call("INCR", f"{prefix}:t:{tasks[0].id}"),  # a hash: WRONGTYPE
+                q.get_task(tasks[1].id),
+                return_exceptions=True,
+            )
+            assert isinstance(results[0], redis.ResponseError)
+            assert results[1] == tasks[1]
+            (stats,) = await q.stats()
+            assert stats.queued == 300
+
+    run(body)
+
+
+def test_stores_share_a_client_and_closing_one_keeps_the_other(prefix: str) -> None:
+    async def body() -> None:
+        q = RedisQueue(host=HOST, port=PORT, prefix=prefix)
+        r = RedisResultStorage(host=HOST, port=PORT, prefix=prefix)
+        await q.open()
+        await r.open()
+        assert q._conn.client() is r._conn.client()
+        await q.close()
+        await q.close()  # idempotent
+        res = TaskResult(task_id=new_task_id(), status=TaskStatus.COMPLETED, value=1)
+        await r.store(res)
+        assert await r.get(res.task_id) == res
+        assert await q.get_task(new_task_id()) is None  # a closed store reopens lazily
+        await q.close()
+        await r.close()
+
+    run(body)
+
+
+# --- restarts, forks, loops -------------------------------------------------------
+
+
+def test_stores_recover_after_a_server_restart(private: PrivateRedis) -> None:
+    port = private.port
+
+    async def body() -> None:
+        q = RedisQueue(host=HOST, port=port, prefix="rc")
+        r = RedisResultStorage(host=HOST, port=port, prefix="rc")
+        e = RedisEventStorage(host=HOST, port=port, prefix="rc")
+        for s in (q, r, e):
+            await s.open()
+        await q.enqueue(task())
+        private.stop()
+        outage: list[Awaitable[Any]] = [
+            q.enqueue(task()), q.dequeue(["default"], 30, 0), q.stats(),
+            r.get(new_task_id()), r.wait(new_task_id(), 1),
+            r.store(TaskResult(task_id=new_task_id(), status=TaskStatus.COMPLETED)),
+            e.append(TaskEvent(task_id=new_task_id(), event_type=EventType.ENQUEUED)),
+            e.read(None, 10), e.wait_new(None, 0.5),
+        ]
+        for call in outage:
+            with pytest.raises(BackendUnavailable) as info:
+                await call
+            assert f"{HOST}:{port}" in str(info.value)
+        private.start()  # empty again: no persistence, no cached scripts
+        t = await q.enqueue(task())
+        d = await q.dequeue(["default"], 30, 1)
+        assert d is not None and d.task.id == t
+        res = TaskResult(task_id=t, status=TaskStatus.COMPLETED, value="back")
+        waiter = asyncio.create_task(r.wait(t, 10))
+        await asyncio.sleep(0.1)
+        await r.store(res)
+        assert await asyncio.wait_for(waiter, 8) == res
+        await e.append(TaskEvent(task_id=t, event_type=EventType.COMPLETED))
+        assert [ev.event_type for ev in await e.get(t)] == [EventType.COMPLETED]
+        for s in (q, r, e):
+            await s.close()
+
+    run(body)
+
+
+def test_blocked_waits_fail_cleanly_when_the_server_dies(private: PrivateRedis) -> None:
+    port = private.port
+
+    async def body() -> None:
+        q = RedisQueue(host=HOST, port=port, prefix="bw")
+        r = RedisResultStorage(host=HOST, port=port, prefix="bw")
+        e = RedisEventStorage(host=HOST, port=port, prefix="bw")
+        for s in (q, r, e):
+            await s.open()
+        waiters = [
+            asyncio.create_task(q.dequeue(["default"], 30, 20)),
+            asyncio.create_task(r.wait(new_task_id(), 20)),
+            asyncio.create_task(e.wait_new(await e.last_cursor(), 20)),
+        ]
+        await asyncio.sleep(0.3)
+        private.stop()
+        for waiter in waiters:
+            with pytest.raises(BackendUnavailable):
+                await asyncio.wait_for(waiter, 15)
+        for s in (q, r, e):
+            await s.close()
+
+    run(body)
+
+
+def test_scripts_are_reloaded_after_script_flush(private: PrivateRedis) -> None:
+    async def body() -> None:
+        async with RedisQueue(host=HOST, port=private.port, prefix="sf") as q:
+            await q.enqueue(task())
+            admin = private.admin()
+            admin.script_flush()
+            admin.close()
+            # Several at once: the reload also works inside a pipeline.
+            await asyncio.gather(*(q.enqueue(task()) for _ in range(5)))
+            (stats,) = await q.stats()
+            assert stats.queued == 6
+
+    run(body)
+
+
+def test_store_survives_a_new_event_loop(prefix: str) -> None:
+    q = RedisQueue(prefix=prefix)
+    t = task()
+    asyncio.run(q.open())
+    asyncio.run(q.enqueue(t))  # the first loop's sockets are gone: reconnect
+
+    async def second() -> None:
+        got = await q.get_task(t.id)
+        assert got == t
+        await q.close()
+
+    run(second)
+
+
+def _child_enqueue(q: RedisQueue, t: Task) -> None:
+    async def body() -> None:
+        await q.enqueue(t)
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_store_survives_a_fork(prefix: str) -> None:
+    q = RedisQueue(prefix=prefix)
+    t = task()
+
+    async def parent() -> None:
+        await q.open()
+        proc = multiprocessing.get_context("fork").Process(target=_child_enqueue, args=(q, t))
+        proc.start()
+        await asyncio.get_running_loop().run_in_executor(None, proc.join, 20)
+        assert proc.exitcode == 0
+        assert await q.get_task(t.id) == t  # the parent's connections still work
+        await q.close()
+
+    run(parent)
+
+
+def test_server_errors_become_backend_error(prefix: str) -> None:
+    async def body() -> None:
+        async with RedisEventStorage(prefix=prefix) as s:
+            admin = redis.Redis(host=HOST, port=PORT)
+            admin.set(f"{prefix}:e:all", "not a stream")
+            admin.close()
+            with pytest.raises(BackendError) as info:
+                await s.read(None, 10)
+            assert not isinstance(info.value, BackendUnavailable)
+            assert "WRONGTYPE" in str(info.value)
+
+    run(body)
