@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from omniq import serialization
 from omniq.errors import (
+    ConfigError,
     OmniQError,
     ResultTimeout,
     TaskCancelled,
@@ -524,6 +525,8 @@ async def _probe(config: OmniQConfig, prefix: str, role: Any) -> str | None:
             await store.close()
     except TimeoutError:
         return "timed out after 15s"
+    except ConfigError:
+        raise  # a bad setting is not an outage: the caller reports it as such (exit 78)
     except OmniQError as exc:
         return str(exc)
     return None

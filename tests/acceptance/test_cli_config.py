@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.acceptance.conftest import run_omniq
+from tests.acceptance.conftest import clean_env, run_omniq
 
 UNREACHABLE_REDIS = {
     "OMNIQ_RESULT_STORAGE_TYPE": "redis",
@@ -121,3 +121,14 @@ def test_help_imports_no_backend_driver_nor_rich(cli_env: dict[str, str]) -> Non
     heavy = {"redis", "psycopg", "nats", "fsspec", "rich", "omniq.backends", "omniq.client"}
     assert not heavy & modules, heavy & modules
     assert "asyncio" not in modules and "sqlite3" not in modules
+
+
+def test_check_reports_a_bad_store_setting_as_configuration_error(tmp_path: Path) -> None:
+    env = clean_env(
+        tmp_path / "home",
+        OMNIQ_RESULT_STORAGE_TYPE="redis",
+        OMNIQ_RESULT_STORAGE_PREFIX="bad prefix!",
+    )
+    code, out, err = run_omniq(["config", "check"], env)
+    assert code == 78, (code, out, err)
+    assert "prefix" in err and "Traceback" not in err
