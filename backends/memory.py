@@ -286,7 +286,7 @@ class MemoryResultStorage:
         doomed = [
             tid
             for tid, r in self._results.items()
-            if r.is_expired(now) or (finished_before is not None and r.finished_at < finished_before)
+            if r.is_expired(now) or (finished_before and r.finished_at < finished_before)
         ]
         for tid in doomed:
             del self._results[tid]
