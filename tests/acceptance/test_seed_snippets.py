@@ -96,3 +96,16 @@ with OmniQ() as omniq:
     ]
     home = tmp_path / "home"
     assert {p.name for p in home.iterdir()} >= {"queue.db", "results.db", "events.db"}
+
+
+def test_script_that_never_closes_exits_promptly(tmp_path: Path) -> None:
+    code = '''
+from omniq import OmniQ
+q = OmniQ()
+q.options(delay=3600).enqueue("omniq.examples:add", 1, 2)   # waits for a worker, none here
+print(q.get_result(q.enqueue(lambda: "local"), timeout=10))
+'''
+    proc = run_snippet(code, tmp_path)  # the helper's own timeout (60 s) bounds the exit
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "local\n"
+    assert "Traceback" not in proc.stderr
