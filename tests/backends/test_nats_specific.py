@@ -7,113 +7,46 @@ spare ports; the shared one on 4222 is only used for data tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
-import os
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from omniq.errors import BackendUnavailable, ConfigError
 from omniq.models import EventType, Task, TaskEvent, TaskResult, TaskStatus, seconds_from_now
+from tests.servers import NatsServer, drop_namespace, free_port, port_open, private_nats, require
 
 nats_backend = pytest.importorskip("omniq.backends.nats", reason="nats-py is not installed")
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 SHARED = "nats://127.0.0.1:4222"
 T = TypeVar("T")
 
 
 def _need(reason: str | None) -> None:
-    if reason is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"required in CI: {reason}")
-    pytest.skip(reason)
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
-            return True
-    except OSError:
-        return False
-
-
-def _spare_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class PrivateServer:
-    """A nats-server of our own on a spare port, which tests may kill and restart."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.port = _spare_port()
-        self.args = ["-a", "127.0.0.1", "-p", str(self.port), *args]
-        self.log = tmp_path / f"nats-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([NATS_SERVER, *self.args], stdout=out, stderr=out)
-        deadline = time.monotonic() + 10
-        while not _port_open(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nats-server did not start: {self.log.read_text()[-500:]}")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
+    require(reason, "NATS")  # skip locally, fail in CI
 
 
 @pytest.fixture
-def private_server(tmp_path: Path) -> Iterator[Callable[..., PrivateServer]]:
-    _need(None if os.path.exists(NATS_SERVER) else f"{NATS_SERVER} is not installed")
-    started: list[PrivateServer] = []
+def private_server() -> Iterator[Callable[..., NatsServer]]:
+    """start(*nats_server_args, jetstream=False) -> a private nats-server (tests/servers.py)."""
+    with contextlib.ExitStack() as stack:
 
-    def start(*args: str) -> PrivateServer:
-        server = PrivateServer(tmp_path, *args)
-        server.start()
-        started.append(server)
-        return server
+        def start(*args: str, jetstream: bool = False) -> NatsServer:
+            return stack.enter_context(private_nats(*args, jetstream=jetstream))
 
-    yield start
-    for server in started:
-        server.kill()
+        yield start
 
 
 @pytest.fixture
 def shared_prefix() -> Iterator[str]:
-    _need(None if _port_open(4222) else "no NATS server on 127.0.0.1:4222")
+    _need(None if port_open(4222) else "no NATS server on 127.0.0.1:4222")
     prefix = "sp_" + uuid.uuid4().hex[:10]
     yield prefix
-    asyncio.run(_drop_prefix(prefix))
-
-
-async def _drop_prefix(prefix: str) -> None:
-    import nats
-
-    nc = await nats.connect(SHARED, max_reconnect_attempts=1)
-    js = nc.jetstream()
-    for info in await js.streams_info():
-        if info.config.name.startswith((prefix + "_", f"KV_{prefix}_")):
-            await js.delete_stream(info.config.name)
-    await nc.close()
+    drop_namespace("nats", prefix, SHARED)
 
 
 def _task(queue: str = "default", **kw: Any) -> Task:
@@ -165,7 +98,7 @@ def test_create_maps_settings_and_rejects_foreign_keys() -> None:
 
 
 def test_unreachable_server_is_unavailable_without_password() -> None:
-    port = _spare_port()  # nothing listens there
+    port = free_port()  # nothing listens there
 
     async def body() -> None:
         store = nats_backend.NATSResultStorage(servers=[f"nats://bob:s3cret@127.0.0.1:{port}"])
@@ -179,7 +112,7 @@ def test_unreachable_server_is_unavailable_without_password() -> None:
     asyncio.run(body())
 
 
-def test_bad_credentials_are_unavailable(private_server: Callable[..., PrivateServer]) -> None:
+def test_bad_credentials_are_unavailable(private_server: Callable[..., NatsServer]) -> None:
     server = private_server("--user", "alice", "--pass", "right")
 
     async def body() -> None:
@@ -196,7 +129,7 @@ def test_bad_credentials_are_unavailable(private_server: Callable[..., PrivateSe
 
 
 def test_jetstream_disabled_gives_one_clear_line(
-    private_server: Callable[..., PrivateServer],
+    private_server: Callable[..., NatsServer],
 ) -> None:
     server = private_server()  # no -js
 
@@ -219,9 +152,9 @@ def test_jetstream_disabled_gives_one_clear_line(
 
 
 def test_stores_opened_before_a_restart_work_after_it(
-    private_server: Callable[..., PrivateServer], tmp_path: Path
+    private_server: Callable[..., NatsServer],
 ) -> None:
-    server = private_server("-js", "-sd", str(tmp_path / "js"))
+    server = private_server(jetstream=True)  # its JetStream store survives the restart
 
     async def body() -> None:
         q = nats_backend.NATSQueue(server.url, prefix="rs")

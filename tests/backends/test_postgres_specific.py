@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import glob
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -27,20 +20,17 @@ from omniq.models import (
     TaskStatus,
     new_task_id,
 )
+from tests.servers import PostgresServer, free_port, private_postgres, require
 
 from . import tech_postgres
 
 psycopg = pytest.importorskip("psycopg")
 T = TypeVar("T")
 DSN = tech_postgres.DSN
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def _need(reason: str | None, what: str) -> None:
-    if reason:
-        if IN_CI:
-            pytest.fail(f"{what} is required in CI but unavailable: {reason}")
-        pytest.skip(f"{what} unavailable: {reason}")
+    require(reason, what)  # skip locally, fail in CI
 
 
 @pytest.fixture
@@ -162,15 +152,9 @@ def test_bad_settings_are_config_errors() -> None:
 # --- errors never show the password -------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("form", ["url", "key-value"])
 def test_unreachable_port_is_unavailable_without_password(form: str) -> None:
-    port = _free_port()
+    port = free_port()
     dsn = (f"postgresql://postgres:S3cretPw@127.0.0.1:{port}/test" if form == "url"
            else f"host=127.0.0.1 port={port} dbname=test user=postgres password=S3cretPw")
     store = registry.create("postgres", "queue", {"dsn": dsn})
@@ -380,72 +364,15 @@ def test_store_moves_to_a_new_event_loop(schema: str) -> None:
 # --- outage and reconnect (private server) ------------------------------------------
 
 
-class PrivateServer:
-    """A throw-away PostgreSQL cluster on a free port, run as a non-root user."""
-
-    def __init__(self) -> None:
-        self.bin = self._bindir()
-        self.port = _free_port()
-        self.dir = tempfile.mkdtemp(prefix="omniq-pg-")
-        self.data = os.path.join(self.dir, "data")
-        self.user = "postgres" if os.geteuid() == 0 else None
-        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    @staticmethod
-    def _bindir() -> str:
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                       key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
-        initdb = found[-1] if found else shutil.which("initdb")
-        if not initdb:
-            raise RuntimeError("initdb not found")
-        return str(Path(initdb).parent)
-
-    def _cmd(self, *args: str) -> None:
-        argv = [os.path.join(self.bin, args[0]), *args[1:]]
-        if self.user:
-            argv = ["runuser", "-u", self.user, "--", *argv]
-        subprocess.run(argv, check=True, capture_output=True, timeout=60)
-
-    def init(self) -> None:
-        if self.user:
-            shutil.chown(self.dir, self.user)
-        self._cmd("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
-        self.start()
-
-    def start(self) -> None:
-        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
-                "-c fsync=off -c max_connections=40")
-        self._cmd("pg_ctl", "-D", self.data, "-o", opts, "-l", os.path.join(self.dir, "log"),
-                  "-w", "-t", "30", "start")
-
-    def stop(self) -> None:
-        self._cmd("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
-
-    def destroy(self) -> None:
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
-def private_server() -> Iterator[PrivateServer]:
-    try:
-        server = PrivateServer()
-    except RuntimeError as exc:
-        _need(str(exc), "a private PostgreSQL server")
-        raise
-    try:
-        server.init()
-    except (subprocess.SubprocessError, OSError) as exc:
-        server.destroy()
-        detail = getattr(exc, "stderr", b"") or b""
-        _need(f"{exc} {detail.decode(errors='replace')[-300:]}", "a private PostgreSQL server")
-    yield server
-    server.destroy()
+def private_server() -> Iterator[PostgresServer]:
+    """A throw-away cluster on a free port (tests/servers.py), stopped and started below."""
+    with private_postgres() as server:
+        yield server
 
 
 def test_outage_raises_unavailable_then_the_same_stores_recover(
-    private_server: PrivateServer,
+    private_server: PostgresServer,
 ) -> None:
     dsn = private_server.dsn
 
