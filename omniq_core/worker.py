@@ -157,7 +157,7 @@ class Worker:
         self._force = False
         self._wakeup: asyncio.Event | None = None
         self._threads: ThreadPoolExecutor | None = None
-        self._outage_logged = False
+        self._outage_since: float | None = None  # when the current outage was first seen
         self._handlers: set[asyncio.Task[None]] = set()
         self._resolved: dict[str, Callable[..., Any]] = {}
         self._writer = EventWriter(events, self._resilient)
@@ -215,6 +215,7 @@ class Worker:
                 break
             wait = 0.05 if s.burst and not self.running else s.poll_interval
             self._fetching += 1
+            began = time.monotonic()
             try:
                 delivery = await self.queue.dequeue(s.queues, s.lease, wait)
             except BackendUnavailable as exc:
@@ -226,7 +227,7 @@ class Worker:
             finally:
                 self._fetching -= 1
             backoff = 0.5
-            self._outage_over()
+            self._outage_over(began)
             if delivery is None:
                 slots.release()
                 if s.burst and not self.running:
@@ -545,6 +546,7 @@ class Worker:
         every = self.settings.heartbeat_every
         last_cleanup = 0.0
         while True:
+            began = time.monotonic()
             try:
                 await self._register()
                 for running in list(self.running.values()):
@@ -558,7 +560,7 @@ class Worker:
                 if time.monotonic() - last_cleanup > self.settings.cleanup_interval:
                     last_cleanup = time.monotonic()
                     await self._cleanup()
-                self._outage_over()
+                self._outage_over(began)
             except BackendUnavailable as exc:
                 self._log_outage(exc)
             except Exception:
@@ -596,22 +598,25 @@ class Worker:
 
     # --- outages ---------------------------------------------------------
     def _log_outage(self, exc: BaseException) -> None:
-        if not self._outage_logged:
-            self._outage_logged = True
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
             log.error("store unavailable, retrying with backoff: %s", exc)
 
-    def _outage_over(self) -> None:
-        if self._outage_logged:
-            self._outage_logged = False
+    def _outage_over(self, began: float) -> None:
+        """`began`: when the call that succeeded started. A call begun before the
+        outage was seen may answer without reaching the store: it proves nothing."""
+        if self._outage_since is not None and began > self._outage_since:
+            self._outage_since = None
             log.warning("store reachable again, carrying on")
 
     async def _resilient(self, op: Callable[[], Awaitable[T]]) -> T:
         """Retry a store write through an outage: an outcome must not be lost."""
         backoff = 0.2
         while True:
+            began = time.monotonic()
             try:
                 value = await op()
-                self._outage_over()
+                self._outage_over(began)
                 return value
             except BackendUnavailable as exc:
                 if self._force:
