@@ -593,6 +593,35 @@ def _read_events(files: _Files, after: str | None, limit: int) -> list[tuple[str
     return [(s, decode_event(data[rel])) for s in stems if (rel := _log_rel(s)) in data]
 
 
+def _buckets_up_to(files: _Files, last: str) -> Iterator[str]:
+    """Minute buckets `YYYYMMDD/HHMM` at or before `last`, newest first."""
+    for day in reversed([d for d in files.names(_LOG) if d <= last[:8]]):
+        minutes = reversed(files.names(f"{_LOG}/{day}"))
+        yield from (b for m in minutes if (b := f"{day}/{m}") <= last)
+
+
+def _latest_stems(files: _Files, before: str | None, limit: int) -> list[str]:
+    # A stem's bucket is its time's minute, so every stem < before is in a bucket <= its one.
+    last = "99999999/9999" if before is None else _bucket_of(before)
+    found: list[str] = []
+    for bucket in _buckets_up_to(files, last):
+        stems = _stems(files.names(f"{_LOG}/{bucket}"))
+        if before is not None:
+            stems = [s for s in stems if s < before]
+        found = stems[len(found) - limit :] + found
+        if len(found) >= limit:
+            break
+    return found
+
+
+def _latest_events(
+    files: _Files, before: str | None, limit: int
+) -> list[tuple[str, TaskEvent]]:
+    stems = _latest_stems(files, before, limit)
+    data = files.read_all([_log_rel(s) for s in stems])
+    return [(s, decode_event(data[rel])) for s in stems if (rel := _log_rel(s)) in data]
+
+
 def _last_stem(files: _Files) -> str | None:
     for bucket in _log_buckets(files, reverse=True):
         stems = _stems(files.names(f"{_LOG}/{bucket}"))
@@ -695,6 +724,13 @@ class FileEventStorage(_FileStore):
         if limit <= 0:
             return []
         return await self._call(_read_events, after, limit)
+
+    async def latest(self, limit: int, before: str | None = None) -> list[tuple[str, TaskEvent]]:
+        if before is not None:
+            _check_cursor(before)
+        if limit <= 0:
+            return []
+        return await self._call(_latest_events, before, limit)
 
     async def last_cursor(self) -> str | None:
         return await self._call(_last_stem)

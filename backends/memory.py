@@ -330,6 +330,17 @@ class MemoryEventStorage:
                     break
         return out
 
+    async def latest(self, limit: int, before: str | None = None) -> list[tuple[str, TaskEvent]]:
+        end = len(self._events) if before is None else min(int(before), len(self._events))
+        out: list[tuple[str, TaskEvent]] = []
+        for i in range(end - 1, -1, -1):  # backwards: cleaned-up slots are holes to skip
+            if len(out) >= limit:
+                break
+            event = self._events[i]
+            if event is not None:
+                out.append((f"{i:016d}", event))
+        return out[::-1]
+
     async def last_cursor(self) -> str | None:
         return f"{len(self._events) - 1:016d}" if self._events else None
 

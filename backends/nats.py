@@ -1537,6 +1537,36 @@ class NATSEventStorage(_Store):
             rows.append((_cursor(msg.metadata.sequence.stream), decode_event(msg.data)))
         return rows
 
+    @_boundary
+    async def latest(self, limit: int, before: str | None = None) -> list[tuple[str, TaskEvent]]:
+        await self._ready()
+        if limit <= 0:
+            return []
+        state = (await self._conn.js.stream_info(self._stream)).state
+        first, upper = max(int(state.first_seq), 1), int(state.last_seq)
+        if before is not None:
+            upper = min(upper, _seq_of(before) - 1)
+        rows: list[tuple[str, TaskEvent]] = []
+        window = limit
+        while len(rows) < limit and upper >= first:
+            start = max(first, upper - window + 1)
+            found = await self._between(start, upper)
+            rows = found[len(rows) - limit :] + rows
+            upper = start - 1
+            window *= 2  # deleted sequences left gaps: widen rather than crawl back
+        return rows
+
+    async def _between(self, start: int, end: int) -> list[tuple[str, TaskEvent]]:
+        """The events with stream sequence in [start, end], oldest first."""
+        rows: list[tuple[str, TaskEvent]] = []
+        async for msg in _scan(
+            self._conn, self._stream, self._all, start_seq=start, limit=end - start + 1
+        ):
+            seq = msg.metadata.sequence.stream
+            if seq <= end:  # later ones were appended after we looked
+                rows.append((_cursor(seq), decode_event(msg.data)))
+        return rows
+
     async def _last_seq(self) -> int:
         return int((await self._conn.js.stream_info(self._stream)).state.last_seq)
 

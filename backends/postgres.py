@@ -448,6 +448,7 @@ _SQL = {
     " RETURNING pg_notify(%s, '')",
     "events_of": "SELECT payload FROM {s}.events WHERE task_id = %s ORDER BY id",
     "read": "SELECT id, payload FROM {s}.events WHERE id > %s ORDER BY id LIMIT %s",
+    "latest": "SELECT id, payload FROM {s}.events WHERE id < %s ORDER BY id DESC LIMIT %s",
     "last": "SELECT max(id) FROM {s}.events",
     "any_after": "SELECT EXISTS (SELECT 1 FROM {s}.events WHERE id > %s)",
     "cleanup_events": "DELETE FROM {s}.events WHERE ts < %s",
@@ -802,6 +803,13 @@ class PostgreSQLEventStorage(_PgStore):
         rows = await self._all("read", (_cursor_id(after), limit))
         return [(_cursor(row[0]), decode_event(row[1])) for row in rows]
 
+    async def latest(self, limit: int, before: str | None = None) -> list[tuple[str, TaskEvent]]:
+        if limit <= 0:
+            return []
+        below = _BIGINT_MAX if before is None else _cursor_id(before)
+        rows = await self._all("latest", (below, limit))
+        return [(_cursor(row[0]), decode_event(row[1])) for row in reversed(rows)]
+
     async def last_cursor(self) -> str | None:
         row = await self._one("last")
         return None if row is None or row[0] is None else _cursor(row[0])
@@ -820,6 +828,9 @@ class PostgreSQLEventStorage(_PgStore):
 
     async def cleanup(self, before: datetime) -> int:
         return await self._run("cleanup_events", (before,))
+
+
+_BIGINT_MAX = 2**63 - 1  # `id < this` is every event: latest() without a cursor
 
 
 def _cursor(event_id: int) -> str:

@@ -1200,6 +1200,14 @@ class RedisEventStorage(_RedisStore):
         return [(_text(cid), decode_event(fields[b"d"])) for cid, fields in rows]
 
     @_guarded
+    async def latest(self, limit: int, before: str | None = None) -> list[tuple[str, TaskEvent]]:
+        if limit <= 0:
+            return []
+        end = "+" if before is None else "(" + _cursor(before)
+        rows = await self._conn.call("XREVRANGE", self._stream, end, "-", "COUNT", limit)
+        return [(_text(cid), decode_event(fields[b"d"])) for cid, fields in reversed(rows)]
+
+    @_guarded
     async def last_cursor(self) -> str | None:
         rows = await self._conn.call("XREVRANGE", self._stream, "+", "-", "COUNT", 1)
         return _text(rows[0][0]) if rows else None

@@ -832,6 +832,9 @@ def _event_row(event: TaskEvent) -> tuple[str, float, bytes]:
     return (event.task_id, event.timestamp.timestamp(), encode_event(event))
 
 
+_ROWID_MAX = 2**63 - 1
+
+
 def _cursor(rowid: int) -> str:
     return f"{rowid:0{_CURSOR_WIDTH}d}"
 
@@ -883,6 +886,18 @@ class SQLiteEventStorage(_SQLiteStore):
             (_parse_cursor(after), limit),
         )
         return [(_cursor(rowid), decode_event(data)) for rowid, data in rows]
+
+    async def latest(self, limit: int, before: str | None = None) -> list[tuple[str, TaskEvent]]:
+        if limit <= 0:
+            return []
+        # rowids are positive int64s: below the largest one is every event.
+        below = _ROWID_MAX if before is None else _parse_cursor(before)
+        rows = await self._call(
+            _fetchall,
+            "SELECT id, data FROM omniq_events WHERE id < ? ORDER BY id DESC LIMIT ?",
+            (below, limit),
+        )
+        return [(_cursor(rowid), decode_event(data)) for rowid, data in reversed(rows)]
 
     async def last_cursor(self) -> str | None:
         last = await self._call(_last_id)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import deque
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -12,9 +11,12 @@ from omniq.cli import common, console
 from omniq.cli.exit_codes import ExitCode
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from omniq.client import AsyncOmniQ
     from omniq.config import OmniQConfig
     from omniq.models import EventFilter, TaskEvent, TaskResult
+    from omniq.storage import EventStorage
 
 TaskIdArg = Annotated[
     str,
@@ -310,28 +312,50 @@ async def _backlog(
 ) -> str | None:
     """Print the wanted past events; return the cursor to follow from.
 
-    The event log is read forward from its oldest entry (the store API has no
-    backward read), keeping only the newest `last` matches in memory.
+    The log is read backwards from its newest event, so the cost is the backlog
+    shown, not the size of the log.
     """
     from datetime import timedelta
 
-    from omniq.models import utcnow
+    from omniq.models import EventFilter, utcnow
 
+    if last == 0:
+        return await client.events.last_cursor()
     cutoff = utcnow() - timedelta(seconds=since) if since is not None else None
-    kept: deque[tuple[str, TaskEvent]] = deque(maxlen=last)
-    cursor: str | None = None
-    while True:
-        rows = await client.events.read(cursor, BACKLOG_BATCH)
-        for cursor, event in rows:  # the last cursor read is where following starts
-            if filters.matches(event) and (cutoff is None or event.timestamp >= cutoff):
-                kept.append((cursor, event))
-                if last is None:
-                    _print_event(*kept.popleft(), as_json)
-        if len(rows) < BACKLOG_BATCH:
-            break
-    for item in kept:
+    size = BACKLOG_BATCH
+    if last is not None and since is None and filters == EventFilter():
+        size = min(last, BACKLOG_BATCH)  # unfiltered `-n N`: exactly the newest N
+    kept, newest = await _recent(client.events, filters, cutoff, last, size)
+    for item in reversed(kept):
         _print_event(*item, as_json)
-    return cursor
+    return newest
+
+
+async def _recent(
+    events: EventStorage,
+    filters: EventFilter,
+    cutoff: datetime | None,
+    last: int | None,
+    size: int,
+) -> tuple[list[tuple[str, TaskEvent]], str | None]:
+    """Matching events newer than `cutoff` (at most `last`, >= 1), newest first,
+    and the newest cursor of the log (None when it is empty)."""
+    kept: list[tuple[str, TaskEvent]] = []
+    newest: str | None = None
+    before: str | None = None
+    while True:
+        rows = await events.latest(size, before)
+        newest = newest or (rows[-1][0] if rows else None)
+        for cursor, event in reversed(rows):
+            if cutoff is not None and event.timestamp < cutoff:
+                return kept, newest
+            if filters.matches(event):
+                kept.append((cursor, event))
+                if len(kept) == last:
+                    return kept, newest
+        if len(rows) < size:  # reached the oldest event
+            return kept, newest
+        before = rows[0][0]
 
 
 COMMANDS = {

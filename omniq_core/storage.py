@@ -112,6 +112,11 @@ class EventStorage(Protocol):
         """Events of all tasks after cursor `after` (None = from the oldest),
         oldest first, at most `limit`, each with its cursor."""
 
+    async def latest(self, limit: int, before: str | None = None) -> list[tuple[str, TaskEvent]]:
+        """The newest `limit` events (older than cursor `before` when given), oldest
+        first, each with its cursor: what `read` returns for them, so `read` from
+        the last one continues after them and `before` pages backwards."""
+
     async def last_cursor(self) -> str | None:
         """Cursor of the newest event (None when empty): 'follow from now'."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import signal
@@ -9,10 +10,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from omniq.models import EventType, TaskEvent, new_task_id, utcnow
 from tests.acceptance.conftest import clean_env, run_burst, run_omniq, start_omniq
 
 UNKNOWN_ID = "01900000-0000-7000-8000-000000000000"
@@ -209,6 +212,110 @@ def test_tail_backlog_filters_and_ctrl_c(
     finally:
         tail.stop()
     assert all(finished["failed"] in text for text in tail.seen) and len(tail.seen) == 3
+
+
+def append_events(env: dict[str, str], events: list[TaskEvent]) -> None:
+    """Write events straight into the event store the `omniq` command of `env` uses."""
+    from omniq import registry
+    from omniq.config import OmniQConfig
+
+    kind, settings = OmniQConfig.load(env=env, use_files=False).store("event_storage")
+
+    async def main() -> None:
+        store = registry.create(kind, "events", settings)
+        await store.open()
+        try:
+            await store.append_many(events)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def logged(count: int, kind: EventType = EventType.ENQUEUED, age: float = 0) -> list[TaskEvent]:
+    stamp = utcnow() - timedelta(seconds=age)
+    return [TaskEvent(new_task_id(), kind, timestamp=stamp, queue="q") for _ in range(count)]
+
+
+def tail_json(
+    env: dict[str, str], args: list[str], expect: int
+) -> tuple[Lines, list[dict[str, Any]]]:
+    """Start `omniq tail --json ARGS` and read its first `expect` lines."""
+    tail = Lines(start_omniq(["tail", "--json", *args], env))
+    try:
+        for _ in range(expect):
+            tail.wait_for(lambda text: True)
+    except BaseException:
+        tail.stop()
+        raise
+    return tail, [json.loads(line) for line in tail.seen]
+
+
+def test_tail_last_n_shows_the_newest_then_follows(cli_env: dict[str, str]) -> None:
+    backlog = logged(1200)  # more than one backward page
+    append_events(cli_env, backlog)
+    tail, shown = tail_json(cli_env, ["-n", "3"], 3)
+    try:
+        later = logged(2, EventType.STARTED)
+        append_events(cli_env, later)
+        tail.wait_for(lambda text: later[-1].task_id in text)
+    finally:
+        code, err = tail.stop()
+    assert (code, err) == (0, "")
+    records = [json.loads(line) for line in tail.seen]
+    assert [r["task_id"] for r in records] == [e.task_id for e in backlog[-3:] + later]
+    cursors = [r["cursor"] for r in records]
+    assert cursors == sorted(set(cursors))  # in log order, none twice
+    assert shown == records[:3]
+
+
+def test_tail_last_n_with_filters_pages_back_to_old_matches(cli_env: dict[str, str]) -> None:
+    failures = logged(3, EventType.FAILED)
+    append_events(cli_env, [*failures, *logged(1100)])
+    tail, shown = tail_json(cli_env, ["-n", "2", "--type", "failed"], 2)
+    tail.stop()
+    assert [r["task_id"] for r in shown] == [e.task_id for e in failures[1:]]
+
+    tail, shown = tail_json(cli_env, ["-n", "10", "--type", "failed"], 3)  # only 3 exist
+    try:
+        follow_up = logged(1, EventType.FAILED)
+        append_events(cli_env, [*logged(2), *follow_up])
+        tail.wait_for(lambda text: follow_up[0].task_id in text)
+    finally:
+        code, _ = tail.stop()
+    assert code == 0
+    ids = [e.task_id for e in [*failures, *follow_up]]
+    assert [json.loads(line)["task_id"] for line in tail.seen] == ids
+
+
+def test_tail_since_pages_back_to_the_cutoff(cli_env: dict[str, str]) -> None:
+    recent = logged(700)  # more than one backward page inside the window
+    append_events(cli_env, [*logged(600, age=7200), *recent])
+    tail, shown = tail_json(cli_env, ["--since", "10m"], 700)
+    try:
+        follow_up = logged(1, EventType.COMPLETED)
+        append_events(cli_env, follow_up)
+        tail.wait_for(lambda text: follow_up[0].task_id in text)
+    finally:
+        code, _ = tail.stop()
+    assert code == 0
+    ids = [json.loads(line)["task_id"] for line in tail.seen]
+    assert ids == [e.task_id for e in [*recent, *follow_up]]
+
+    tail, shown = tail_json(cli_env, ["--since", "10m", "-n", "2"], 2)
+    tail.stop()
+    assert [r["task_id"] for r in shown] == [recent[-1].task_id, follow_up[0].task_id]
+
+
+def test_tail_backlog_of_an_empty_log_then_follows(cli_env: dict[str, str]) -> None:
+    tail = Lines(start_omniq(["tail", "-n", "5", "--json"], cli_env))
+    try:
+        first = logged(1)
+        append_events(cli_env, first)
+        tail.wait_for(lambda text: first[0].task_id in text)
+    finally:
+        code, _ = tail.stop()
+    assert code == 0 and len(tail.seen) == 1
 
 
 @pytest.mark.parametrize(

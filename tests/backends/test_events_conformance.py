@@ -129,3 +129,80 @@ def test_details_round_trip(events_h: Harness) -> None:
         assert got.details == details and got.attempt == 2
 
     events_h.run(body)
+
+
+async def _append_tasks(s: Any, n: int) -> list[str]:
+    tids = [new_task_id() for _ in range(n)]
+    for t in tids:
+        await s.append(ev(t))
+    return tids
+
+
+def test_latest_on_empty_store(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        assert await s.latest(5) == []
+
+    events_h.run(body)
+
+
+def test_latest_returns_newest_oldest_first_with_read_cursors(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        tids = await _append_tasks(s, 7)
+        rows = await s.latest(3)
+        assert [e.task_id for _, e in rows] == tids[4:]
+        assert rows == (await s.read(None, 100))[-3:]
+        assert rows[-1][0] == await s.last_cursor()
+        assert await s.read(rows[-1][0], 10) == []
+        assert await s.latest(0) == []
+
+    events_h.run(body)
+
+
+def test_read_continues_exactly_after_latest(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        await _append_tasks(s, 4)
+        rows = await s.latest(2)
+        later = await _append_tasks(s, 3)
+        assert [e.task_id for _, e in await s.read(rows[-1][0], 10)] == later
+
+    events_h.run(body)
+
+
+def test_latest_pages_backwards_with_before(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        tids = await _append_tasks(s, 25)
+        pages: list[list[tuple[str, TaskEvent]]] = []
+        before = None
+        while page := await s.latest(10, before):
+            pages.append(page)
+            before = page[0][0]
+        assert [len(p) for p in pages] == [10, 10, 5]
+        rows = [row for page in reversed(pages) for row in page]
+        assert [e.task_id for _, e in rows] == tids
+        assert rows == await s.read(None, 100)
+        assert await s.latest(10, rows[0][0]) == []
+
+    events_h.run(body)
+
+
+def test_latest_with_limit_larger_than_log(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        tids = await _append_tasks(s, 4)
+        rows = await s.latest(100)
+        assert [e.task_id for _, e in rows] == tids
+        assert [e.task_id for _, e in await s.latest(100, rows[2][0])] == tids[:2]
+
+    events_h.run(body)
+
+
+def test_latest_skips_cleaned_up_events(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        old = ev(new_task_id(), timestamp=utcnow() - timedelta(days=3))
+        tids = await _append_tasks(s, 2)
+        await s.append(old)
+        fresh = await _append_tasks(s, 2)
+        await s.cleanup(utcnow() - timedelta(days=1))
+        assert [e.task_id for _, e in await s.latest(3)] == [tids[1], *fresh]
+        assert await s.latest(10) == await s.read(None, 10)
+
+    events_h.run(body)
