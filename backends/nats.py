@@ -330,11 +330,12 @@ class _Connection:
         log.debug("NATS %s: %s", self.where, _describe(exc))
 
     async def _on_disconnect(self) -> None:
+        # Debug only: each store has a connection, and the worker reports an outage once.
         if self._nc is not None and not self._nc.is_closed:
-            log.warning("lost the connection to NATS at %s; reconnecting", self.where)
+            log.debug("lost the connection to NATS at %s; reconnecting", self.where)
 
     async def _on_reconnect(self) -> None:
-        log.info("reconnected to NATS at %s", self.url())
+        log.debug("reconnected to NATS at %s", self.url())
 
     async def close(self) -> None:
         nc, self._nc, self._js = self._nc, None, None

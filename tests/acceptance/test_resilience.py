@@ -73,18 +73,7 @@ class OutageLoggedMoreThanOnce(AssertionError):
     """The worker's log holds more than the one outage line and the one recovery line."""
 
 
-# Not fixed yet: the NATS backend logs "lost the connection ...; reconnecting" as a WARNING
-# once per connection (three stores, three lines) besides the worker's own line, and the
-# worker logs "reachable again" when a dequeue that began before the outage returns None
-# without reaching the server, then logs the outage a second time. Only that check is
-# expected to fail (raises=): any other failure of the NATS cases is reported as one.
-NATS_OUTAGE_LOGS = pytest.mark.xfail(
-    strict=True,
-    raises=OutageLoggedMoreThanOnce,
-    reason="NATS outage logged more than once: backends/nats.py _Connection._on_disconnect "
-    "warns per connection; omniq/worker.py _outage_over trusts calls begun before the outage",
-)
-RESTARTED = [pytest.param(t, marks=NATS_OUTAGE_LOGS) if t == "nats" else t for t in SERVER_TECHS]
+RESTARTED = list(SERVER_TECHS)
 
 
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
