@@ -374,6 +374,7 @@ class Worker:
                     "outcome": status.value,
                 },
             )
+            self._mark_finishing(task.id)
             await self._resilient(lambda: self.queue.retry(delivery, delay))
             log.info(
                 "task %s %s (attempt %d), retry in %.1fs",
@@ -395,9 +396,7 @@ class Worker:
         error: BaseException | None = None,
     ) -> None:
         task = delivery.task
-        running = self.running.get(task.id)
-        if running is not None:
-            running.finishing = True
+        self._mark_finishing(task.id)
         result = self._make_result(delivery, started_at, status, value, error)
         await self._resilient(lambda: self.results.store(result))
         details: dict[str, Any] = {}
@@ -409,6 +408,11 @@ class Worker:
         await self._resilient(lambda: self.queue.ack(delivery, failed=not result.ok))
         self.tasks_done += 1
         self._log_outcome(result, details.get("duration"))
+
+    def _mark_finishing(self, task_id: str) -> None:
+        running = self.running.get(task_id)
+        if running is not None:
+            running.finishing = True
 
     def _make_result(
         self,
@@ -551,8 +555,9 @@ class Worker:
                 await self._register()
                 for running in list(self.running.values()):
                     extended = await self.queue.extend(running.delivery, self.settings.lease)
-                    # A task that finished meanwhile has no lease to keep: not a loss.
-                    if not extended and running.delivery.task_id in self.running:
+                    # A task whose outcome is being written (acked meanwhile) has no
+                    # lease to keep: not a loss.
+                    if not extended and not running.finishing:
                         log.warning(
                             "lost the lease of task %s (another worker may run it)",
                             running.delivery.task_id,
