@@ -52,32 +52,19 @@ TAIL_EPILOG = (
 
 
 def result_record(result: TaskResult) -> dict[str, Any]:
-    return {
-        "task_id": result.task_id,
-        "status": result.status.value,
-        "value": result.value,
-        "error_type": result.error_type,
-        "error_message": result.error_message,
-        "traceback": result.traceback,
-        "attempts": result.attempts,
-        "queue": result.queue,
-        "worker_id": result.worker_id,
-        "enqueued_at": _iso_or_none(result.enqueued_at),
-        "started_at": _iso_or_none(result.started_at),
-        "finished_at": _iso_or_none(result.finished_at),
-    }
+    from omniq.serialization import result_to_dict
+
+    record = result_to_dict(result)  # the stored shape, with readable times
+    for key in ("enqueued_at", "started_at", "finished_at", "expires_at"):
+        record[key] = _iso_or_none(getattr(result, key))
+    return record
 
 
 def event_record(event: TaskEvent, cursor: str | None = None) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "task_id": event.task_id,
-        "event_type": event.event_type.value,
-        "timestamp": console.iso(event.timestamp),
-        "attempt": event.attempt,
-        "worker_id": event.worker_id,
-        "queue": event.queue,
-        "details": event.details,
-    }
+    from omniq.serialization import event_to_dict
+
+    record = event_to_dict(event)
+    record["timestamp"] = console.iso(event.timestamp)
     if cursor is not None:
         record["cursor"] = cursor
     return record
