@@ -63,6 +63,7 @@ from omniq.serialization import (
     encode_task,
     encode_worker,
 )
+from omniq.storage import NumberedCursors
 
 log = logging.getLogger("omniq.backends.nats")
 
@@ -1434,17 +1435,9 @@ class NATSResultStorage(_Store):
 # --- events ---------------------------------------------------------------------
 
 
-def _cursor(seq: int) -> str:
-    return f"{seq:016d}"
-
-
-def _seq_of(cursor: str | None) -> int:
-    if cursor is None:
-        return 0
-    try:
-        return int(cursor)
-    except ValueError:
-        raise ValueError(f"{cursor!r} is not a NATS event cursor") from None
+_CURSORS = NumberedCursors(16, "NATS")
+_cursor = _CURSORS.format
+_seq_of = _CURSORS.parse
 
 
 class NATSEventStorage(_Store):

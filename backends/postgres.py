@@ -44,6 +44,7 @@ from omniq.serialization import (
     encode_task,
     encode_worker,
 )
+from omniq.storage import NumberedCursors
 
 T = TypeVar("T")
 Conn = AsyncConnection[Any]
@@ -833,17 +834,9 @@ class PostgreSQLEventStorage(_PgStore):
 _BIGINT_MAX = 2**63 - 1  # `id < this` is every event: latest() without a cursor
 
 
-def _cursor(event_id: int) -> str:
-    return f"{event_id:0{_CURSOR_WIDTH}d}"
-
-
-def _cursor_id(cursor: str | None) -> int:
-    if cursor is None:
-        return 0
-    try:
-        return int(cursor)
-    except ValueError:
-        raise BackendError(f"{cursor!r} is not a PostgreSQL event cursor") from None
+_CURSORS = NumberedCursors(_CURSOR_WIDTH, "PostgreSQL")
+_cursor = _CURSORS.format
+_cursor_id = _CURSORS.parse
 
 
 # --- factory -----------------------------------------------------------------

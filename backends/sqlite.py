@@ -28,7 +28,7 @@ from omniq.serialization import (
     encode_task,
     encode_worker,
 )
-from omniq.storage import LocalSignal, PollingBackoff, poll_for_result
+from omniq.storage import LocalSignal, NumberedCursors, PollingBackoff, poll_for_result
 
 T = TypeVar("T")
 
@@ -835,17 +835,9 @@ def _event_row(event: TaskEvent) -> tuple[str, float, bytes]:
 _ROWID_MAX = 2**63 - 1
 
 
-def _cursor(rowid: int) -> str:
-    return f"{rowid:0{_CURSOR_WIDTH}d}"
-
-
-def _parse_cursor(cursor: str | None) -> int:
-    if cursor is None:
-        return 0
-    try:
-        return int(cursor)
-    except ValueError:
-        raise BackendError(f"not an SQLite event cursor: {cursor!r}") from None
+_CURSORS = NumberedCursors(_CURSOR_WIDTH, "SQLite")
+_cursor = _CURSORS.format
+_parse_cursor = _CURSORS.parse
 
 
 def _append_many(conn: sqlite3.Connection, rows: list[tuple[str, float, bytes]]) -> None:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from omniq.errors import BackendError
 from omniq.models import (
     Delivery,
     EventFilter,
@@ -128,6 +129,27 @@ class EventStorage(Protocol):
 
 
 # --- shared helpers -------------------------------------------------------
+
+
+class NumberedCursors:
+    """Cursors for stores whose events carry a growing integer (row id, stream
+    sequence): zero-padded, so they also sort as strings."""
+
+    def __init__(self, width: int, store: str) -> None:
+        self.width = width
+        self.store = store
+
+    def format(self, number: int) -> str:
+        return f"{number:0{self.width}d}"
+
+    def parse(self, cursor: str | None) -> int:
+        """The number behind `cursor`; 0 for None (before the first event)."""
+        if cursor is None:
+            return 0
+        try:
+            return int(cursor)
+        except ValueError:
+            raise BackendError(f"{cursor!r} is not a {self.store} event cursor") from None
 
 
 class BlockingRunner:
