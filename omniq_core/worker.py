@@ -20,7 +20,6 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -39,6 +38,7 @@ from omniq.models import (
     utcnow,
 )
 from omniq.storage import EventStorage, ResultStorage, TaskQueue
+from omniq.threads import TaskThreads
 
 log = logging.getLogger("omniq.worker")
 T = TypeVar("T")
@@ -156,7 +156,7 @@ class Worker:
         self._stopping = False
         self._force = False
         self._wakeup: asyncio.Event | None = None
-        self._threads: ThreadPoolExecutor | None = None
+        self._threads: TaskThreads | None = None
         self._outage_since: float | None = None  # when the current outage was first seen
         self._handlers: set[asyncio.Task[None]] = set()
         self._resolved: dict[str, Callable[..., Any]] = {}
@@ -189,7 +189,7 @@ class Worker:
         s = self.settings
         self._loop = asyncio.get_running_loop()
         self._nudge = asyncio.Event()
-        self._threads = self._new_thread_pool()
+        self._threads = TaskThreads(self._loop, s.concurrency)
         slots = asyncio.Semaphore(s.concurrency)
         background = [asyncio.create_task(self._heartbeat_loop())]
         try:
@@ -204,7 +204,7 @@ class Worker:
                 t.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self._unregister()
-            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads.shutdown()
         return self.tasks_done
 
     async def _fetch_loop(self, slots: asyncio.Semaphore) -> None:
@@ -494,9 +494,7 @@ class Worker:
             func = self._resolved.get(func_path)
         if func is None:
             # The first import may be slow or block: keep it off the loop.
-            func = await asyncio.get_running_loop().run_in_executor(
-                self._threads, serialization.resolve, func_path
-            )
+            func = await self._task_threads().run(serialization.resolve, func_path)
             self._resolved[func_path] = func
         return await self._call(func, task)
 
@@ -504,8 +502,7 @@ class Worker:
         if asyncio.iscoroutinefunction(func):
             coro: Awaitable[Any] = func(*task.args, **task.kwargs)
         else:
-            loop = asyncio.get_running_loop()
-            coro = loop.run_in_executor(self._threads, lambda: func(*task.args, **task.kwargs))
+            coro = self._task_threads().run(func, *task.args, **task.kwargs)
         if task.timeout is None:
             return await coro
         try:
@@ -516,19 +513,17 @@ class Worker:
             raise TaskTimedOut() from None
 
     def _abandon_thread(self, task: Task) -> None:
-        """A thread cannot be killed: it runs on, so later tasks get a fresh pool."""
+        """A thread cannot be killed: it runs on, so the pool gets a new one."""
         log.warning(
             "task %s is still running in its thread after its timeout; "
             "use --pool process to have timed-out tasks killed", task.id
         )
-        old, self._threads = self._threads, self._new_thread_pool()
-        if old is not None:
-            old.shutdown(wait=False)
+        self._task_threads().replace_stuck()
 
-    def _new_thread_pool(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(
-            max_workers=self.settings.concurrency, thread_name_prefix="omniq-task"
-        )
+    def _task_threads(self) -> TaskThreads:
+        if self._threads is None:
+            raise RuntimeError("the worker is not running")
+        return self._threads
 
     async def _run_shell(self, task: Task) -> Any:
         if not self.settings.allow_shell:
