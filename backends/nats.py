@@ -201,6 +201,10 @@ def _translate(exc: Exception, where: str) -> OmniQError | None:
     return None
 
 
+def _is_auth_error(exc: BaseException) -> bool:
+    return isinstance(exc, nats.errors.AuthorizationError) or "Authorization" in str(exc)
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().removeprefix("nats: ").strip("'")
     return redact(text) if text else type(exc).__name__
@@ -250,6 +254,7 @@ class _Connection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._last_error: BaseException | None = None
+        self._errors: list[BaseException] = []  # every error reported while connecting
 
     @property
     def nc(self) -> NATS:
@@ -290,6 +295,7 @@ class _Connection:
         self._nc = self._js = None
         nc = NATS()
         self._last_error = None
+        self._errors = []
         try:
             await asyncio.wait_for(nc.connect(**self._connect_args()), OPEN_BUDGET)
         except Exception as exc:
@@ -316,10 +322,11 @@ class _Connection:
         }
 
     def _refusal(self, exc: BaseException) -> str:
-        reason = self._last_error or exc
-        text = str(reason)
-        if isinstance(reason, nats.errors.AuthorizationError) or "Authorization" in text:
+        # The server may close the socket right after its -ERR, so a later attempt's
+        # "connection reset" can follow the authorization error: any one seen wins.
+        if any(_is_auth_error(e) for e in (*self._errors, exc)):
             return f"NATS at {self.where} refused the credentials (authorization violation)"
+        reason = self._last_error or exc
         if isinstance(reason, ConnectionRefusedError):
             return f"cannot connect to NATS at {self.where}: connection refused"
         if isinstance(reason, TimeoutError):
@@ -328,6 +335,7 @@ class _Connection:
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = exc
+        self._errors.append(exc)
         log.debug("NATS %s: %s", self.where, _describe(exc))
 
     async def _on_disconnect(self) -> None:

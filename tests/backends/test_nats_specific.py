@@ -317,3 +317,15 @@ def test_concurrent_enqueues_with_one_unique_key_store_one_task(shared_prefix: s
             await h.close()
 
     asyncio.run(body())
+
+
+def test_authorization_error_wins_over_a_later_connection_reset() -> None:
+    # The server closes the socket right after its -ERR: the second connect attempt
+    # then fails with "connection reset", which used to hide the real reason.
+    import nats.errors
+
+    conn = nats_backend.NATSQueue("nats://127.0.0.1:1")._conn
+    conn._errors = [nats.errors.AuthorizationError(), ConnectionResetError(104, "reset")]
+    conn._last_error = ConnectionResetError(104, "reset")
+    message = conn._refusal(ConnectionResetError(104, "reset"))
+    assert "refused the credentials" in message
