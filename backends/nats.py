@@ -609,6 +609,10 @@ class _Store:
             _server_list(servers), _connect_options(username, password, token, tls, options)
         )
         self._needs_setup = True
+        self._name_things()
+
+    def _name_things(self) -> None:
+        """Names of this store's streams and buckets (they depend on the prefix)."""
 
     @_boundary
     async def open(self) -> None:
@@ -967,21 +971,7 @@ def _stat_of(entry: _Entry, now: float) -> str | None:
 class NATSQueue(_Store):
     """Tasks in a JetStream work-queue stream; claims and leases arbitrated in a KV bucket."""
 
-    def __init__(
-        self,
-        servers: Sequence[str] | str = DEFAULT_SERVERS,
-        *,
-        prefix: str = "omniq",
-        username: str | None = None,
-        password: str | None = None,
-        token: str | None = None,
-        tls: bool | ssl.SSLContext | None = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            servers, prefix=prefix, username=username, password=password, token=token,
-            tls=tls, options=options,
-        )
+    def _name_things(self) -> None:
         self._stream = f"{self.prefix}_tasks"
         self._state = _Bucket(self._conn, f"{self.prefix}_queue")
         self._dispatcher: _Dispatcher | None = None
@@ -1348,21 +1338,7 @@ def _result_of(data: bytes) -> TaskResult | None:
 class NATSResultStorage(_Store):
     """Results in a KV bucket; `wait` is pushed by a subscription on the key's subject."""
 
-    def __init__(
-        self,
-        servers: Sequence[str] | str = DEFAULT_SERVERS,
-        *,
-        prefix: str = "omniq",
-        username: str | None = None,
-        password: str | None = None,
-        token: str | None = None,
-        tls: bool | ssl.SSLContext | None = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            servers, prefix=prefix, username=username, password=password, token=token,
-            tls=tls, options=options,
-        )
+    def _name_things(self) -> None:
         self._bucket = _Bucket(self._conn, f"{self.prefix}_results")
 
     async def _setup(self) -> None:
@@ -1451,21 +1427,7 @@ _seq_of = _CURSORS.parse
 class NATSEventStorage(_Store):
     """Events in a stream, one subject per task; the cursor is the stream sequence."""
 
-    def __init__(
-        self,
-        servers: Sequence[str] | str = DEFAULT_SERVERS,
-        *,
-        prefix: str = "omniq",
-        username: str | None = None,
-        password: str | None = None,
-        token: str | None = None,
-        tls: bool | ssl.SSLContext | None = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            servers, prefix=prefix, username=username, password=password, token=token,
-            tls=tls, options=options,
-        )
+    def _name_things(self) -> None:
         self._stream = f"{self.prefix}_events"
         self._all = f"{self.prefix}.events.>"
 
