@@ -239,6 +239,13 @@ def validate_task_id(value: str | None) -> str | None:
     return None if value is None else _as_parameter(check_task_id, value)
 
 
+def queue_option(help: str) -> Any:
+    """`-q/--queue NAME`, validated before it reaches any store."""
+    return typer.Option(
+        "--queue", "-q", metavar="NAME", callback=validate_queue, help=help, show_default=False
+    )
+
+
 def validate_queue(value: Any) -> Any:
     """typer callback for one queue name or a list of them."""
     if value is None:

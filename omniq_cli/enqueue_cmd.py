@@ -391,16 +391,7 @@ ArgsJsonOpt = Annotated[
 KwargsJsonOpt = Annotated[
     str | None, _opt("--kwargs-json", metavar="JSON", help="Keyword arguments as a JSON object.")
 ]
-QueueOpt = Annotated[
-    str | None,
-    _opt(
-        "--queue",
-        "-q",
-        metavar="NAME",
-        callback=common.validate_queue,
-        help="Queue (default: default_queue).",
-    ),
-]
+QueueOpt = Annotated[str | None, common.queue_option("Queue (default: default_queue).")]
 DelayOpt = Annotated[
     float | None, _duration_opt(common.duration, "Run no sooner than this from now: 30s, 5m, 2h.")
 ]

@@ -216,17 +216,7 @@ def tail(
             show_default=False,
         ),
     ] = None,
-    queue: Annotated[
-        str | None,
-        typer.Option(
-            "--queue",
-            "-q",
-            metavar="NAME",
-            callback=common.validate_queue,
-            help="Only events of this queue.",
-            show_default=False,
-        ),
-    ] = None,
+    queue: Annotated[str | None, common.queue_option("Only events of this queue.")] = None,
     since: Annotated[
         float | None,
         typer.Option(

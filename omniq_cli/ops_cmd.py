@@ -181,15 +181,7 @@ def purge(
         bool, typer.Option("--expired", help="Delete results past their TTL.")
     ] = False,
     queue: Annotated[
-        str | None,
-        typer.Option(
-            "--queue",
-            "-q",
-            metavar="NAME",
-            callback=common.validate_queue,
-            help="Drop the waiting and failed tasks of this queue.",
-            show_default=False,
-        ),
+        str | None, common.queue_option("Drop the waiting and failed tasks of this queue.")
     ] = None,
     all_queues: Annotated[
         bool, typer.Option("--all-queues", help="Drop the waiting and failed tasks of every queue.")
