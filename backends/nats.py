@@ -104,6 +104,7 @@ H_ETA = "Omniq-Eta"
 
 WAITING, RUNNING, FAILED, CANCELLED = "waiting", "running", "failed", "cancelled"
 _WRONG_LAST_SEQ = (10071, 10164)
+_SUBJECTS_OVERLAP = 10065  # another stream already takes these subjects
 _STREAM_IN_USE = 10058
 _KV_DELETED = ("DEL", "PURGE")
 
@@ -405,8 +406,7 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None
     try:
         await js.add_stream(config)
     except nats.js.errors.BadRequestError as exc:
-        if exc.err_code != _STREAM_IN_USE:
-            raise
+        await _created_by_someone_else(js, config.name or "", exc)
         # Exists with other settings (an admin's edits, an older omniq): use it as it is.
 
 
@@ -414,8 +414,23 @@ async def _ensure_bucket(js: JetStreamContext, name: str) -> None:
     try:
         await js.create_key_value(bucket=name, history=1, direct=True)
     except nats.js.errors.BadRequestError as exc:
-        if exc.err_code != _STREAM_IN_USE:
-            raise
+        await _created_by_someone_else(js, f"KV_{name}", exc)
+
+
+async def _created_by_someone_else(
+    js: JetStreamContext, stream: str, exc: nats.js.errors.BadRequestError
+) -> None:
+    """Re-raise unless the stream exists now. A creator racing another one gets
+    "name in use", or, when the other one won a moment earlier, "subjects overlap"."""
+    if exc.err_code == _STREAM_IN_USE:
+        return
+    if exc.err_code == _SUBJECTS_OVERLAP:
+        try:
+            await js.stream_info(stream)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+    raise exc
 
 
 async def _purge(nc: NATS, stream: str, subject: str | None, below: int | None = None) -> int:

@@ -329,3 +329,25 @@ def test_authorization_error_wins_over_a_later_connection_reset() -> None:
     conn._last_error = ConnectionResetError(104, "reset")
     message = conn._refusal(ConnectionResetError(104, "reset"))
     assert "refused the credentials" in message
+
+
+def test_many_first_opens_of_one_prefix_all_succeed() -> None:
+    # Racing creators of one stream get "name in use" or, when another won a moment
+    # earlier, "subjects overlap": both mean the stream is there. Before the fix,
+    # 30 rounds failed every run.
+    _need(None if port_open(4222) else "no NATS server on 127.0.0.1:4222")
+    prefixes = ["race_" + uuid.uuid4().hex[:8] for _ in range(30)]
+
+    async def body() -> None:
+        for prefix in prefixes:
+            handles = [nats_backend.NATSQueue(SHARED, prefix=prefix) for _ in range(16)]
+            outcomes = await asyncio.gather(*(h.open() for h in handles), return_exceptions=True)
+            for h in handles:
+                await h.close()
+            assert [o for o in outcomes if isinstance(o, Exception)] == []
+
+    try:
+        asyncio.run(body())
+    finally:
+        for prefix in prefixes:
+            drop_namespace("nats", prefix, SHARED)
