@@ -409,11 +409,18 @@ class AsyncOmniQ:
         """Live events of all tasks as (cursor, event).
 
         `after` is "now", None (from the oldest) or a cursor from an earlier event.
+        "now" is taken at the first iteration; to fix it earlier, pass `await
+        omniq.event_cursor()`.
         """
         events = await self._e()
         start = await events.last_cursor() if after == "now" else after
         async for item in follow_events(events, start, filters, idle_wait=idle_wait):
             yield item
+
+    async def event_cursor(self) -> str | None:
+        """The cursor of the newest event: follow from here to see only what comes next."""
+        events = await self._e()
+        return await events.last_cursor()
 
     # --- operations ----------------------------------------------------------
     async def cancel(self, task_id: str) -> bool:
@@ -704,7 +711,16 @@ class OmniQ:
     def follow_events(
         self, after: str | None = "now", filters: EventFilter | None = None
     ) -> Iterator[TaskEvent]:
-        """Yield events of all tasks as they happen (blocks between events)."""
+        """Yield events of all tasks as they happen (blocks between events).
+
+        "now" means the moment of this call, not of the first `next()`: events of
+        tasks enqueued in between are not missed.
+        """
+        if after == "now":
+            after = self._run(self._core.event_cursor())
+        return self._follow(after, filters)
+
+    def _follow(self, after: str | None, filters: EventFilter | None) -> Iterator[TaskEvent]:
         agen = self._core.follow_events(after, filters)
         try:
             while True:

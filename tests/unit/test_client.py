@@ -255,3 +255,13 @@ def test_no_false_lost_lease_warnings(tmp_path: Path, caplog: pytest.LogCaptureF
         ids = client.enqueue_many([("omniq.examples:add", (i, 1)) for i in range(300)])
         assert [client.get_result(t, timeout=30) for t in ids] == [i + 1 for i in range(300)]
     assert not [r for r in caplog.records if "lost the lease" in r.getMessage()]
+
+
+def test_follow_from_now_means_the_call_not_the_first_next(omniq: OmniQ) -> None:
+    # The task may finish before the caller first asks for an event.
+    follow = omniq.follow_events(filters=EventFilter(event_types=frozenset({EventType.COMPLETED})))
+    task_id = omniq.enqueue("omniq.examples:add", 4, 4)
+    assert omniq.get_result(task_id, timeout=10) == 8
+    event = next(follow)
+    assert event.task_id == task_id
+    follow.close()
