@@ -72,7 +72,7 @@ from omniq.models import (
     TaskEvent,
     TaskResult,
     WorkerInfo,
-    is_queue_name,
+    check_queue_name,
 )
 from omniq.registry import Role, require
 from omniq.serialization import (
@@ -867,11 +867,6 @@ def _bump(root: str) -> None:
         _generations[root] = _generations.get(root, 0) + 1
 
 
-def _check_queue(name: str) -> None:
-    if not is_queue_name(name):
-        raise ValueError(f"invalid queue name {name!r}: use letters, digits, '_', '.', '-'")
-
-
 def _listdir(path: str) -> list[str]:
     try:
         return sorted(n for n in os.listdir(path) if not n.startswith("."))
@@ -947,7 +942,7 @@ class _Maildir:
     # -- enqueue and unique keys --
 
     def enqueue(self, task: Task) -> str:
-        _check_queue(task.queue)
+        check_queue_name(task.queue)
         if task.unique_key is not None:
             owner = self._lock(task.unique_key, task.id)
             if owner != task.id:
@@ -1021,7 +1016,7 @@ class _Maildir:
 
     def claim(self, queues: Sequence[str], lease: float) -> Delivery | None:
         for queue in queues:
-            _check_queue(queue)
+            check_queue_name(queue)
         now = _now_us()
         self._reap(now)
         for queue in queues:

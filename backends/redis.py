@@ -58,7 +58,7 @@ from omniq.models import (
     TaskEvent,
     TaskResult,
     WorkerInfo,
-    is_queue_name,
+    check_queue_name,
 )
 from omniq.registry import Role
 from omniq.serialization import (
@@ -817,7 +817,7 @@ class RedisQueue(_RedisStore):
 
     @_guarded
     async def enqueue(self, task: Task) -> str:
-        _check_queue(task.queue)
+        check_queue_name(task.queue)
         got = await self._script(
             "enqueue", task.id, encode_task(task), task.queue, task.priority,
             _ms(task.eta), task.unique_key or "",
@@ -832,7 +832,7 @@ class RedisQueue(_RedisStore):
         if not names:
             raise ValueError("dequeue needs at least one queue name")
         for name in names:
-            _check_queue(name)
+            check_queue_name(name)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         wake_keys = [f"{self._p}q:{name}:wake" for name in names]
@@ -897,7 +897,7 @@ class RedisQueue(_RedisStore):
     @_guarded
     async def purge(self, queue: str | None = None) -> int:
         if queue is not None:
-            _check_queue(queue)
+            check_queue_name(queue)
         total = 0
         while True:
             dropped, popped = await self._script("purge", BATCH, queue or "")
@@ -917,11 +917,6 @@ class RedisQueue(_RedisStore):
     async def workers(self) -> list[WorkerInfo]:
         rows = await self._script("worker_list")
         return sorted((decode_worker(r) for r in rows), key=lambda w: w.worker_id)
-
-
-def _check_queue(name: str) -> None:
-    if not is_queue_name(name):
-        raise ValueError(f"invalid queue name {name!r}: letters, digits, '_', '.', '-'")
 
 
 # --- results ----------------------------------------------------------------

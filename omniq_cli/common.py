@@ -224,14 +224,9 @@ def check_task_id(value: str) -> str:
 
 
 def check_queue(value: str) -> str:
-    from omniq.models import is_queue_name
+    from omniq.models import check_queue_name
 
-    if not is_queue_name(value):
-        raise ValueError(
-            f"invalid queue name {value!r}: use letters, digits, '_', '.', '-' "
-            "(starting with a letter or digit, at most 100 characters)"
-        )
-    return value
+    return check_queue_name(value)
 
 
 def validate_task_id(value: str | None) -> str | None:

@@ -34,7 +34,7 @@ from omniq.models import (
     TaskResult,
     TaskStatus,
     WorkerInfo,
-    is_queue_name,
+    check_queue_name,
     new_task_id,
     utcnow,
 )
@@ -294,8 +294,7 @@ class AsyncOmniQ:
         serialization.check_arguments(args, kwargs)
         cfg = self.config
         queue = options.queue or cfg.default_queue
-        if not is_queue_name(queue):
-            raise ValueError(f"invalid queue name {queue!r}: use letters, digits, '_', '-', '.'")
+        check_queue_name(queue)
         now = utcnow()
         delay = _seconds(options.delay)
         eta = options.eta or (now + timedelta(seconds=delay) if delay else None)

@@ -16,7 +16,7 @@ from typing import Any
 import platformdirs
 
 from omniq.errors import ConfigError, redact
-from omniq.models import is_queue_name
+from omniq.models import check_queue_name
 
 __all__ = ["KEYS", "STORES", "OmniQConfig", "env_var", "find_config_file", "parse_duration"]
 
@@ -118,19 +118,10 @@ def _store_type(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
-def _queue_name(value: str) -> str:
-    if not is_queue_name(value):
-        raise ValueError(
-            f"invalid queue name {value!r}: use letters, digits, '_', '.', '-' "
-            "(starting with a letter or digit, at most 100 characters)"
-        )
-    return value
-
-
 def _queue_names(value: list[str]) -> list[str]:
     if not value:
         raise ValueError("must name at least one queue")
-    return [_queue_name(name) for name in value]
+    return [check_queue_name(name) for name in value]
 
 
 def _port(value: int) -> int:
@@ -184,7 +175,7 @@ SPECS: dict[str, _Spec] = {
     "worker_shutdown_timeout": _Spec("duration", 30.0, check=_at_least(0)),
     "worker_heartbeat_seconds": _opt("duration", _above(0)),  # None: a third of the lease
     "worker_poll_interval": _Spec("duration", 1.0, check=_above(0)),
-    "default_queue": _Spec("str", "default", check=_queue_name),
+    "default_queue": _Spec("str", "default", check=check_queue_name),
     "default_retries": _Spec("int", 0, check=_at_least(0)),
     "default_retry_delay": _Spec("duration", 1.0, check=_at_least(0)),
     "default_retry_backoff": _Spec("float", 2.0, check=_at_least(1)),

@@ -109,6 +109,16 @@ def is_queue_name(value: str) -> bool:
     return bool(QUEUE_NAME_RE.match(value))
 
 
+def check_queue_name(value: str) -> str:
+    """`value` when it is a valid queue name, else ValueError saying what is allowed."""
+    if not is_queue_name(value):
+        raise ValueError(
+            f"invalid queue name {value!r}: use letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit, at most 100 characters)"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class Task:
     """One unit of work. `func` is an import path `pkg.mod:qualname` (or a local token)."""
