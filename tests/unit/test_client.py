@@ -224,11 +224,18 @@ def test_async_api() -> None:
 
 
 def test_context_exit_drains_local_tasks() -> None:
-    with OmniQ(memory_config()) as client:
-        task_id = client.enqueue(lambda: time.sleep(0.3) or "done")
-        results = client.core
-    assert not results.is_open
-    del task_id
+    ran: list[str] = []
+
+    def slow() -> None:
+        time.sleep(0.05)
+        ran.append("done")
+
+    with OmniQ(memory_config(worker_concurrency=1)) as client:
+        for _ in range(5):  # nobody waits for them, and most are still queued: the exit must
+            client.enqueue(slow)
+        core = client.core
+    assert ran == ["done"] * 5
+    assert not core.is_open
 
 
 def test_invalid_queue_name() -> None:
