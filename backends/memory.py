@@ -40,7 +40,7 @@ class MemoryQueue:
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
         self._lanes: dict[str, _Lane] = {}
-        self._unique: dict[str, str] = {}
+        self._unique: dict[str, tuple[str, float | None]] = {}  # key -> (task id, held until)
         self._leased: dict[str, _Entry] = {}
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
         self._seq = itertools.count()
@@ -64,11 +64,14 @@ class MemoryQueue:
         heapq.heappush(lane.heap, item)
 
     async def enqueue(self, task: Task) -> str:
+        old = self._entries.get(task.id)
+        if old is not None and old.state != "failed":
+            return task.id  # already queued: nothing to do
         if task.unique_key is not None:
-            existing = self._unique.get(task.unique_key)
-            if existing is not None and existing in self._entries:
-                return existing
-            self._unique[task.unique_key] = task.id
+            holder = self._key_holder(task.unique_key)
+            if holder is not None and holder != task.id:
+                return holder
+            self._unique[task.unique_key] = (task.id, None)
         ready = task.eta.timestamp() if task.eta else 0.0
         entry = _Entry(task=task, ready_at=ready)
         self._entries[task.id] = entry
@@ -149,31 +152,56 @@ class MemoryQueue:
             return None
         return entry
 
-    def _finish(self, task_id: str) -> None:
+    def _key_holder(self, key: str) -> str | None:
+        """The task holding `key`: unfinished, or finished less than its unique_ttl ago."""
+        held = self._unique.get(key)
+        if held is None:
+            return None
+        task_id, until = held
+        if until is None:
+            if task_id in self._entries and self._entries[task_id].state != "failed":
+                return task_id
+        elif until > time.time():
+            return task_id
+        del self._unique[key]
+        return None
+
+    def _settle_key(self, task: Task, keep: bool) -> None:
+        """The task finished: keep its key for unique_ttl more seconds, or free it now."""
+        key = task.unique_key
+        if key is None or self._unique.get(key, (None,))[0] != task.id:
+            return
+        if keep and task.unique_ttl:
+            self._unique[key] = (task.id, time.time() + task.unique_ttl)
+        else:
+            del self._unique[key]
+
+    def _finish(self, task_id: str, keep_key: bool = False) -> None:
         self._leased.pop(task_id, None)
         entry = self._entries.pop(task_id, None)
-        if entry and entry.task.unique_key and self._unique.get(entry.task.unique_key) == task_id:
-            del self._unique[entry.task.unique_key]
+        if entry is not None:
+            self._settle_key(entry.task, keep_key)
 
-    async def ack(self, delivery: Delivery, *, failed: bool = False) -> None:
-        entry = self._entries.get(delivery.task_id)
+    async def ack(self, delivery: Delivery, *, failed: bool = False) -> bool:
+        entry = self._held(delivery)
         if entry is None:
-            return
+            return False
         if failed:
             self._set_state(entry, "failed")
-            if entry.task.unique_key and self._unique.get(entry.task.unique_key) == entry.task.id:
-                del self._unique[entry.task.unique_key]
+            self._settle_key(entry.task, keep=True)
         else:
-            self._finish(delivery.task_id)
+            self._finish(delivery.task_id, keep_key=True)
+        return True
 
-    async def retry(self, delivery: Delivery, delay: float) -> None:
-        entry = self._entries.get(delivery.task_id)
+    async def retry(self, delivery: Delivery, delay: float) -> bool:
+        entry = self._held(delivery)
         if entry is None:
-            return
+            return False
         self._set_state(entry, "waiting")
         entry.ready_at = time.time() + delay
         self._push(entry)
         await self._wake()
+        return True
 
     async def release(self, delivery: Delivery) -> None:
         entry = self._held(delivery)
@@ -257,9 +285,12 @@ class MemoryResultStorage:
     async def close(self) -> None:
         return None
 
-    async def store(self, result: TaskResult) -> None:
+    async def store(self, result: TaskResult) -> bool:
+        if await self.get(result.task_id) is not None:
+            return False  # the first final outcome wins
         self._results[result.task_id] = result
         self._signal.notify(result.task_id)
+        return True
 
     async def get(self, task_id: str) -> TaskResult | None:
         result = self._results.get(task_id)
@@ -299,6 +330,7 @@ class MemoryEventStorage:
     def __init__(self) -> None:
         self._events: list[TaskEvent | None] = []
         self._by_task: dict[str, list[int]] = {}
+        self._ids: set[str] = set()
         self._signal = LocalSignal()
 
     async def open(self) -> None:
@@ -308,6 +340,9 @@ class MemoryEventStorage:
         return None
 
     async def append(self, event: TaskEvent) -> None:
+        if event.id in self._ids:
+            return  # sent again: stored once
+        self._ids.add(event.id)
         self._by_task.setdefault(event.task_id, []).append(len(self._events))
         self._events.append(event)
         self._signal.notify("*")
@@ -356,6 +391,7 @@ class MemoryEventStorage:
             if event is not None and event.timestamp < before:
                 self._events[i] = None
                 self._by_task[event.task_id].remove(i)
+                self._ids.discard(event.id)
                 count += 1
         return count
 

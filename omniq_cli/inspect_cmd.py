@@ -55,6 +55,7 @@ def result_record(result: TaskResult) -> dict[str, Any]:
     from omniq.serialization import result_to_dict
 
     record = result_to_dict(result)  # the stored shape, with readable times
+    record.pop("v", None)  # the storage format version is not the user's business
     for key in ("enqueued_at", "started_at", "finished_at", "expires_at"):
         record[key] = _iso_or_none(getattr(result, key))
     return record
@@ -64,6 +65,7 @@ def event_record(event: TaskEvent, cursor: str | None = None) -> dict[str, Any]:
     from omniq.serialization import event_to_dict
 
     record = event_to_dict(event)
+    record.pop("v", None)
     record["timestamp"] = console.iso(event.timestamp)
     if cursor is not None:
         record["cursor"] = cursor

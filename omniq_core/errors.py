@@ -19,6 +19,10 @@ class BackendError(OmniQError):
     """A store answered with an error that is not about reachability."""
 
 
+class CorruptRecord(BackendError):
+    """A stored record does not decode: bad bytes, an unknown format version, missing fields."""
+
+
 class MissingDependency(OmniQError):
     """An optional driver is not installed; the message carries the install hint."""
 
@@ -37,6 +41,14 @@ class ResultTimeout(OmniQError):
 
 class TaskRefused(OmniQError):
     """The worker will not run this callable (allow-list, shell disabled)."""
+
+
+class WorkerLost(OmniQError):
+    """Recorded as a task's error: its workers vanished (lease expired) on every attempt."""
+
+
+class UndecodableTask(OmniQError):
+    """Recorded as a task's error: its stored payload could not be decoded."""
 
 
 class TaskFailed(OmniQError):

@@ -45,6 +45,7 @@ class EventType(StrEnum):
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"
     EXPIRED = "expired"
+    RELEASED = "released"  # handed back unfinished at shutdown; it will run again
 
 
 class TaskKind(StrEnum):
@@ -101,6 +102,15 @@ def is_task_id(value: str) -> bool:
     return bool(TASK_ID_RE.match(value))
 
 
+_ANY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,199}$")
+
+
+def is_valid_id(value: object) -> bool:
+    """A task id any store can hold: our UUIDv7s, and plain ids given through the API
+    (letters, digits, `_.:=-`). NUL, spaces, slashes and the like are never an id."""
+    return isinstance(value, str) and bool(_ANY_ID_RE.match(value))
+
+
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -135,6 +145,9 @@ class Task:
     timeout: float | None = None  # seconds per attempt
     expires_at: datetime | None = None  # not started by then -> EXPIRED
     unique_key: str | None = None
+    # Seconds the unique key stays held after the task finished (None or 0: freed when
+    # it finishes), so a key such as "nightly-2030-01-31" runs once, not once at a time.
+    unique_ttl: float | None = None
     result_ttl: float | None = None  # seconds; None = store default
     kind: TaskKind = TaskKind.PYTHON
     created_at: datetime = field(default_factory=utcnow)
@@ -172,7 +185,11 @@ class TaskResult:
 
 @dataclass(frozen=True)
 class TaskEvent:
-    """One lifecycle step of a task. `details` never carries task arguments."""
+    """One lifecycle step of a task. `details` never carries task arguments.
+
+    `id` is chosen by the writer, so a write that is sent again (its reply was lost)
+    is stored once: every event store drops a second copy of an id.
+    """
 
     task_id: str
     event_type: EventType
@@ -181,15 +198,22 @@ class TaskEvent:
     worker_id: str | None = None
     queue: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=new_task_id)
 
 
 @dataclass(frozen=True)
 class Delivery:
-    """A task handed to one worker under a lease. `receipt` is the backend's token."""
+    """A task handed to one worker under a lease. `receipt` is the backend's token.
+
+    `problem` is set when the stored task could not be decoded (bad bytes, an unknown
+    format version, missing fields): `task` is then a placeholder with the real id and
+    queue, and the worker records a failed outcome instead of running anything.
+    """
 
     task: Task
-    attempt: int  # 1 on first delivery; raised by retries and by expired leases
+    attempt: int  # counted when the lease is taken: 1 on first delivery
     receipt: Any = None
+    problem: str | None = None
 
     @property
     def task_id(self) -> str:
@@ -216,6 +240,8 @@ class WorkerInfo:
     current_tasks: tuple[str, ...] = ()
     concurrency: int = 1
     tasks_done: int = 0
+    events_buffered: int = 0  # held locally while the event store is unreachable
+    events_dropped: int = 0  # lost because that buffer was full
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from omniq.errors import SerializationError
+from omniq.errors import CorruptRecord, SerializationError
 from omniq.models import (
     EventType,
     Task,
@@ -23,6 +23,11 @@ from omniq.models import (
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _loads = json.loads
+
+# The record formats this OmniQ writes (the "v" field). A record of a newer format
+# (written by a newer OmniQ) is refused as corrupt rather than misread.
+FORMAT_VERSION = 1
+UNDECODABLE_FUNC = "<undecodable>"
 
 
 def check_json(value: Any, name: str) -> None:
@@ -91,6 +96,7 @@ def _dt(value: datetime | None) -> float | None:
 
 def task_to_dict(task: Task) -> dict[str, Any]:
     return {
+        "v": FORMAT_VERSION,
         "id": task.id,
         "func": task.func,
         "args": list(task.args),
@@ -103,6 +109,7 @@ def task_to_dict(task: Task) -> dict[str, Any]:
         "timeout": task.timeout,
         "expires_at": _dt(task.expires_at),
         "unique_key": task.unique_key,
+        "unique_ttl": task.unique_ttl,
         "result_ttl": task.result_ttl,
         "kind": task.kind.value,
         "created_at": _dt(task.created_at),
@@ -123,6 +130,7 @@ def task_from_dict(d: dict[str, Any]) -> Task:
         timeout=d.get("timeout"),
         expires_at=from_timestamp(d.get("expires_at")),
         unique_key=d.get("unique_key"),
+        unique_ttl=d.get("unique_ttl"),
         result_ttl=d.get("result_ttl"),
         kind=TaskKind(d.get("kind", "python")),
         created_at=from_timestamp(d["created_at"]),  # type: ignore[arg-type]
@@ -133,12 +141,52 @@ def encode_task(task: Task) -> bytes:
     return _dumps(task_to_dict(task)).encode()
 
 
+def _decoded(kind: str, data: bytes | str, build: Callable[[dict[str, Any]], Any]) -> Any:
+    """`build(json of data)`, or CorruptRecord saying what is wrong with the record."""
+    try:
+        d = _loads(data)
+        if not isinstance(d, dict):
+            raise TypeError(f"a JSON object was expected, not {type(d).__name__}")
+        version = d.get("v", 1)
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"unknown {kind} format version {version!r} (this OmniQ reads {FORMAT_VERSION})"
+            )
+        return build(d)
+    except CorruptRecord:
+        raise
+    except KeyError as exc:
+        raise CorruptRecord(f"{kind} record lacks the field {exc.args[0]!r}") from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        # ValueError covers json.JSONDecodeError and UnicodeDecodeError.
+        raise CorruptRecord(f"{kind} record does not decode: {exc}") from None
+
+
 def decode_task(data: bytes | str) -> Task:
-    return task_from_dict(_loads(data))
+    """The task; CorruptRecord when `data` is not a task this OmniQ can read."""
+    task: Task = _decoded("task", data, task_from_dict)
+    return task
+
+
+def placeholder_task(task_id: str, queue: str = "default") -> Task:
+    """What a store hands out for a task whose payload does not decode: the worker
+    records it failed (it never runs), and `get_task` shows it without a traceback."""
+    return Task(func=UNDECODABLE_FUNC, id=task_id, queue=queue)
+
+
+def decode_task_or_placeholder(
+    data: bytes | str, task_id: str, queue: str = "default"
+) -> tuple[Task, str | None]:
+    """(task, None), or (placeholder, what is wrong) when the payload does not decode."""
+    try:
+        return decode_task(data), None
+    except CorruptRecord as exc:
+        return placeholder_task(task_id, queue), str(exc)
 
 
 def result_to_dict(result: TaskResult) -> dict[str, Any]:
     return {
+        "v": FORMAT_VERSION,
         "task_id": result.task_id,
         "status": result.status.value,
         "value": result.value,
@@ -181,11 +229,14 @@ def encode_result(result: TaskResult) -> bytes:
 
 
 def decode_result(data: bytes | str) -> TaskResult:
-    return result_from_dict(_loads(data))
+    result: TaskResult = _decoded("result", data, result_from_dict)
+    return result
 
 
 def event_to_dict(event: TaskEvent) -> dict[str, Any]:
     return {
+        "v": FORMAT_VERSION,
+        "id": event.id,
         "task_id": event.task_id,
         "event_type": event.event_type.value,
         "timestamp": _dt(event.timestamp),
@@ -205,7 +256,15 @@ def event_from_dict(d: dict[str, Any]) -> TaskEvent:
         worker_id=d.get("worker_id"),
         queue=d.get("queue"),
         details=dict(d.get("details") or {}),
+        # Events stored before ids existed get a stable one from their content.
+        id=d.get("id") or _legacy_event_id(d),
     )
+
+
+def _legacy_event_id(d: dict[str, Any]) -> str:
+    import hashlib
+
+    return "legacy-" + hashlib.sha1(_dumps(d).encode()).hexdigest()[:24]
 
 
 def encode_event(event: TaskEvent) -> bytes:
@@ -213,7 +272,8 @@ def encode_event(event: TaskEvent) -> bytes:
 
 
 def decode_event(data: bytes | str) -> TaskEvent:
-    return event_from_dict(_loads(data))
+    event: TaskEvent = _decoded("event", data, event_from_dict)
+    return event
 
 
 def worker_to_dict(info: WorkerInfo) -> dict[str, Any]:
@@ -227,6 +287,8 @@ def worker_to_dict(info: WorkerInfo) -> dict[str, Any]:
         "current_tasks": list(info.current_tasks),
         "concurrency": info.concurrency,
         "tasks_done": info.tasks_done,
+        "events_buffered": info.events_buffered,
+        "events_dropped": info.events_dropped,
     }
 
 
@@ -241,6 +303,8 @@ def worker_from_dict(d: dict[str, Any]) -> WorkerInfo:
         current_tasks=tuple(d.get("current_tasks") or ()),
         concurrency=int(d.get("concurrency", 1)),
         tasks_done=int(d.get("tasks_done", 0)),
+        events_buffered=int(d.get("events_buffered", 0)),
+        events_dropped=int(d.get("events_dropped", 0)),
     )
 
 
@@ -249,7 +313,8 @@ def encode_worker(info: WorkerInfo) -> bytes:
 
 
 def decode_worker(data: bytes | str) -> WorkerInfo:
-    return worker_from_dict(_loads(data))
+    info: WorkerInfo = _decoded("worker", data, worker_from_dict)
+    return info
 
 
 def dumps(value: Any) -> str:

@@ -36,25 +36,41 @@ class TaskQueue(Protocol):
     async def close(self) -> None: ...
 
     async def enqueue(self, task: Task) -> str:
-        """Store the task; return its id, or the id of the unfinished task with
-        the same `unique_key` (then nothing new is stored)."""
+        """Store the task; return its id. Idempotent: a task of the same id that is
+        unfinished is left as it is. A dead letter of the same id is queued again from
+        scratch (attempts 0): that is how `omniq retry` runs a failed task again.
+
+        Unique keys: a task's `unique_key` is held while it is unfinished and, once it
+        finished (either way), for `task.unique_ttl` seconds more (None/0: freed when it
+        finishes). Enqueueing a held key stores nothing and returns the holder's id.
+        Cancel and purge free the key at once."""
 
     async def dequeue(self, queues: Sequence[str], lease: float, timeout: float) -> Delivery | None:
         """Claim the next runnable task: queues in the order given, then higher
         priority, then older. Skips tasks whose ETA is in the future. Waits up
-        to `timeout` seconds (0 = do not wait). The lease lasts `lease` seconds;
-        when it expires the task becomes claimable again with attempt + 1."""
+        to `timeout` seconds (0 = do not wait). The attempt is counted here, when the
+        lease is taken. The lease lasts `lease` seconds; when it expires the task
+        becomes claimable again (its next claim counts one more attempt).
 
-    async def ack(self, delivery: Delivery, *, failed: bool = False) -> None:
-        """Finish the task. `failed=True` keeps it as a dead letter (counted in
-        stats, readable by get_task) until purged or retried."""
+        A stored task that does not decode is still delivered, with `problem` set and
+        a placeholder task (`serialization.decode_task_or_placeholder`), so the worker
+        can fail it: bad data never blocks a queue or stops a worker.
 
-    async def retry(self, delivery: Delivery, delay: float) -> None:
-        """Put the task back to run again after `delay` seconds, attempt kept
-        (the next delivery has attempt + 1)."""
+        A claim whose reply was lost (connection dropped after the server did it) must
+        not strand its task: server backends re-find such a claim on their next call."""
+
+    async def ack(self, delivery: Delivery, *, failed: bool = False) -> bool:
+        """Finish the task if this delivery still holds its lease; False (and nothing
+        changed) when the lease was lost. `failed=True` keeps it as a dead letter
+        (counted in stats, readable by get_task) until purged or retried."""
+
+    async def retry(self, delivery: Delivery, delay: float) -> bool:
+        """Put the task back to run again after `delay` seconds if this delivery still
+        holds its lease (False otherwise). The next delivery counts attempt + 1."""
 
     async def release(self, delivery: Delivery) -> None:
-        """Hand the task back at once without counting the attempt."""
+        """Hand the task back at once without counting the attempt (only while this
+        delivery holds the lease)."""
 
     async def extend(self, delivery: Delivery, lease: float) -> bool:
         """Renew the lease for `lease` seconds from now; False if it was lost."""
@@ -63,7 +79,8 @@ class TaskQueue(Protocol):
         """Remove a task that no worker holds; False if running, done or unknown."""
 
     async def get_task(self, task_id: str) -> Task | None:
-        """The task while it is queued, scheduled, running or dead-lettered."""
+        """The task while it is queued, scheduled, running or dead-lettered (a
+        placeholder when its payload does not decode; never a decode error)."""
 
     async def stats(self) -> list[QueueStats]: ...
 
@@ -84,7 +101,14 @@ class ResultStorage(Protocol):
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def store(self, result: TaskResult) -> None: ...
+
+    async def store(self, result: TaskResult) -> bool:
+        """Store the task's outcome unless one is already stored: the first final
+        outcome wins. Atomic across processes (a conditional create: SET NX, INSERT ...
+        ON CONFLICT DO NOTHING, a KV create, an exclusive file create). True when this
+        call stored it; False when an unexpired result was there (it is kept).
+        `delete` clears the way for a new outcome (`omniq retry`)."""
+
     async def get(self, task_id: str) -> TaskResult | None: ...
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskResult | None:
@@ -103,8 +127,12 @@ class EventStorage(Protocol):
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def append(self, event: TaskEvent) -> None: ...
-    async def append_many(self, events: Sequence[TaskEvent]) -> None: ...
+    async def append(self, event: TaskEvent) -> None:
+        """Store the event once: an event whose `id` is already stored is dropped, so a
+        write sent again after a lost reply leaves one copy."""
+
+    async def append_many(self, events: Sequence[TaskEvent]) -> None:
+        """`append` for many, in order, in as few round trips as the store allows."""
 
     async def get(self, task_id: str) -> list[TaskEvent]:
         """Every stored event of one task, oldest first."""

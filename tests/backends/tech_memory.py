@@ -21,3 +21,6 @@ async def make(role: str, tmp_path: Path, namespace: str) -> Any:
     if key not in _shared:
         _shared[key] = registry.create("memory", role, {})  # type: ignore[arg-type]
     return _shared[key]
+
+# The memory queue keeps Task objects, not bytes: there is nothing to corrupt.
+corrupt_task = None

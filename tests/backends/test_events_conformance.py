@@ -33,6 +33,25 @@ def test_append_and_get_in_order(events_h: Harness) -> None:
     events_h.run(body)
 
 
+def test_an_event_sent_again_is_stored_once(events_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        tid = new_task_id()
+        first, second = ev(tid), ev(tid, EventType.STARTED, attempt=1)
+        assert first.id != second.id
+        await s.append(first)
+        await s.append(first)  # the reply of the first write was lost: written again
+        other = await events_h.another()
+        await other.append_many([first, second, second])
+        got = await s.get(tid)
+        assert [e.id for e in got] == [first.id, second.id]
+        assert got == [first, second]
+        start = None
+        rows = [e for _, e in await s.read(start, 1000) if e.task_id == tid]
+        assert [e.id for e in rows] == [first.id, second.id]
+
+    events_h.run(body)
+
+
 def test_timestamps_are_aware_utc(events_h: Harness) -> None:
     async def body(s: Any) -> None:
         tid = new_task_id()

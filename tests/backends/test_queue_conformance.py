@@ -6,7 +6,10 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from omniq.models import Task, WorkerInfo, seconds_from_now, utcnow
+from omniq.serialization import UNDECODABLE_FUNC
 
 from .conftest import Harness
 
@@ -265,11 +268,126 @@ def test_unique_key_dedupes_while_unfinished(queue_h: Harness) -> None:
     queue_h.run(body)
 
 
+def test_unique_key_is_held_for_unique_ttl_after_the_task_finished(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        first = await q.enqueue(task(unique_key="nightly-2030-01-31", unique_ttl=1.5))
+        d = await q.dequeue(["default"], LEASE, 0)
+        assert d is not None
+        assert await q.ack(d) is True
+        # Finished, but cron fires again the same day: still a duplicate.
+        assert await q.enqueue(task(unique_key="nightly-2030-01-31", unique_ttl=1.5)) == first
+        assert await q.dequeue(["default"], LEASE, 0) is None
+        await asyncio.sleep(1.8)
+        fresh = task(unique_key="nightly-2030-01-31", unique_ttl=1.5)
+        assert await q.enqueue(fresh) == fresh.id
+
+    queue_h.run(body)
+
+
+def test_unique_key_of_a_dead_letter_is_held_for_unique_ttl(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        first = await q.enqueue(task(unique_key="once", unique_ttl=60))
+        d = await q.dequeue(["default"], LEASE, 0)
+        assert d is not None
+        assert await q.ack(d, failed=True) is True
+        assert await q.enqueue(task(unique_key="once", unique_ttl=60)) == first
+
+    queue_h.run(body)
+
+
 def test_unique_key_is_free_after_cancel(queue_h: Harness) -> None:
     async def body(q: Any) -> None:
         first = await q.enqueue(task(unique_key="k1"))
         assert await q.cancel(first)
         assert await q.enqueue(task(unique_key="k1")) != first
+
+    queue_h.run(body)
+
+
+def test_enqueue_of_the_same_id_is_idempotent(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = task()
+        assert await q.enqueue(t) == t.id
+        assert await q.enqueue(t) == t.id  # sent again after a lost reply
+        d = await q.dequeue(["default"], LEASE, 0)
+        assert d is not None and d.task.id == t.id
+        assert await q.enqueue(t) == t.id  # running: left alone
+        assert await q.dequeue(["default"], LEASE, 0) is None
+        assert await q.ack(d) is True
+
+    queue_h.run(body)
+
+
+def test_enqueue_of_a_dead_letter_queues_it_again(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = task("dl2", max_retries=2)
+        await q.enqueue(t)
+        d = await q.dequeue(["dl2"], LEASE, 0)
+        assert d is not None
+        assert await q.ack(d, failed=True) is True
+        assert await q.enqueue(t) == t.id
+        stats = {s.queue: s for s in await q.stats()}
+        assert (stats["dl2"].failed, stats["dl2"].queued) == (0, 1)
+        again = await q.dequeue(["dl2"], LEASE, 0)
+        assert again is not None and again.task.id == t.id and again.attempt == 1
+        assert await q.ack(again) is True
+        assert await q.get_task(t.id) is None
+
+    queue_h.run(body)
+
+
+def test_settling_a_lost_lease_changes_nothing(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = await q.enqueue(task())
+        stalled = await q.dequeue(["default"], 1.0, 0)
+        assert stalled is not None
+        other = await queue_h.another()
+        taker = await other.dequeue(["default"], LEASE, 8)  # the lease ran out
+        assert taker is not None and taker.task.id == t and taker.attempt == 2
+        # The stalled worker wakes up: none of its settlements may touch the task.
+        assert await q.ack(stalled) is False
+        assert await q.ack(stalled, failed=True) is False
+        assert await q.retry(stalled, 0) is False
+        await q.release(stalled)
+        assert await q.extend(stalled, LEASE) is False
+        assert await q.dequeue(["default"], LEASE, 0) is None
+        stats = {s.queue: s for s in await q.stats()}
+        assert (stats["default"].running, stats["default"].failed) == (1, 0)
+        assert await other.extend(taker, LEASE) is True
+        assert await other.ack(taker) is True
+        assert await q.get_task(t) is None
+
+    queue_h.run(body)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\xff\xfenot json", b"[1, 2]", b'{"v": 99, "id": "x"}', b'{"v": 1}'],
+    ids=["bytes", "not-an-object", "newer-format", "missing-fields"],
+)
+def test_an_undecodable_task_is_delivered_with_its_problem(
+    queue_h: Harness, payload: bytes
+) -> None:
+    corrupt = getattr(queue_h.tech, "corrupt_task", "missing")
+    if corrupt is None:
+        pytest.skip(f"{queue_h.name} keeps task objects, not bytes: nothing can be corrupted")
+    assert corrupt != "missing", f"tech_{queue_h.name}.py must define corrupt_task"
+
+    async def body(q: Any) -> None:
+        bad, good = task("cq", priority=5), task("cq")
+        await q.enqueue(bad)
+        await q.enqueue(good)
+        await corrupt(q, bad.id, bad.queue, payload)
+        kept = await q.get_task(bad.id)  # no decode error escapes
+        assert kept is not None and kept.id == bad.id and kept.func == UNDECODABLE_FUNC
+        d = await q.dequeue(["cq"], LEASE, 0)
+        assert d is not None and d.task.id == bad.id and d.task.queue == "cq"
+        assert d.problem and d.task.func == UNDECODABLE_FUNC
+        assert await q.ack(d, failed=True) is True
+        after = await q.dequeue(["cq"], LEASE, 0)  # the queue goes on
+        assert after is not None and after.task == good and after.problem is None
+        stats = {s.queue: s for s in await q.stats()}
+        assert stats["cq"].failed == 1
 
     queue_h.run(body)
 

@@ -129,13 +129,54 @@ def test_expired_result_reads_as_none_and_cleanup_removes_it(results_h: Harness)
     results_h.run(body)
 
 
-def test_store_overwrites_same_task(results_h: Harness) -> None:
+def test_first_outcome_wins(results_h: Harness) -> None:
     async def body(s: Any) -> None:
         tid = new_task_id()
-        await s.store(ok(tid, value=1))
-        await s.store(ok(tid, value=2))
+        assert await s.store(ok(tid, value=1, worker_id="first")) is True
+        late = await results_h.another()  # a stalled worker, in another process
+        assert await late.store(ok(tid, value=2, worker_id="late")) is False
+        assert await s.store(ok(tid, value=3)) is False
+        got = await s.get(tid)
+        assert got is not None and (got.value, got.worker_id) == (1, "first")
+
+    results_h.run(body)
+
+
+def test_delete_clears_the_way_for_a_new_outcome(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        tid = new_task_id()
+        assert await s.store(TaskResult(tid, TaskStatus.FAILED, error_type="E")) is True
+        assert await s.delete(tid) is True
+        assert await s.store(ok(tid, value="again")) is True
+        got = await s.get(tid)
+        assert got is not None and got.value == "again"
+
+    results_h.run(body)
+
+
+def test_an_expired_result_does_not_block_a_new_one(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        tid = new_task_id()
+        await s.store(ok(tid, value=1, expires_at=utcnow() + timedelta(milliseconds=300)))
+        await asyncio.sleep(0.6)
+        assert await s.store(ok(tid, value=2)) is True
         got = await s.get(tid)
         assert got is not None and got.value == 2
+
+    results_h.run(body)
+
+
+def test_racing_stores_leave_exactly_one_outcome(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        handles = [s, *[await results_h.another() for _ in range(5)]]
+        for _ in range(3):
+            tid = new_task_id()
+            won = await asyncio.gather(
+                *(h.store(ok(tid, value=i, worker_id=f"w{i}")) for i, h in enumerate(handles))
+            )
+            assert won.count(True) == 1, won
+            got = await s.get(tid)
+            assert got is not None and got.worker_id == f"w{won.index(True)}"
 
     results_h.run(body)
 
