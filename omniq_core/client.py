@@ -62,6 +62,10 @@ class TaskOptions:
     ttl: float | None = None  # expire if no worker started it within this
     result_ttl: float | None = None
     unique_key: str | None = None
+    # How long the key stays held after the task finished; None: as long as its result
+    # is kept (result_ttl), so a key such as "nightly-2030-01-31" runs once. 0: only
+    # while the task is unfinished.
+    unique_ttl: float | None = None
 
 
 Call = tuple[Any, ...]  # (func,), (func, args), (func, args, kwargs)
@@ -313,9 +317,17 @@ class AsyncOmniQ:
             timeout=options.timeout if options.timeout is not None else cfg.default_timeout,
             expires_at=(eta or now) + timedelta(seconds=ttl) if ttl else None,
             unique_key=options.unique_key,
+            unique_ttl=self._unique_ttl(options),
             result_ttl=options.result_ttl,
             created_at=now,
         )
+
+    def _unique_ttl(self, options: TaskOptions) -> float | None:
+        if options.unique_key is None:
+            return None
+        if options.unique_ttl is not None:
+            return options.unique_ttl
+        return options.result_ttl if options.result_ttl is not None else self.config.result_ttl
 
     def _func_ref(self, func: Callable[..., Any] | str) -> str:
         if isinstance(func, str):
