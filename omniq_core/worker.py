@@ -1,9 +1,15 @@
 """The worker engine: claims tasks, runs them, stores outcomes and events.
 
 Used by the embedded worker of `with OmniQ()` and by the `omniq worker` daemon.
-Order of writes for one task: STARTED event, run, result stored, outcome event,
-then ack, so a crash before the ack leads to a redelivery that finds the result
-and acks without running again.
+Order of writes for one task: STARTED event (stored before the task's code runs),
+run, result stored, outcome event, then ack, so a crash before the ack leads to a
+redelivery that finds the result and acks without running again.
+
+Fences: the result store keeps the first final outcome (a conditional create), so a
+stalled worker that wakes after its lease was taken over learns that it lost, writes
+no outcome event and acks nothing (acks are fenced by the lease too). Attempts are
+counted when a lease is taken: a task whose workers vanished on all of its
+`retries + 1` attempts is failed (`WorkerLost`) instead of being run again.
 """
 
 from __future__ import annotations
@@ -25,7 +31,13 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from omniq import serialization
-from omniq.errors import BackendUnavailable, SerializationError, TaskRefused
+from omniq.errors import (
+    BackendUnavailable,
+    SerializationError,
+    TaskRefused,
+    UndecodableTask,
+    WorkerLost,
+)
 from omniq.models import (
     Delivery,
     EventType,
@@ -44,9 +56,6 @@ log = logging.getLogger("omniq.worker")
 T = TypeVar("T")
 
 ALWAYS_ALLOWED = ("omniq.examples",)
-# A task redelivered this many times past its retries (its worker died each
-# time) is failed instead of being run again: a poison task must not loop.
-MAX_EXTRA_DELIVERIES = 10
 
 
 @dataclass(frozen=True)
@@ -289,7 +298,12 @@ class Worker:
         await asyncio.gather(*self._handlers, return_exceptions=True)
         for delivery in leftovers:
             await self._release(delivery)
-            log.warning("released task %s back to its queue at shutdown", delivery.task_id)
+            # Without it the task's events would end at `started`: it would look stuck.
+            with contextlib.suppress(Exception):
+                await self._emit(delivery.task, EventType.RELEASED, delivery.attempt,
+                                 {"reason": "worker shutdown"})
+            self._log_task(logging.WARNING, delivery, "released",
+                           "released back to its queue at shutdown")
 
     async def _release(self, delivery: Delivery) -> None:
         with contextlib.suppress(Exception):
@@ -298,13 +312,17 @@ class Worker:
     # --- one task --------------------------------------------------------
     async def _handle(self, delivery: Delivery) -> None:
         task = delivery.task
+        if delivery.problem is not None:
+            bad = UndecodableTask(f"undecodable task: {delivery.problem}")
+            await self._finish(delivery, None, TaskStatus.FAILED, error=bad)
+            return
         if await self._skip_if_settled(delivery):
             return
         started_at = utcnow()
-        # STARTED is written while the task runs; it must be stored before the outcome.
-        started = self._writer.submit(self._event(task, EventType.STARTED, delivery.attempt))
+        # Stored before the task's code runs: an attempt that began leaves its trace
+        # even when the task then kills its worker.
+        await self._emit(task, EventType.STARTED, delivery.attempt)
         kind, payload = await self._run_task(task)
-        await started
         if kind == "ok":
             await self._success(delivery, started_at, payload)
         elif kind == "timeout":
@@ -341,11 +359,18 @@ class Worker:
             if existing is not None:
                 await self._resilient(lambda: self.queue.ack(delivery, failed=not existing.ok))
                 return True
-        if delivery.attempt > task.max_retries + 1 + MAX_EXTRA_DELIVERIES:
-            err = RuntimeError(
-                f"gave up after {delivery.attempt - 1} deliveries without an outcome"
+        allowed = task.max_retries + 1
+        if delivery.attempt > allowed:
+            # Every attempt so far began and never ended: its worker vanished (killed,
+            # crashed, or the task ended the process). Running it again would loop.
+            error = WorkerLost(
+                f"worker lost: the worker running attempt {delivery.attempt - 1} vanished "
+                f"(its lease ran out) and the task allows {allowed} attempt(s) "
+                f"(retries={task.max_retries})"
             )
-            await self._finish(delivery, None, TaskStatus.FAILED, error=err)
+            await self._finish(
+                delivery, None, TaskStatus.FAILED, error=error, attempts=delivery.attempt - 1
+            )
             return True
         return False
 
@@ -361,30 +386,27 @@ class Worker:
         self, delivery: Delivery, started_at: Any, exc: BaseException, status: TaskStatus
     ) -> None:
         task = delivery.task
-        if delivery.attempt <= task.max_retries:
-            delay = retry_delay(task, delivery.attempt, self.settings)
-            name, message, _ = describe_error(exc)
-            await self._emit(
-                task,
-                EventType.RETRIED,
-                delivery.attempt,
-                {
-                    "error": f"{name}: {message}"[:500],
-                    "delay": round(delay, 3),
-                    "outcome": status.value,
-                },
-            )
-            self._mark_finishing(task.id)
-            await self._resilient(lambda: self.queue.retry(delivery, delay))
-            log.info(
-                "task %s %s (attempt %d), retry in %.1fs",
-                task.id,
-                status.value,
-                delivery.attempt,
-                delay,
-            )
+        if delivery.attempt > task.max_retries:
+            await self._finish(delivery, started_at, status, error=exc)
             return
-        await self._finish(delivery, started_at, status, error=exc)
+        delay = retry_delay(task, delivery.attempt, self.settings)
+        self._mark_finishing(task.id)
+        # No RETRIED event from a worker that no longer holds the task: its new holder
+        # writes what happens next.
+        if not await self._resilient(lambda: self.queue.extend(delivery, self.settings.lease)):
+            self._log_lost_lease(delivery, "its retry")
+            return
+        name, message, _ = describe_error(exc)
+        details = {"error": f"{name}: {message}"[:500], "delay": round(delay, 3),
+                   "outcome": status.value}
+        await self._emit(task, EventType.RETRIED, delivery.attempt, details)
+        if not await self._resilient(lambda: self.queue.retry(delivery, delay)):
+            self._log_lost_lease(delivery, "its retry")
+            return
+        self._log_task(
+            logging.INFO, delivery, "retried",
+            f"{status.value} (attempt {delivery.attempt}), retry in {delay:.1f}s",
+        )
 
     async def _finish(
         self,
@@ -394,20 +416,52 @@ class Worker:
         *,
         value: Any = None,
         error: BaseException | None = None,
+        attempts: int | None = None,
     ) -> None:
         task = delivery.task
         self._mark_finishing(task.id)
-        result = self._make_result(delivery, started_at, status, value, error)
-        await self._resilient(lambda: self.results.store(result))
+        result = self._make_result(delivery, started_at, status, value, error, attempts)
+        stored = await self._resilient(lambda: self.results.store(result))
+        if not stored and not await self._is_own(result):
+            await self._lost_race(delivery, result)
+            return
         details: dict[str, Any] = {}
         if started_at is not None:
             details["duration"] = round((result.finished_at - started_at).total_seconds(), 6)
         if error is not None:
             details["error"] = f"{result.error_type}: {result.error_message}"[:500]
-        await self._emit(task, _EVENT_OF[status], delivery.attempt, details)
+        await self._emit(task, _EVENT_OF[status], result.attempts, details)
         await self._resilient(lambda: self.queue.ack(delivery, failed=not result.ok))
         self.tasks_done += 1
-        self._log_outcome(result, details.get("duration"))
+        self._log_outcome(delivery, result, details.get("duration"))
+
+    async def _is_own(self, result: TaskResult) -> bool:
+        """The stored result is this very one: an earlier write whose reply was lost."""
+        existing = await self._resilient(lambda: self.results.get(result.task_id))
+        return existing == result
+
+    async def _lost_race(self, delivery: Delivery, mine: TaskResult) -> None:
+        """Another outcome was stored first: it stands. No event; ack only if we still
+        hold the task (the fenced ack changes nothing otherwise)."""
+        first = await self._resilient(lambda: self.results.get(mine.task_id))
+        ok = first.ok if first is not None else mine.ok
+        await self._resilient(lambda: self.queue.ack(delivery, failed=not ok))
+        self.tasks_done += 1
+        kept = "expired since" if first is None else (
+            f"{first.status.value} by {first.worker_id or 'another worker'} "
+            f"(attempt {first.attempts})"
+        )
+        self._log_task(
+            logging.WARNING, delivery, "outcome_discarded",
+            f"another outcome was stored first ({kept}); this attempt's "
+            f"{mine.status.value} outcome is discarded",
+        )
+
+    def _log_lost_lease(self, delivery: Delivery, what: str) -> None:
+        self._log_task(
+            logging.WARNING, delivery, "lease_lost",
+            f"lost its lease before {what}; the worker holding it now settles it",
+        )
 
     def _mark_finishing(self, task_id: str) -> None:
         running = self.running.get(task_id)
@@ -421,6 +475,7 @@ class Worker:
         status: TaskStatus,
         value: Any,
         error: BaseException | None,
+        attempts: int | None = None,
     ) -> TaskResult:
         task = delivery.task
         finished = utcnow()
@@ -428,7 +483,7 @@ class Worker:
         err_type = err_msg = tb = None
         if error is not None:
             err_type, err_msg, tb = describe_error(error)
-            if isinstance(error, TaskRefused | TimeoutError):
+            if isinstance(error, TaskRefused | TimeoutError | WorkerLost | UndecodableTask):
                 tb = None
             if isinstance(error, ShellFailed):
                 value = error.output
@@ -439,28 +494,46 @@ class Worker:
             error_type=err_type,
             error_message=err_msg,
             traceback=tb,
-            attempts=delivery.attempt,
+            attempts=delivery.attempt if attempts is None else attempts,
             queue=task.queue,
             worker_id=self.worker_id,
-            enqueued_at=task.created_at,
+            enqueued_at=None if delivery.problem else task.created_at,
             started_at=started_at,
             finished_at=finished,
             expires_at=None if ttl is None else finished + timedelta(seconds=ttl),
         )
 
-    def _log_outcome(self, result: TaskResult, duration: float | None) -> None:
-        took = f" in {duration:.3f}s" if duration is not None else ""
+    def _log_outcome(self, delivery: Delivery, result: TaskResult, duration: float | None) -> None:
+        took = f" in {_human_duration(duration)}" if duration is not None else ""
         if result.ok:
-            log.info("task %s completed%s", result.task_id, took)
+            self._log_task(logging.INFO, delivery, "completed", f"completed{took}",
+                           duration=duration)
         else:
-            log.warning(
-                "task %s %s%s: %s: %s",
-                result.task_id,
-                result.status.value,
-                took,
-                result.error_type,
-                result.error_message,
+            self._log_task(
+                logging.WARNING, delivery, result.status.value,
+                f"{result.status.value}{took}: {result.error_type}: {result.error_message}",
+                duration=duration,
             )
+
+    def _log_task(
+        self,
+        level: int,
+        delivery: Delivery,
+        event: str,
+        text: str,
+        duration: float | None = None,
+    ) -> None:
+        """One log line about a task: `task ID func@queue TEXT`, with the same facts as
+        fields for --log-format json."""
+        task = delivery.task
+        name = task_label(task)
+        fields = {
+            "task_id": task.id, "func": name, "queue": task.queue,
+            "attempt": delivery.attempt, "worker": self.worker_id, "event": event,
+        }
+        if duration is not None:
+            fields["duration"] = duration
+        log.log(level, "task %s %s@%s %s", task.id, name, task.queue, text, extra=fields)
 
     def _event(
         self, task: Task, kind: EventType, attempt: int, details: dict[str, Any] | None = None
@@ -662,6 +735,19 @@ class EventWriter:
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
+
+
+def task_label(task: Task) -> str:
+    """How logs name a task's callable: `add` for omniq.examples:add, `shell` for a command."""
+    if task.kind == TaskKind.SHELL:
+        return "shell"
+    return task.func.rpartition(":")[2] or task.func.rpartition(".")[2] or task.func
+
+
+def _human_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.2f} s"
 
 
 class ShellFailed(Exception):

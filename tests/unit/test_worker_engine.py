@@ -19,6 +19,7 @@ from omniq.models import (
     TaskStatus,
     utcnow,
 )
+from omniq.serialization import placeholder_task
 from omniq.shell import SHELL_FUNC
 from omniq.worker import Worker, WorkerSettings, module_allowed, retry_delay
 
@@ -31,8 +32,10 @@ class Stores:
     results: MemoryResultStorage
     events: MemoryEventStorage
 
-    def worker(self, **settings: Any) -> Worker:
-        return Worker(self.queue, self.results, self.events, replace(FAST, **settings))
+    def worker(self, worker_id: str | None = None, **settings: Any) -> Worker:
+        return Worker(
+            self.queue, self.results, self.events, replace(FAST, **settings), worker_id=worker_id
+        )
 
     async def kinds(self, task_id: str) -> list[str]:
         return [e.event_type.value for e in await self.events.get(task_id)]
@@ -262,13 +265,106 @@ async def test_redelivered_task_with_a_stored_result_is_acked_without_running(
 
 @with_stores
 async def test_redelivered_task_without_a_result_runs_again(s: Stores) -> None:
-    task = Task(func="omniq.examples:add", args=(2, 2))
+    task = Task(func="omniq.examples:add", args=(2, 2), max_retries=1)
     await s.submit(task)
     assert await s.queue.dequeue(["default"], 0.05, 1) is not None
     await asyncio.sleep(0.1)
     await s.worker(burst=True).run()
     result = await result_of(s, task.id)
     assert result.value == 4 and result.attempts == 2
+
+
+@with_stores
+async def test_a_task_whose_workers_vanish_ends_failed_as_worker_lost(s: Stores) -> None:
+    """A poison task (it kills its worker) must not be redelivered forever."""
+    poison = Task(func="omniq.examples:echo", max_retries=1, priority=1)  # never runs again
+    good = Task(func="omniq.examples:add", args=(1, 1))
+    await s.submit(poison, good)
+    for _ in range(2):  # two workers die running it: its retries + 1 attempts
+        d = await s.queue.dequeue(["default"], 0.05, 1)
+        assert d is not None and d.task.id == poison.id
+        await asyncio.sleep(0.1)
+    await s.worker(burst=True).run()
+    result = await result_of(s, poison.id)
+    assert (result.status.value, result.error_type) == ("failed", "omniq.errors.WorkerLost")
+    assert result.error_message and result.error_message.startswith("worker lost")
+    assert result.attempts == 2
+    assert await s.kinds(poison.id) == ["failed"]  # it did not run a third time
+    assert (await result_of(s, good.id)).value == 2  # and the others keep flowing
+    assert await s.queue.get_task(poison.id) is not None  # a dead letter, retryable
+
+
+class Undecodable(MemoryQueue):
+    """Hands out one task as a store does when its payload does not decode."""
+
+    def __init__(self, bad_id: str) -> None:
+        super().__init__()
+        self.bad_id = bad_id
+
+    async def dequeue(self, queues: Any, lease: float, timeout: float) -> Delivery | None:
+        d = await super().dequeue(queues, lease, timeout)
+        if d is not None and d.task.id == self.bad_id:
+            task = placeholder_task(d.task.id, d.task.queue)
+            return replace(d, task=task, problem="task record does not decode: Expecting value")
+        return d
+
+
+def test_an_undecodable_task_becomes_a_failed_outcome_and_the_worker_goes_on() -> None:
+    async def main() -> None:
+        bad, good = Task(func="omniq.examples:add", args=(1, 2)), Task(func="omniq.examples:echo")
+        s = Stores(Undecodable(bad.id), MemoryResultStorage(), MemoryEventStorage())
+        await s.submit(bad, good)
+        assert await s.worker(burst=True).run() == 2
+        result = await result_of(s, bad.id)
+        assert result.status == TaskStatus.FAILED
+        assert result.error_type == "omniq.errors.UndecodableTask"
+        assert result.error_message == (
+            "undecodable task: task record does not decode: Expecting value"
+        )
+        assert result.traceback is None
+        assert await s.kinds(bad.id) == ["failed"]
+        assert (await result_of(s, good.id)).ok
+
+    run(main)
+
+
+@with_stores
+async def test_a_stalled_workers_late_outcome_does_not_replace_the_real_one(s: Stores) -> None:
+    task = Task(func="omniq.examples:async_sleep", args=(0.6, "late"), max_retries=1)
+    await s.submit(task)
+    # The stalled worker: its heartbeat never comes (as under SIGSTOP), its lease runs out.
+    stalled = s.worker(lease=0.2, heartbeat=60, worker_id="stalled", max_tasks=1)
+    first = asyncio.create_task(stalled.run())
+    await until(lambda: _has(s, task.id, "started"))
+    taker = s.worker(lease=5, worker_id="taker")
+    second = asyncio.create_task(taker.run())
+    await until(lambda: _count(s, task.id, "started", 2))
+    await until(lambda: _stored(s, task.id))
+    result = await result_of(s, task.id)
+    await asyncio.sleep(0.8)  # the other one finishes too, later
+    stalled.request_stop()
+    taker.request_stop()
+    await asyncio.gather(first, second)
+    assert (result.worker_id, result.attempts) in {("taker", 2), ("stalled", 1)}
+    assert await result_of(s, task.id) == result  # the first outcome stands
+    kinds = await s.kinds(task.id)
+    assert kinds.count("completed") == 1 and kinds.count("started") == 2
+    assert await s.queue.get_task(task.id) is None  # acked by its holder
+
+
+@with_stores
+async def test_started_is_stored_before_the_task_code_runs(s: Stores) -> None:
+    seen: list[list[str]] = []
+
+    async def probe() -> None:
+        seen.append([e.event_type.value for e in await s.events.get(task.id)])
+
+    task = Task(func="local:probe#1")
+    worker = Worker(s.queue, s.results, s.events, replace(FAST, burst=True),
+                    local_functions={"local:probe#1": probe})
+    await s.submit(task)
+    await worker.run()
+    assert seen == [["started"]]
 
 
 # --- what a daemon refuses ------------------------------------------------------------------
@@ -385,6 +481,7 @@ async def test_graceful_stop_releases_tasks_still_running_after_the_timeout(s: S
     assert again is not None and again.task_id == task.id
     assert again.attempt == 1  # a release does not count as an attempt
     assert worker.running == {}
+    assert await s.kinds(task.id) == ["started", "released"]  # it does not look stuck
 
 
 @with_stores
@@ -483,9 +580,10 @@ async def test_max_tasks_lets_the_last_tasks_finish(s: Stores) -> None:
 class SlowResults(MemoryResultStorage):
     """The write lands at once, the reply is slow: a shutdown may hit in between."""
 
-    async def store(self, result: TaskResult) -> None:
-        await super().store(result)
+    async def store(self, result: TaskResult) -> bool:
+        stored = await super().store(result)
         await asyncio.sleep(0.5)
+        return stored
 
 
 def test_shutdown_while_recording_an_outcome_does_not_run_the_task_again() -> None:
@@ -505,6 +603,10 @@ def test_shutdown_while_recording_an_outcome_does_not_run_the_task_again() -> No
         assert await s.queue.get_task(task.id) is None
 
     run(main)
+
+
+async def _count(s: Stores, task_id: str, kind: str, n: int) -> bool:
+    return (await s.kinds(task_id)).count(kind) >= n
 
 
 async def _stored(s: Stores, task_id: str) -> bool:
