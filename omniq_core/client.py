@@ -141,10 +141,19 @@ class AsyncOmniQ:
     async def _build_store(self, role: Any) -> Any:
         from omniq import registry
 
-        store = self._given[list(_PREFIX).index(role)]
+        store: Any = self._given[list(_PREFIX).index(role)]
         if store is None:
             kind, settings = self.config.store(_PREFIX[role])
             store = registry.create(kind, role, settings)
+        if role == "events" and self.config.event_policy == "buffer":
+            from omniq.eventbuffer import BufferedEventStorage
+
+            store = BufferedEventStorage(
+                store,
+                self.config.home_dir / "spill",
+                memory_limit=self.config.event_buffer_size,
+                spill_limit=self.config.event_spill_max_mb * 2**20,
+            )
         await store.open()
         return store
 

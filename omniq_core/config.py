@@ -184,6 +184,9 @@ SPECS: dict[str, _Spec] = {
     "default_task_ttl": _opt("duration", _above(0)),
     "result_ttl": _Spec("duration", 604800.0, optional=True, check=_above(0)),
     "event_ttl": _Spec("duration", 604800.0, optional=True, check=_above(0)),
+    "event_policy": _Spec("str", "buffer", check=_choice("buffer", "strict")),
+    "event_buffer_size": _Spec("int", 10_000, check=_at_least(1)),
+    "event_spill_max_mb": _Spec("int", 256, check=_at_least(0)),
     "task_modules": _Spec("list", []),
     "allow_shell": _Spec("bool", False),
     "shell_output_limit": _Spec("int", 65536, check=_at_least(1)),
@@ -581,6 +584,9 @@ class OmniQConfig:
     default_task_ttl: float | None
     result_ttl: float | None
     event_ttl: float | None
+    event_policy: str
+    event_buffer_size: int
+    event_spill_max_mb: int
     task_modules: list[str]
     allow_shell: bool
     shell_output_limit: int

@@ -110,6 +110,9 @@ class Daemon:
         try:
             await client.open()
             await check_stores(client)
+            sweep = getattr(client.events, "start_sweeping", None)
+            if sweep is not None:  # events held by processes that exited: write them
+                sweep()
             runner = self._make_runner()
             self.worker = self._make_worker(client, runner)
             return await self._serve(self.worker)

@@ -658,6 +658,8 @@ class Worker:
             current_tasks=tuple(self.running),
             concurrency=self.settings.concurrency,
             tasks_done=self.tasks_done,
+            events_buffered=getattr(self.events, "held", 0),
+            events_dropped=getattr(self.events, "dropped", 0),
         )
 
     async def _register(self) -> None:

@@ -44,7 +44,7 @@ def test_task_of_a_killed_worker_is_redelivered_and_completed_once(
 ) -> None:
     home = deploy(tech, OMNIQ_WORKER_LEASE_SECONDS="2")
     first = home.start_worker("-c", "1")
-    task_id = home.enqueue("omniq.examples:sleep", "3", "done")
+    task_id = home.enqueue("omniq.examples:sleep", "3", "done", "--retries", "1")
     home.poll(lambda: "started" in home.events(task_id), 30, "the first STARTED event")
     first.proc.kill()
     assert first.proc.wait(30) == -signal.SIGKILL
@@ -62,8 +62,44 @@ def test_task_of_a_killed_worker_is_redelivered_and_completed_once(
     ]
     second.send(signal.SIGTERM)
     assert second.wait() == 0
-    assert second.log.count(f"task {task_id} completed") == 1
+    assert second.log.count(f"task {task_id} sleep@default completed") == 1
     assert all(s.queued == s.running == 0 for s in home.api.stats())
+
+
+@pytest.mark.parametrize("tech", DURABLE)
+def test_a_task_that_kills_its_worker_ends_failed_and_the_others_flow(
+    tech: str, deploy: Deploy
+) -> None:
+    """A poison task (os._exit in the task) with --retries 1: two worker deaths, then a
+    failed outcome `worker lost`; good tasks queued behind it all complete."""
+    home = deploy(tech, OMNIQ_WORKER_LEASE_SECONDS="1")
+    poison = home.enqueue("omniq.examples:crash", "--retries", "1", "--priority", "9")
+    good = [home.enqueue("omniq.examples:add", str(i), "1") for i in range(5)]
+    everything = [poison, *good]
+    worker, deaths = home.start_worker("-c", "1"), 0
+    deadline = time.monotonic() + 90
+    while not all(_finished(home, t) for t in everything):
+        assert time.monotonic() < deadline, f"not done after {deaths} worker deaths"
+        if worker.proc.poll() is not None:  # what systemd's Restart=always does
+            assert worker.proc.returncode == 13
+            deaths += 1
+            worker = home.start_worker("-c", "1")
+        time.sleep(0.2)
+    worker.send(signal.SIGTERM)
+    assert worker.wait() == 0
+    assert deaths == 2
+    result = home.outcome(poison)
+    assert (result.status.value, result.error_type) == ("failed", "omniq.errors.WorkerLost")
+    assert (result.error_message or "").startswith("worker lost")
+    assert result.attempts == 2
+    assert kinds_and_attempts(home, poison) == [
+        ("enqueued", 0), ("started", 1), ("started", 2), ("failed", 2)
+    ]
+    assert [home.outcome(t).value for t in good] == [1, 2, 3, 4, 5]
+
+
+def _finished(home: ServerHome, task_id: str) -> bool:
+    return any(k in ("completed", "failed") for k in home.events(task_id))
 
 
 # --- server restarts ---------------------------------------------------------------------------

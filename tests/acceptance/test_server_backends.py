@@ -199,7 +199,7 @@ def test_main_flow_is_unchanged(layout: str, deploy: Deploy) -> None:
         assert [(q["queue"], q["queued"]) for q in queues] == [("default", 1)]
 
         burst = home.burst()
-        assert f"task {task_id} completed" in burst.stderr
+        assert f"task {task_id} add@default completed" in burst.stderr
         result = home.run("result", task_id)
         assert (result.returncode, result.stdout.strip()) == (0, "5"), result.stderr
         events = home.run("events", task_id, "--json")

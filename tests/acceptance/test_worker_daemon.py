@@ -177,7 +177,7 @@ def home(tmp_path: Path) -> Iterator[Home]:
 def test_enqueue_then_burst_worker_then_result(home: Home) -> None:
     task_id = home.enqueue("omniq.examples:add", "2", "3")
     proc = home.burst()
-    assert f"task {task_id} completed" in proc.stderr
+    assert f"task {task_id} add@default completed" in proc.stderr
     assert "\x1b[" not in proc.stderr  # no colour when stderr is not a terminal
     result = home.run("result", task_id)
     assert (result.returncode, result.stdout.strip()) == (0, "5")
@@ -195,8 +195,8 @@ def test_queues_in_the_order_given_and_max_tasks(home: Home) -> None:
     later = home.submit("omniq.examples:add", 3, 3)
     proc = home.run("worker", "-q", "high", "-q", "default", "-c", "1", "--max-tasks", "2")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.index(f"task {urgent} completed") < proc.stderr.index(
-        f"task {first} completed"
+    assert proc.stderr.index(f"task {urgent} add@high completed") < proc.stderr.index(
+        f"task {first} add@default completed"
     )
     assert home.result(later)["status"] == "pending"
 
@@ -239,7 +239,7 @@ def test_sigterm_past_the_shutdown_timeout_releases_the_task(home: Home) -> None
     home.wait_started(task_id)
     worker.send(signal.SIGTERM)
     assert worker.wait() == 0
-    assert f"released task {task_id} back to its queue" in worker.log
+    assert f"task {task_id} sleep@default released back to its queue" in worker.log
     assert home.result(task_id)["status"] == "pending"  # neither lost nor failed
     home.burst()
     result = home.result(task_id)
@@ -255,7 +255,7 @@ def test_second_signal_forces_exit(home: Home) -> None:
     worker.wait_log("send again to force")
     worker.send(signal.SIGINT)
     assert worker.wait(20) == 128 + signal.SIGINT
-    assert f"released task {task_id}" in worker.log
+    assert f"task {task_id} sleep@default released" in worker.log
     assert home.result(task_id)["status"] == "pending"
     stats = json.loads(home.run("status", "--json").stdout)
     assert [q["queued"] for q in stats["queues"] if q["queue"] == "default"] == [1]

@@ -41,7 +41,7 @@ def test_timeout_kills_the_task_and_the_worker_carries_on(home: Home) -> None:
     assert result["status"] == "timeout"
     assert "timeout of 1" in result["error_message"]
     assert home.result(after)["value"] == 3
-    assert f"task {after} completed" in proc.stderr
+    assert f"task {after} add@default completed" in proc.stderr
 
 
 def test_a_crashing_task_fails_alone(home: Home) -> None:
@@ -79,7 +79,7 @@ def test_sigterm_past_the_shutdown_timeout_kills_the_child_and_releases(home: Ho
     child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), what="task pid"))
     worker.send(signal.SIGTERM)
     assert worker.wait() == 0
-    assert f"released task {task_id}" in worker.log
+    assert f"task {task_id} sleep_with_pid@default released" in worker.log
     wait_until(lambda: not _alive(child), 10, "the task process to end")
     assert home.result(task_id)["status"] == "pending"
 
