@@ -28,6 +28,8 @@ from omniq.models import Task
 
 log = logging.getLogger("omniq.pool")
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 # --- errors seen by the engine ------------------------------------------------------------
 
 
@@ -115,10 +117,14 @@ def _child_main(conn: Connection, lifeline: Connection) -> None:
 def _become_task_process(lifeline: Connection) -> None:
     # Own process group: a timeout kill reaches the task's own subprocesses too, and a
     # Ctrl-C at the terminal goes to the worker, which decides what happens to tasks.
+    # The stop signals belong to the worker: `kill -TERM -PGID` (systemd's
+    # KillMode=control-group, a shell's job control) reaches children too, and the
+    # worker's graceful drain decides what happens to their tasks (a hard stop kills
+    # them with SIGKILL and hands the tasks back).
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     watcher = threading.Thread(
         target=_exit_when_orphaned, args=(lifeline,), name="omniq-lifeline", daemon=True
     )
@@ -173,6 +179,26 @@ class _Child:
         self.lifeline.close()
 
 
+def _start_forkserver_deaf_to_stops() -> None:
+    """Start the fork server now, ignoring SIGTERM/SIGINT (inherited through its exec).
+
+    It lives in the worker's process group: killed by a group-wide SIGTERM it would take
+    every child's exit status with it, and a running task would be recorded as failed.
+    Signal dispositions can only be changed from the main thread; elsewhere the server
+    starts on first use as before.
+    """
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        forkserver.ensure_running()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def default_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
@@ -190,6 +216,7 @@ class ProcessRunner:
         self._ctx = multiprocessing.get_context(start_method or default_start_method())
         if self._ctx.get_start_method() == "forkserver":
             self._ctx.set_forkserver_preload(["omniq.pool", "omniq.worker"])
+            _start_forkserver_deaf_to_stops()
         self._idle: list[_Child] = []
         self._busy: set[_Child] = set()
         self._closed = False

@@ -105,8 +105,14 @@ class Home:
         return proc
 
     def start_worker(
-        self, *args: str, env: dict[str, str] | None = None, ready: bool = True
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        ready: bool = True,
+        own_group: bool = False,
     ) -> WorkerProcess:
+        """`own_group`: the worker leads a process group of its own, as under systemd
+        or a shell's job control, so a test can signal the whole group."""
         log = self.path / f"worker-{len(self._workers) + 1}.log"
         with open(log, "wb") as err:
             proc = subprocess.Popen(
@@ -115,6 +121,7 @@ class Home:
                 env={**self.env, **(env or {})},
                 stdout=subprocess.DEVNULL,
                 stderr=err,
+                start_new_session=own_group,
             )
         worker = WorkerProcess(proc, log)
         self._workers.append(worker)

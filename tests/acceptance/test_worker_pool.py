@@ -84,6 +84,50 @@ def test_sigterm_past_the_shutdown_timeout_kills_the_child_and_releases(home: Ho
     assert home.result(task_id)["status"] == "pending"
 
 
+def test_sigterm_to_the_whole_process_group_drains_instead_of_failing_the_task(
+    home: Home,
+) -> None:
+    """`kill -TERM -PGID` (KillMode=control-group, a shell's job control) reaches the task
+    processes too: they must leave the decision to the worker's graceful drain."""
+    task_id = home.submit("omniq.examples:sleep", 2, "done")
+    worker = home.start_worker("--pool", "process", "-c", "1", own_group=True)
+    home.wait_started(task_id)
+    wait_until(lambda: len(_children(worker.proc.pid)) >= 2, 10, "the task process")
+    os.killpg(worker.proc.pid, signal.SIGTERM)
+    assert worker.wait() == 0, worker.log
+    result = home.result(task_id)
+    assert (result["status"], result["value"]) == ("completed", "done"), result
+
+
+def test_a_forced_stop_of_the_process_group_releases_the_task(home: Home) -> None:
+    task_id = home.submit("omniq.examples:sleep", 60, "done")
+    worker = home.start_worker("--pool", "process", "-c", "1", own_group=True)
+    home.wait_started(task_id)
+    wait_until(lambda: len(_children(worker.proc.pid)) >= 2, 10, "the task process")
+    os.killpg(worker.proc.pid, signal.SIGTERM)
+    worker.wait_log("send again to force")
+    os.killpg(worker.proc.pid, signal.SIGTERM)
+    assert worker.wait(30) == 128 + signal.SIGTERM, worker.log
+    assert home.result(task_id)["status"] == "pending"  # handed back: never a failure
+    kinds = [e.event_type.value for e in home.api.get_events(task_id)]
+    assert "failed" not in kinds and kinds[-1] == "released"
+
+
+def _children(pid: int) -> list[int]:
+    """Processes of the worker's process group other than the worker itself."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != pid:
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pid:  # the process group id
+                found.append(int(entry))
+    return found
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
