@@ -88,13 +88,31 @@ class TaskExpired(TaskFailed):
     """The task's TTL passed before a worker started it."""
 
 
+# URL userinfo: "user:password@" (the password masked) or a bare "token@" of the
+# NATS schemes, where the userinfo alone is a token (postgresql://app@db names a user).
+_USERINFO = r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@"
+_TOKEN_SCHEMES = r"(?P<scheme>(?:nats|tls|ws|wss)://)[^:/@\s]+@"
+_SECRET_NAME = r"[A-Za-z_]*(?:pass(?:word|wd)?|secret|token|credential|api_?key|access_?key)"
+# name=value in URL queries (?password=...) and key=value DSNs (password='x y'), and
+# name: value in mapping reprs and YAML ({'token': 'x'}).
+_SECRET_PARAM = (
+    rf"(?i)(?P<name>['\"]?\b{_SECRET_NAME}['\"]?\s*[:=]\s*)"
+    r"(?P<value>'[^']*'|\"[^\"]*\"|[^\s&;,'\"}]+)"
+)
+# NATS credentials: a creds file's JWT and seed blocks, bare user/account seeds, JWTs.
+_CREDS_BLOCK = r"(-----BEGIN [A-Z ]+-----)[\s\S]*?(-*END [A-Z ]+-----*)"
+_NKEY_SEED = r"\bS[UAO][A-Z2-7]{40,}\b"
+_JWT = r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
+
+
 def redact(text: str) -> str:
-    """Mask passwords in URLs/DSNs found anywhere in a message."""
+    """Mask credentials found anywhere in a message: passwords and tokens in URLs and
+    DSNs, secret-looking name=value parameters, NATS creds, seeds and JWTs."""
     import re
 
-    text = re.sub(
-        r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@",
-        r"\g<scheme>\g<user>:***@",
-        text,
-    )
-    return re.sub(r"(?i)(password\s*=\s*)('[^']*'|\S+)", r"\1***", text)
+    text = re.sub(_USERINFO, r"\g<scheme>\g<user>:***@", text)
+    text = re.sub(_TOKEN_SCHEMES, r"\g<scheme>***@", text)
+    text = re.sub(_SECRET_PARAM, r"\g<name>***", text)
+    text = re.sub(_CREDS_BLOCK, r"\1 *** \2", text)
+    text = re.sub(_NKEY_SEED, "***", text)
+    return re.sub(_JWT, "***", text)
