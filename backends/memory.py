@@ -35,9 +35,14 @@ class _Lane:
 
 
 class MemoryQueue:
-    """A queue for one process (tests, embedded use, local callables)."""
+    """A queue for one process (tests, embedded use, local callables).
 
-    def __init__(self) -> None:
+    `any_lane=True`: a dequeue also takes tasks of queues it did not name (after the
+    named ones): the private queue of an embedded worker runs whatever it is given.
+    """
+
+    def __init__(self, *, any_lane: bool = False) -> None:
+        self._any_lane = any_lane
         self._entries: dict[str, _Entry] = {}
         self._lanes: dict[str, _Lane] = {}
         self._unique: dict[str, tuple[str, float | None]] = {}  # key -> (task id, held until)
@@ -101,6 +106,8 @@ class MemoryQueue:
     def _claim(self, queues: Sequence[str], lease: float) -> Delivery | None:
         now = time.time()
         self._reclaim_expired(now)
+        if self._any_lane:
+            queues = [*queues, *(name for name in self._lanes if name not in queues)]
         for name in queues:
             lane = self._lanes.get(name)
             if lane is None:

@@ -35,6 +35,7 @@ from omniq.models import (
     TaskStatus,
     WorkerInfo,
     check_queue_name,
+    is_valid_id,
     new_task_id,
     utcnow,
 )
@@ -106,13 +107,17 @@ class AsyncOmniQ:
         task_queue: TaskQueue | None = None,
         result_storage: ResultStorage | None = None,
         event_storage: EventStorage | None = None,
+        embedded_worker: str | None = None,
     ) -> None:
         if config is None:
             from omniq.config import OmniQConfig
 
             config = OmniQConfig()
         self.config = config
+        self.embedded_worker = _embedded_mode(embedded_worker or config.embedded_worker)
         self._given = (task_queue, result_storage, event_storage)
+        self._run_own_here = False  # inside `async with` in "own" mode
+        self._enqueued_modules: set[str] = set()  # modules this client enqueued from
         self._opened: dict[str, Any] = {}
         self._local_queue: TaskQueue | None = None
         self._local_functions: dict[str, Callable[..., Any]] = {}
@@ -171,8 +176,15 @@ class AsyncOmniQ:
                 await store.close()
 
     async def __aenter__(self) -> AsyncOmniQ:
+        """Open the stores and run the embedded worker the `embedded_worker` mode asks for:
+        "own" (default) runs the tasks this process enqueues, in this process; "shared"
+        also works the shared queues like a daemon; "off" runs only local callables."""
         await self.open()
-        await self.start_worker()
+        if self.embedded_worker == "own":
+            self._run_own_here = True
+            await self._local()
+        elif self.embedded_worker == "shared":
+            await self.start_worker()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -216,20 +228,36 @@ class AsyncOmniQ:
         return settings_from_config(self.config, **overrides)
 
     async def start_worker(self, **overrides: Any) -> Worker:
-        """Run a worker on the configured queue inside this process (all modules allowed)."""
+        """Run a worker on the shared queues inside this process, like `omniq worker`.
+
+        It runs what the `task_modules` allow-list allows; with none configured, only
+        functions of modules this client enqueued from (never anything else another
+        process put on a shared queue). Keyword arguments override the worker settings
+        (queues=, concurrency=, ...); each distinct set starts its own worker.
+        """
         await self.open()
-        if "queue" in self._workers:
-            return self._workers["queue"][0]
-        overrides.setdefault("allowed_modules", None)
+        name = "shared:" + repr(sorted(overrides.items()))
+        if name in self._workers:
+            return self._workers[name][0]
+        overrides.setdefault("allowed_modules", tuple(self.config.task_modules))
         # A short poll keeps `with OmniQ()` quick to close.
         overrides.setdefault("poll_interval", min(0.2, self.config.worker_poll_interval))
-        return self._spawn_worker("queue", self.queue, self.worker_settings(**overrides))
+        settings = self.worker_settings(**overrides)
+        also = None if self.config.task_modules else self._enqueued_modules
+        return self._spawn_worker(name, self.queue, settings, also_allowed=also)
 
-    def _spawn_worker(self, name: str, queue: TaskQueue, settings: WorkerSettings) -> Worker:
+    def _spawn_worker(
+        self,
+        name: str,
+        queue: TaskQueue,
+        settings: WorkerSettings,
+        also_allowed: set[str] | None = None,
+    ) -> Worker:
         from omniq.worker import Worker
 
         worker = Worker(
-            queue, self.results, self.events, settings, local_functions=self._local_functions
+            queue, self.results, self.events, settings, local_functions=self._local_functions,
+            also_allowed=also_allowed,
         )
         task = asyncio.create_task(worker.run(), name=f"omniq-{name}-worker")
         task.add_done_callback(_log_worker_crash)
@@ -237,25 +265,24 @@ class AsyncOmniQ:
         return worker
 
     async def _local(self) -> TaskQueue:
-        """Callables other processes cannot import run here only, off a private queue."""
+        """Tasks that run in this process only, off a private queue: callables other
+        processes cannot import, and in "own" mode everything this process enqueues."""
         await self._r()
         await self._e()
         if self._local_queue is None:
             from omniq.backends.memory import MemoryQueue
 
-            self._local_queue = MemoryQueue()
+            # Every lane: a local task runs whatever queue it was given (queue="mail").
+            self._local_queue = MemoryQueue(any_lane=True)
         if "local" not in self._workers:
+            # Own tasks obey the allow-list when one is configured; local callables are
+            # this process's own code and always run.
+            allowed = tuple(self.config.task_modules) or None
             settings = self.worker_settings(
-                allowed_modules=None,
-                register=False,
-                queues=tuple(self._local_queues()),
-                poll_interval=0.5,
+                allowed_modules=allowed, register=False, poll_interval=0.5
             )
             self._spawn_worker("local", self._local_queue, settings)
         return self._local_queue
-
-    def _local_queues(self) -> list[str]:
-        return sorted({self.config.default_queue, *self.config.worker_queues, "default"})
 
     async def _drain_local(self) -> None:
         """Local tasks cannot run anywhere else: give them time to finish before closing."""
@@ -339,6 +366,12 @@ class AsyncOmniQ:
         return options.result_ttl if options.result_ttl is not None else self.config.result_ttl
 
     def _func_ref(self, func: Callable[..., Any] | str) -> str:
+        path = self._func_path(func)
+        if not path.startswith("local:"):
+            self._enqueued_modules.add(serialization.module_of(path))
+        return path
+
+    def _func_path(self, func: Callable[..., Any] | str) -> str:
         if isinstance(func, str):
             if func.startswith("local:"):
                 raise ValueError("local callables are enqueued by passing the function itself")
@@ -360,9 +393,12 @@ class AsyncOmniQ:
             self._local_functions[token] = func
         return token
 
+    def _runs_here(self, task: Task) -> bool:
+        return task.is_local or self._run_own_here
+
     async def submit(self, task: Task) -> str:
         """Write the task and its ENQUEUED event (the event first, so it sorts first)."""
-        queue = await self._local() if task.is_local else await self._q()
+        queue = await self._local() if self._runs_here(task) else await self._q()
         events = await self._e()
         event = _enqueued_event(task)
         if task.unique_key is None:
@@ -375,7 +411,7 @@ class AsyncOmniQ:
 
     async def submit_many(self, tasks: Sequence[Task]) -> list[str]:
         """Like `submit` for many tasks: their ENQUEUED events go out in one write."""
-        plain = {t.id for t in tasks if t.unique_key is None and not t.is_local}
+        plain = {t.id for t in tasks if t.unique_key is None and not self._runs_here(t)}
         if plain:
             events = await self._e()
             await events.append_many([_enqueued_event(t) for t in tasks if t.id in plain])
@@ -394,6 +430,8 @@ class AsyncOmniQ:
         return raise_for_result(await self.wait_result(task_id, timeout))
 
     async def wait_result(self, task_id: str, timeout: float | None = None) -> TaskResult:
+        if not is_valid_id(task_id):  # e.g. a NUL: no store could hold it
+            raise TaskNotFound(f"no task with id {task_id!r}")
         results = await self._r()
         result = await results.get(task_id)
         if result is not None:
@@ -408,6 +446,8 @@ class AsyncOmniQ:
         return result
 
     async def task_exists(self, task_id: str) -> bool:
+        if not is_valid_id(task_id):
+            return False
         if self._local_queue is not None and await self._local_queue.get_task(task_id):
             return True
         if await (await self._q()).get_task(task_id) is not None:
@@ -417,6 +457,8 @@ class AsyncOmniQ:
         return bool(await (await self._e()).get(task_id))
 
     async def get_events(self, task_id: str) -> list[TaskEvent]:
+        if not is_valid_id(task_id):
+            return []
         events = await self._e()
         return await events.get(task_id)
 
@@ -445,6 +487,8 @@ class AsyncOmniQ:
     # --- operations ----------------------------------------------------------
     async def cancel(self, task_id: str) -> bool:
         """Cancel a task no worker has started; records a CANCELLED outcome."""
+        if not is_valid_id(task_id):
+            return False
         for queue in (self._local_queue, await self._q()):
             if queue is None:
                 continue
@@ -476,16 +520,42 @@ class AsyncOmniQ:
         )
 
     async def retry(self, task_id: str) -> str:
-        """Queue a failed task again under a new id; returns the new id."""
-        queue, results = await self._q(), await self._r()
-        task = await queue.get_task(task_id)
-        if task is None:
-            raise TaskNotFound(f"no failed task kept for id {task_id} (only dead letters retry)")
-        result = await results.get(task_id)
-        if result is None or result.ok:
+        """Run a failed task again, under the same id; returns the id.
+
+        Idempotent: a task already queued again (or running) is left alone. The failed
+        outcome is deleted first, so the new attempt's outcome can be stored (the
+        first final outcome wins).
+        """
+        results = await self._r()
+        result = await results.get(task_id) if is_valid_id(task_id) else None
+        if result is not None and result.ok:
             raise OmniQError(f"task {task_id} has not failed; only failed tasks can be retried")
-        fresh = replace(task, id=new_task_id(), created_at=utcnow(), eta=None, expires_at=None)
-        return await self.submit(fresh)
+        found = await self._find_task(task_id)
+        if found is None:
+            raise TaskNotFound(f"no failed task kept for id {task_id} (only dead letters retry)")
+        queue, task = found
+        if task.func == serialization.UNDECODABLE_FUNC:
+            raise OmniQError(f"task {task_id} cannot run again: its stored payload is undecodable")
+        if result is None:  # queued again already (or running): enqueue is a no-op then
+            await queue.enqueue(task)
+            return task_id
+        await results.delete(task_id)
+        event = replace(_enqueued_event(task), timestamp=utcnow())
+        event.details["retry"] = True
+        await (await self._e()).append(event)
+        await queue.enqueue(replace(task, eta=None, expires_at=None))
+        return task_id
+
+    async def _find_task(self, task_id: str) -> tuple[TaskQueue, Task] | None:
+        """The queue holding the task (this process's private one first) and the task."""
+        if not is_valid_id(task_id):
+            return None
+        for queue in (self._local_queue, await self._q()):
+            if queue is not None:
+                task = await queue.get_task(task_id)
+                if task is not None:
+                    return queue, task
+        return None
 
     async def stats(self) -> list[QueueStats]:
         queue = await self._q()
@@ -557,6 +627,17 @@ async def _probe(config: OmniQConfig, prefix: str, role: Any) -> str | None:
     except OmniQError as exc:
         return str(exc)
     return None
+
+
+EMBEDDED_MODES = ("own", "shared", "off")
+
+
+def _embedded_mode(mode: str) -> str:
+    if mode not in EMBEDDED_MODES:
+        raise ConfigError(
+            f"embedded_worker must be one of {', '.join(EMBEDDED_MODES)}, not {mode!r}"
+        )
+    return mode
 
 
 def _enqueued_event(task: Task) -> TaskEvent:
@@ -656,12 +737,14 @@ class OmniQ:
         task_queue: TaskQueue | None = None,
         result_storage: ResultStorage | None = None,
         event_storage: EventStorage | None = None,
+        embedded_worker: str | None = None,
     ) -> None:
         self._core = AsyncOmniQ(
             config,
             task_queue=task_queue,
             result_storage=result_storage,
             event_storage=event_storage,
+            embedded_worker=embedded_worker,
         )
         self._thread: _LoopThread | None = None
         self._lock = threading.Lock()
@@ -683,8 +766,8 @@ class OmniQ:
         return self._thread.call(coro)
 
     def __enter__(self) -> OmniQ:
-        self._run(self._core.open())
-        self._run(_start(self._core))
+        """Open the stores and run the embedded worker (see AsyncOmniQ.__aenter__)."""
+        self._run(_enter(self._core))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -766,6 +849,10 @@ class OmniQ:
 
 async def _start(core: AsyncOmniQ, **overrides: Any) -> None:
     await core.start_worker(**overrides)
+
+
+async def _enter(core: AsyncOmniQ) -> None:
+    await core.__aenter__()
 
 
 async def _anext(agen: AsyncGenerator[T, None]) -> T:

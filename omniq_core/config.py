@@ -188,6 +188,7 @@ SPECS: dict[str, _Spec] = {
     "event_buffer_size": _Spec("int", 10_000, check=_at_least(1)),
     "event_spill_max_mb": _Spec("int", 256, check=_at_least(0)),
     "task_modules": _Spec("list", []),
+    "embedded_worker": _Spec("str", "own", check=_choice("own", "shared", "off")),
     "allow_shell": _Spec("bool", False),
     "shell_output_limit": _Spec("int", 65536, check=_at_least(1)),
     "log_level": _Spec(
@@ -588,6 +589,7 @@ class OmniQConfig:
     event_buffer_size: int
     event_spill_max_mb: int
     task_modules: list[str]
+    embedded_worker: str
     allow_shell: bool
     shell_output_limit: int
     log_level: str

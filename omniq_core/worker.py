@@ -25,7 +25,7 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -150,6 +150,7 @@ class Worker:
         worker_id: str | None = None,
         runner: Any = None,
         on_event: Callable[[str], None] | None = None,
+        also_allowed: Collection[str] | None = None,
     ) -> None:
         self.queue = queue
         self.results = results
@@ -162,6 +163,9 @@ class Worker:
         self.running: dict[str, _Running] = {}
         self._runner = runner
         self._on_event = on_event
+        # Modules allowed besides the allow-list (a live set: an embedded worker with no
+        # task_modules runs the modules its own process enqueued from).
+        self._also_allowed = also_allowed if also_allowed is not None else ()
         self._stopping = False
         self._force = False
         self._wakeup: asyncio.Event | None = None
@@ -558,7 +562,10 @@ class Worker:
             if func is None:
                 raise TaskRefused(f"local callable {task.func} is not registered in this process")
         else:
-            if not module_allowed(func_path, self.settings.allowed_modules):
+            module = serialization.module_of(func_path)
+            if module not in self._also_allowed and not module_allowed(
+                func_path, self.settings.allowed_modules
+            ):
                 raise TaskRefused(refused_message(func_path))
             func = None
         if self._runner is not None and func is None:

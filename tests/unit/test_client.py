@@ -12,6 +12,7 @@ import pytest
 from omniq import AsyncOmniQ, OmniQ
 from omniq.config import OmniQConfig
 from omniq.errors import (
+    OmniQError,
     ResultTimeout,
     SerializationError,
     TaskCancelled,
@@ -103,11 +104,96 @@ def test_options_do_not_steal_task_keywords(omniq: OmniQ) -> None:
     }
 
 
-def test_options_route_to_queue(omniq: OmniQ) -> None:
-    task_id = omniq.options(queue="other").enqueue("omniq.examples:add", 1, 2)
-    assert omniq.get_events(task_id)[0].queue == "other"
-    stats = {s.queue: s for s in omniq.stats()}
-    assert stats["other"].queued == 1  # the embedded worker consumes "default" only
+def test_options_route_to_queue() -> None:
+    client = OmniQ(memory_config())  # no embedded worker: the task waits on its queue
+    try:
+        task_id = client.options(queue="other").enqueue("omniq.examples:add", 1, 2)
+        assert client.get_events(task_id)[0].queue == "other"
+        stats = {s.queue: s for s in client.stats()}
+        assert stats["other"].queued == 1
+    finally:
+        client.close()
+
+
+def test_the_embedded_worker_runs_own_tasks_whatever_their_queue(omniq: OmniQ) -> None:
+    """The README's example: options(queue="mail") inside `with OmniQ()`."""
+
+    def send_mail(to: str) -> str:
+        return f"sent to {to}"
+
+    mail = omniq.options(queue="mail", retries=3).enqueue(send_mail, "bob@example.com")
+    other = omniq.options(queue="other").enqueue("omniq.examples:add", 1, 2)
+    assert omniq.get_result(mail, timeout=10) == "sent to bob@example.com"
+    assert omniq.get_result(other, timeout=10) == 3
+    assert omniq.get_events(other)[0].queue == "other"
+
+
+def shared_config(tmp_path: Path, **values: object) -> OmniQConfig:
+    """Stores other processes share (SQLite under tmp_path)."""
+    return OmniQConfig.from_values(home=str(tmp_path), **values)
+
+
+def test_with_omniq_never_runs_what_others_put_on_a_shared_queue(tmp_path: Path) -> None:
+    """A producer script must not become an unrestricted worker (issue: os:getcwd ran)."""
+    other = OmniQ(shared_config(tmp_path))
+    foreign = other.enqueue("os:getcwd")  # as `omniq enqueue os:getcwd --no-check` would
+    other.close()
+    with OmniQ(shared_config(tmp_path)) as producer:
+        own = producer.enqueue("omniq.examples:add", 2, 2)
+        assert producer.get_result(own, timeout=10) == 4
+        time.sleep(1.0)  # time enough for a worker on the shared queue to take it
+        with pytest.raises(ResultTimeout):
+            producer.wait_result(foreign, timeout=0)
+    after = OmniQ(shared_config(tmp_path))
+    assert [s.queued for s in after.stats()] == [1]  # still there, for a daemon
+    assert kinds(after, foreign) == ["enqueued"]
+    after.close()
+
+
+def test_shared_mode_works_the_shared_queue_with_the_allow_list(tmp_path: Path) -> None:
+    other = OmniQ(shared_config(tmp_path))
+    allowed = other.enqueue("omniq.examples:add", 1, 1)
+    foreign = other.enqueue("os:getcwd")
+    other.close()
+    with OmniQ(shared_config(tmp_path), embedded_worker="shared") as client:
+        assert client.get_result(allowed, timeout=10) == 2
+        with pytest.raises(TaskFailed, match="not allowed by task_modules"):
+            client.get_result(foreign, timeout=10)
+
+
+def test_an_explicit_worker_runs_the_modules_this_client_enqueued_from(tmp_path: Path) -> None:
+    async def main() -> None:
+        producer = AsyncOmniQ(shared_config(tmp_path))
+        await producer.open()
+        mine = await producer.options(queue="mail").enqueue("json:dumps", [1])
+        foreign = await producer.options(queue="mail").enqueue("os:getcwd")
+        producer._enqueued_modules.discard("os")  # as if another process had queued it
+        await producer.start_worker(queues=("mail",))
+        assert await producer.get_result(mine, timeout=10) == "[1]"
+        with pytest.raises(TaskFailed, match="not allowed"):
+            await producer.get_result(foreign, timeout=10)
+        await producer.close()
+
+    asyncio.run(main())
+
+
+def test_task_modules_bind_the_embedded_worker_too(tmp_path: Path) -> None:
+    with OmniQ(shared_config(tmp_path, task_modules=["myapp"])) as client:
+        with pytest.raises(TaskFailed, match="not allowed by task_modules"):
+            client.get_result(client.enqueue("json:dumps", [1]), timeout=10)
+        assert client.get_result(client.enqueue(lambda: "local"), timeout=10) == "local"
+
+
+def test_start_worker_honours_its_arguments() -> None:
+    async def main() -> None:
+        async with AsyncOmniQ(memory_config(), embedded_worker="off") as client:
+            task_id = await client.options(queue="mail").enqueue("omniq.examples:add", 1, 2)
+            default = await client.start_worker()
+            mail = await client.start_worker(queues=("mail",))
+            assert default.settings.queues == ("default",) and mail.settings.queues == ("mail",)
+            assert await client.get_result(task_id, timeout=10) == 3
+
+    asyncio.run(main())
 
 
 def test_non_json_argument_is_refused_at_enqueue(omniq: OmniQ) -> None:
@@ -181,14 +267,48 @@ def test_enqueue_many(omniq: OmniQ) -> None:
     assert [omniq.get_result(t, timeout=10) for t in ids] == [2 * i for i in range(20)]
 
 
-def test_retry_of_failed_task(omniq: OmniQ) -> None:
-    task_id = omniq.enqueue("omniq.examples:fail", "once")
+def test_retry_of_failed_task(omniq: OmniQ, tmp_path: Path) -> None:
+    marker = tmp_path / "count"
+    task_id = omniq.enqueue("omniq.examples:flaky", str(marker), 1)
     with pytest.raises(TaskFailed):
         omniq.get_result(task_id, timeout=10)
-    new_id = omniq.retry(task_id)
-    assert new_id != task_id
-    with pytest.raises(TaskFailed):
-        omniq.get_result(new_id, timeout=10)
+    assert omniq.retry(task_id) == task_id  # the same task runs again
+    assert omniq.get_result(task_id, timeout=10) == 2
+    assert kinds(omniq, task_id) == [
+        "enqueued", "started", "failed", "enqueued", "started", "completed"
+    ]
+    assert omniq.get_events(task_id)[3].details.get("retry") is True
+
+
+def test_retry_twice_queues_one_run(tmp_path: Path) -> None:
+    config = shared_config(tmp_path)
+    client = OmniQ(config)
+    task_id = client.enqueue("omniq.examples:fail")
+    with OmniQ(config, embedded_worker="shared") as worker, pytest.raises(TaskFailed):
+        worker.get_result(task_id, timeout=10)
+    assert client.retry(task_id) == task_id
+    assert client.retry(task_id) == task_id  # already queued again: nothing more
+    stats = {s.queue: s for s in client.stats()}
+    assert (stats["default"].queued, stats["default"].failed) == (1, 0)
+    assert kinds(client, task_id).count("enqueued") == 2
+    client.close()
+
+
+@pytest.mark.parametrize("bad", ["abc\x00def", "", "a b", "../etc/passwd", "x" * 300])
+def test_an_id_no_store_can_hold_is_not_found(omniq: OmniQ, bad: str) -> None:
+    with pytest.raises(TaskNotFound):
+        omniq.get_result(bad, timeout=0)
+    assert omniq.get_events(bad) == []
+    assert omniq.cancel(bad) is False
+    with pytest.raises(TaskNotFound):
+        omniq.retry(bad)
+
+
+def test_retry_refuses_a_task_that_did_not_fail(omniq: OmniQ) -> None:
+    task_id = omniq.enqueue("omniq.examples:add", 1, 1)
+    assert omniq.get_result(task_id, timeout=10) == 2
+    with pytest.raises(OmniQError, match="has not failed"):
+        omniq.retry(task_id)
 
 
 def test_follow_events_live(omniq: OmniQ) -> None:
