@@ -460,7 +460,9 @@ class AsyncOmniQ:
         if not is_valid_id(task_id):
             return []
         events = await self._e()
-        return await events.get(task_id)
+        # By time: events held through an event-store outage by several processes
+        # reach the store in the order those processes got it back.
+        return sorted(await events.get(task_id), key=lambda e: e.timestamp)
 
     async def follow_events(
         self,

@@ -213,6 +213,10 @@ class BufferedEventStorage:
         pause = 0.2
         while self.held:
             try:
+                if self._sweeper is not None:
+                    # Held by processes that exited (an `omniq enqueue` during the
+                    # outage): older than ours, so written first.
+                    await self.adopt_orphans()
                 await self._write_some()
                 pause = 0.2
             except BackendUnavailable:
@@ -286,7 +290,12 @@ class BufferedEventStorage:
 
     # --- reads and lifecycle go to the real store -------------------------------------
     async def open(self) -> None:
-        await self.inner.open()
+        """Open the real store; unreachable now is an outage like any other (the store
+        connects again on its next call), not a reason to stop."""
+        try:
+            await self.inner.open()
+        except BackendUnavailable as exc:
+            self._begin_outage(exc)
 
     async def close(self) -> None:
         for task in (self._sweeper,):
