@@ -95,7 +95,10 @@ BATCH = 500  # items one cleanup/purge script call handles, so Redis is never bl
 WAKE_TOKENS = 1000  # cap of a queue's wake list when nobody is waiting
 RESULT_SLICE = 5.0  # a result waiter re-reads at least this often (missed notifications)
 BLOCK_SLICE = 2.0  # longest single BLPOP / XREAD BLOCK; waits longer than that loop
-UNSETTLED_PER_CALL = 16  # claim ids of failed calls a claim asks about at once
+# Claim ids of failed calls that one claim call asks about. A call delivers one task,
+# so concurrent calls (a worker's fetchers) each take one: three claims lost in one
+# pipelined request are found by the next three calls, not one after another.
+UNSETTLED_PER_CALL = 1
 UNSETTLED_MAX = 256  # kept at most (the oldest go: their leases expire anyway)
 _UNAVAILABLE = (
     rexc.ConnectionError,  # includes AuthenticationError and BusyLoadingError
@@ -218,7 +221,8 @@ return id
 # the next ETA/lease deadline (-1 = none).
 # The client chooses the claim id, which becomes the lease token, and P:c:<claim id>
 # names the claimed task for a lease's time: a claim whose reply was lost is found
-# again by the same client's next call, which passes the ids of its failed calls.
+# again by the same client's next call, which passes the ids of its failed calls
+# (one call at a time: the store object hands each id to one call only).
 # Due delayed tasks and expired leases move to ready first (an expired lease loses
 # its token); the attempt is counted here, when the lease is taken.
 _CLAIM = """
@@ -228,9 +232,10 @@ local function refind(i)
   local c = ARGV[4 + i]
   local id = redis.call('GET', P .. 'c:' .. c)
   if not id then return nil end
-  redis.call('DEL', P .. 'c:' .. c)
   local f = redis.call('HMGET', tkey(id), 's', 't', 'a', 'd', 'q')
   if f[1] ~= 'r' or f[2] ~= c then return nil end
+  -- Kept (not deleted): this reply may be lost too, and the next call asks again.
+  redis.call('PEXPIRE', P .. 'c:' .. c, lease)
   redis.call('ZADD', qkey(f[5], 'leases'), now + lease, id)
   return {f[4] or '', f[3], c, id, f[5], i}
 end
