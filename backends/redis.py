@@ -291,7 +291,8 @@ return due
 
 # Settlements act only while the token holds the lease (s = r, t = token). A token
 # that already settled this way (its reply was lost and the call is sent again) finds
-# its own result: t is cleared whenever a lease ends otherwise (expiry, re-enqueue).
+# its own result: t is cleared whenever a lease ends otherwise (expiry, release,
+# re-enqueue).
 
 # ARGV: P, id, token, failed ('1'/'0')
 _ACK = """
@@ -338,7 +339,7 @@ local k = tkey(id)
 local f = redis.call('HMGET', k, 's', 'm', 'q', 'p', 't', 'a')
 if f[1] ~= 'r' or f[5] ~= ARGV[3] then return 0 end
 unlink(id, f)
-push_ready(id, f[3], tonumber(f[4]), {'a', math.max(0, (tonumber(f[6]) or 0) - 1)})
+push_ready(id, f[3], tonumber(f[4]), {'a', math.max(0, (tonumber(f[6]) or 0) - 1), 't', ''})
 wake(f[3])
 return 1
 """
@@ -483,12 +484,12 @@ return n
 # is there already (a write sent again after a lost reply): it is dropped. A task's
 # list is read once per call and holds its few events, so the check is one LRANGE
 # per task; the index is touched only when the task's oldest time changes, and the
-# list's TTL and last-append time once per task.
+# list's TTL and last-append time once per task: 8 commands for a task's first event,
+# 6 for the next ones (8 each before ids, without the check).
 _EVENTS_APPEND = """
 local maxlen, ttl = ARGV[2], tonumber(ARGV[3])
 local stream, index, seen = P .. 'e:all', P .. 'e:index', P .. 'e:seen'
-local now = now_ms()
-local lists, touched, grew = {}, {}, false
+local lists, touched, grew, now = {}, {}, false, 0
 local function list_of(tid)
   local l = lists[tid]
   if l then return l end
@@ -513,6 +514,9 @@ for i = 4, #ARGV, 4 do
   if not stored(l, needle) then
     l.added[needle] = true
     local gid = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 2])
+    -- The entry id is the server's time in ms (never behind the stream's last id):
+    -- the clock of the TTLs below, without a TIME call.
+    now = tonumber(string.match(gid, '^%d+'))
     redis.call('RPUSH', P .. 'et:' .. tid, ts .. ' ' .. gid .. ' ' .. ARGV[i + 2])
     if not l.oldest or tonumber(ts) < l.oldest then
       redis.call('ZADD', index, 'LT', ts, tid)
