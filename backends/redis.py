@@ -41,7 +41,8 @@ caller (the worker) retries, and only what is safe to retry.
 Options (the `options` setting or extra keyword arguments): `socket_timeout`
 (seconds to wait for a reply, default 5), `stream_maxlen` and `event_ttl` (event
 store), anything else is passed to `redis.asyncio.Redis` (ssl_ca_certs,
-max_connections, ...). A store belongs to one event loop at a time.
+max_connections, ...) but its retry options, refused. A store belongs to one event
+loop at a time.
 """
 
 from __future__ import annotations
@@ -954,8 +955,9 @@ class _Claims:
 
     Such a claim may have taken a lease on the server: the next claim call asks for
     those ids first, so the task is delivered instead of waiting for its lease to
-    expire. Kept per process (a forked child must not pick up its parent's claims)
-    and only while their lease could still hold.
+    expire (whatever queues that call names: a worker's queues do not change). Kept
+    per process (a forked child must not pick up its parent's claims) and only while
+    their lease could still hold.
     """
 
     def __init__(self) -> None:
