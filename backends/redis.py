@@ -5,13 +5,19 @@ with different prefixes)::
 
     P:t:<id>            hash   task: d=payload q=queue p=priority a=attempts
                                s=state (w waiting, s scheduled, r running,
-                               f failed) m=ready member t=lease token u=unique key
+                               f failed) m=ready member t=lease token
+                               u=unique key ut=unique_ttl (ms)
     P:q:<queue>:ready   zset   score -priority, member <16-hex seq><id> (FIFO)
     P:q:<queue>:delayed zset   task ids by ETA / retry time (ms)
     P:q:<queue>:leases  zset   task ids by lease deadline (ms)
     P:q:<queue>:failed  zset   dead letters by time of failure
     P:q:<queue>:wake    list   wake-up tokens for blocked dequeues (BLPOP)
-    P:queues P:unique P:seq P:workers P:workers:ttl
+    P:c:<claim id>      string the task a claim took, for a lease's time (a claim
+                               whose reply was lost is found again by its id)
+    P:u:<unique key>    string the task holding the key; PEXPIRE unique_ttl once
+                               it finished (P:unique, a hash of key -> id, is
+                               the layout before issue 8: read and moved lazily)
+    P:queues P:seq P:workers P:workers:ttl
     P:r:<id>            string result payload, PEXPIREAT = expires_at;
                                channel of the same name announces a store
     P:ri:expiry P:ri:finished  zsets of result ids for cleanup
@@ -25,10 +31,18 @@ collide), no braces (hash tags), spaces or glob characters (so `SCAN MATCH P:*`
 finds exactly one app's keys). Scripts compute the keys they touch from the
 prefix, so Redis Cluster is not supported; Redis >= 6.2 is required.
 
+Every write may reach the server although its reply is lost (a dropped connection,
+a reply later than the timeout), so every script can be sent twice with one effect:
+enqueue is by task id, a result is created only if absent, an event id is stored
+once per task, settlements need the lease token, and a claim carries a client-chosen
+id its store object asks for again. redis-py's own re-sending is switched off: the
+caller (the worker) retries, and only what is safe to retry.
+
 Options (the `options` setting or extra keyword arguments): `socket_timeout`
 (seconds to wait for a reply, default 5), `stream_maxlen` and `event_ttl` (event
 store), anything else is passed to `redis.asyncio.Redis` (ssl_ca_certs,
-max_connections, ...). A store belongs to one event loop at a time.
+max_connections, ...) but its retry options, refused. A store belongs to one event
+loop at a time.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ import hashlib
 import inspect
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
@@ -48,7 +63,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 
 from omniq.errors import BackendError, BackendUnavailable, ConfigError, OmniQError, redact
 from omniq.models import (
@@ -64,8 +79,9 @@ from omniq.registry import Role
 from omniq.serialization import (
     decode_event,
     decode_result,
-    decode_task,
+    decode_task_or_placeholder,
     decode_worker,
+    dumps,
     encode_event,
     encode_result,
     encode_task,
@@ -80,6 +96,11 @@ BATCH = 500  # items one cleanup/purge script call handles, so Redis is never bl
 WAKE_TOKENS = 1000  # cap of a queue's wake list when nobody is waiting
 RESULT_SLICE = 5.0  # a result waiter re-reads at least this often (missed notifications)
 BLOCK_SLICE = 2.0  # longest single BLPOP / XREAD BLOCK; waits longer than that loop
+# Claim ids of failed calls that one claim call asks about. A call delivers one task,
+# so concurrent calls (a worker's fetchers) each take one: three claims lost in one
+# pipelined request are found by the next three calls, not one after another.
+UNSETTLED_PER_CALL = 1
+UNSETTLED_MAX = 256  # kept at most (the oldest go: their leases expire anyway)
 _UNAVAILABLE = (
     rexc.ConnectionError,  # includes AuthenticationError and BusyLoadingError
     rexc.TimeoutError,
@@ -88,9 +109,12 @@ _UNAVAILABLE = (
     OSError,
 )
 # Options that belong to us or that we set ourselves; the rest go to redis-py.
+# redis-py's retry options are ours too: it would re-send a command whose reply was
+# lost, and a script sent twice must be the caller's choice, never the driver's.
 _RESERVED = {"self", "host", "port", "db", "username", "password", "ssl",
              "connection_pool", "decode_responses", "single_connection_client",
-             "unix_socket_path", "auto_close_connection_pool"}
+             "unix_socket_path", "auto_close_connection_pool",
+             "retry", "retry_on_error", "retry_on_timeout"}
 _CLIENT_OPTIONS = set(inspect.signature(aioredis.Redis.__init__).parameters) - _RESERVED
 # Shared clients by (pid, loop, settings). Entries of a parent process or of a
 # finished loop stay referenced, never collected: finalizing a client closes its
@@ -112,14 +136,18 @@ local function now_ms()
 end
 local function tkey(id) return P .. 't:' .. id end
 local function qkey(q, kind) return P .. 'q:' .. q .. ':' .. kind end
+local function ukey(u) return P .. 'u:' .. u end
 local function wake(q)
   local k = qkey(q, 'wake')
   if redis.call('LLEN', k) < MAX_TOKENS then redis.call('RPUSH', k, '1') end
 end
-local function push_ready(id, q, prio)
+-- Ready again: one HSET for the state, the member and the caller's `extra` fields.
+local function push_ready(id, q, prio, extra)
   local m = string.format('%016x', redis.call('INCR', P .. 'seq')) .. id
   redis.call('ZADD', qkey(q, 'ready'), -prio, m)
-  redis.call('HSET', tkey(id), 's', 'w', 'm', m)
+  local fields = {'s', 'w', 'm', m}
+  for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
+  redis.call('HSET', tkey(id), unpack(fields))
 end
 local function unlink(id, f)
   local s, q = f[1], f[3]
@@ -128,52 +156,96 @@ local function unlink(id, f)
   elseif s == 'r' then redis.call('ZREM', qkey(q, 'leases'), id)
   elseif s == 'f' then redis.call('ZREM', qkey(q, 'failed'), id) end
 end
-local function free_unique(id, u)
-  if u and u ~= '' and redis.call('HGET', P .. 'unique', u) == id then
+-- Unique keys are strings P:u:<key> -> task id (a TTL once the task finished).
+-- Before issue 8 they were fields of one hash P:unique, freed at ack: an entry
+-- found there is still honoured, and moved to its string key when enqueue meets it.
+local function unique_holder(u)
+  local h = redis.call('GET', ukey(u))
+  if h then return h end
+  h = redis.call('HGET', P .. 'unique', u)
+  if h then
     redis.call('HDEL', P .. 'unique', u)
+    redis.call('SET', ukey(u), h)
   end
+  return h
+end
+-- The task finished (or left): hold its key `keep` ms more, or free it now.
+local function settle_unique(id, u, keep)
+  if not u or u == '' then return end
+  local k = ukey(u)
+  local h = redis.call('GET', k)
+  if not h and redis.call('HGET', P .. 'unique', u) == id then
+    redis.call('HDEL', P .. 'unique', u)
+    h = id
+    if keep > 0 then redis.call('SET', k, id) end
+  end
+  if h ~= id then return end
+  if keep > 0 then redis.call('PEXPIRE', k, keep) else redis.call('DEL', k) end
 end
 """.replace("MAX_TOKENS", str(WAKE_TOKENS))
 
-# ARGV: P, id, payload, queue, priority, eta_ms (0 = none), unique key ('' = none)
+# ARGV: P, id, payload, queue, priority, eta_ms (0 = none), unique key ('' = none),
+# unique_ttl_ms. A task of this id that is unfinished is left alone (a re-sent
+# enqueue); a dead letter of this id is queued again from scratch.
 _ENQUEUE = """
 local id, q, prio, eta, u = ARGV[2], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 local k = tkey(id)
 local old = redis.call('HMGET', k, 's', 'm', 'q')
 if old[1] and old[1] ~= 'f' then return id end
 if u ~= '' then
-  local holder = redis.call('HGET', P .. 'unique', u)
+  local holder = unique_holder(u)
   if holder and holder ~= id then
+    -- Held: by an unfinished task, or (with a TTL) for unique_ttl after it finished.
+    if redis.call('PTTL', ukey(u)) > 0 then return holder end
     local hs = redis.call('HGET', tkey(holder), 's')
     if hs and hs ~= 'f' then return holder end
   end
-  redis.call('HSET', P .. 'unique', u, id)
+  redis.call('SET', ukey(u), id)
 end
 if old[1] then unlink(id, old) end
-redis.call('HSET', k, 'd', ARGV[3], 'q', q, 'p', prio, 'a', 0, 'u', u)
+local fields = {'d', ARGV[3], 'q', q, 'p', prio, 'a', 0, 'u', u, 'ut', ARGV[8], 't', ''}
 if eta > 0 and eta > now_ms() then
   redis.call('ZADD', qkey(q, 'delayed'), eta, id)
-  redis.call('HSET', k, 's', 's')
+  fields[#fields + 1] = 's'
+  fields[#fields + 1] = 's'
+  redis.call('HSET', k, unpack(fields))
 else
-  push_ready(id, q, prio)
+  push_ready(id, q, prio, fields)
 end
 redis.call('SADD', P .. 'queues', q)
 wake(q)
 return id
 """
 
-# ARGV: P, lease_ms, queue... -> {payload, attempt, token} or ms until the next
-# ETA/lease deadline (-1 = none). Due delayed tasks and expired leases move to
-# ready first; an expired lease's next claim counts one more attempt.
+# ARGV: P, lease_ms, claim id, n, n unsettled claim ids, queue...
+# -> {payload, attempt, claim id, task id, queue, unsettled ids checked} or ms until
+# the next ETA/lease deadline (-1 = none).
+# The client chooses the claim id, which becomes the lease token, and P:c:<claim id>
+# names the claimed task for a lease's time: a claim whose reply was lost is found
+# again by the same client's next call, which passes the ids of its failed calls
+# (one call at a time: the store object hands each id to one call only).
+# Due delayed tasks and expired leases move to ready first (an expired lease loses
+# its token); the attempt is counted here, when the lease is taken.
 _CLAIM = """
-local lease = tonumber(ARGV[2])
+local lease, cid, n = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local now = now_ms()
-local function requeue(zkey, q)
+local function refind(i)
+  local c = ARGV[4 + i]
+  local id = redis.call('GET', P .. 'c:' .. c)
+  if not id then return nil end
+  local f = redis.call('HMGET', tkey(id), 's', 't', 'a', 'd', 'q')
+  if f[1] ~= 'r' or f[2] ~= c then return nil end
+  -- Kept (not deleted): this reply may be lost too, and the next call asks again.
+  redis.call('PEXPIRE', P .. 'c:' .. c, lease)
+  redis.call('ZADD', qkey(f[5], 'leases'), now + lease, id)
+  return {f[4] or '', f[3], c, id, f[5], i}
+end
+local function requeue(zkey, q, extra)
   local ids = redis.call('ZRANGEBYSCORE', zkey, '-inf', now, 'LIMIT', 0, 500)
   for _, id in ipairs(ids) do
     redis.call('ZREM', zkey, id)
     local p = redis.call('HGET', tkey(id), 'p')
-    if p then push_ready(id, q, tonumber(p)) end
+    if p then push_ready(id, q, tonumber(p), extra) end
   end
 end
 local function pop(q)
@@ -183,24 +255,28 @@ local function pop(q)
     if #top == 0 then return nil end
     local id = string.sub(top[1], 17)
     local k = tkey(id)
-    local f = redis.call('HMGET', k, 's', 'm', 'd')
+    local f = redis.call('HMGET', k, 's', 'm', 'd', 'a')
     if f[1] == 'w' and f[2] == top[1] then
-      local attempt = redis.call('HINCRBY', k, 'a', 1)
-      local token = redis.call('INCR', P .. 'seq')
-      redis.call('HSET', k, 's', 'r', 't', token)
+      local attempt = (tonumber(f[4]) or 0) + 1
+      redis.call('HSET', k, 's', 'r', 't', cid, 'a', attempt)
+      redis.call('SET', P .. 'c:' .. cid, id, 'PX', lease)
       redis.call('ZADD', qkey(q, 'leases'), now + lease, id)
-      return {f[3], attempt, token}
+      return {f[3] or '', attempt, cid, id, q, n}
     end
   end
 end
-for i = 3, #ARGV do
+for i = 1, n do
+  local got = refind(i)
+  if got then return got end
+end
+for i = 5 + n, #ARGV do
   requeue(qkey(ARGV[i], 'delayed'), ARGV[i])
-  requeue(qkey(ARGV[i], 'leases'), ARGV[i])
+  requeue(qkey(ARGV[i], 'leases'), ARGV[i], {'t', ''})
   local got = pop(ARGV[i])
   if got then return got end
 end
 local due = -1
-for i = 3, #ARGV do
+for i = 5 + n, #ARGV do
   for _, kind in ipairs({'delayed', 'leases'}) do
     local first = redis.call('ZRANGE', qkey(ARGV[i], kind), 0, 0, 'WITHSCORES')
     if #first > 0 then
@@ -214,15 +290,22 @@ end
 return due
 """
 
-# ARGV: P, id, failed ('1'/'0')
+# Settlements act only while the token holds the lease (s = r, t = token). A token
+# that already settled this way (its reply was lost and the call is sent again) finds
+# its own result: t is cleared whenever a lease ends otherwise (expiry, release,
+# re-enqueue).
+
+# ARGV: P, id, token, failed ('1'/'0')
 _ACK = """
 local id = ARGV[2]
 local k = tkey(id)
-local f = redis.call('HMGET', k, 's', 'm', 'q', 'u')
-if not f[1] then return 0 end
+local f = redis.call('HMGET', k, 's', 'm', 'q', 'u', 't', 'ut')
+if f[5] ~= ARGV[3] then return 0 end
+if f[1] == 'f' and ARGV[4] == '1' then return 1 end
+if f[1] ~= 'r' then return 0 end
 unlink(id, f)
-free_unique(id, f[4])
-if ARGV[3] == '1' then
+settle_unique(id, f[4], tonumber(f[6]) or 0)
+if ARGV[4] == '1' then
   redis.call('HSET', k, 's', 'f')
   redis.call('ZADD', qkey(f[3], 'failed'), now_ms(), id)
 else
@@ -231,13 +314,15 @@ end
 return 1
 """
 
-# ARGV: P, id, delay_ms
+# ARGV: P, id, token, delay_ms
 _RETRY = """
 local id = ARGV[2]
-local f = redis.call('HMGET', tkey(id), 's', 'm', 'q', 'p')
-if not f[1] then return 0 end
+local f = redis.call('HMGET', tkey(id), 's', 'm', 'q', 'p', 't')
+if f[5] ~= ARGV[3] then return 0 end
+if f[1] == 's' or f[1] == 'w' then return 1 end
+if f[1] ~= 'r' then return 0 end
 unlink(id, f)
-local delay = tonumber(ARGV[3])
+local delay = tonumber(ARGV[4])
 if delay > 0 then
   redis.call('ZADD', qkey(f[3], 'delayed'), now_ms() + delay, id)
   redis.call('HSET', tkey(id), 's', 's')
@@ -255,8 +340,7 @@ local k = tkey(id)
 local f = redis.call('HMGET', k, 's', 'm', 'q', 'p', 't', 'a')
 if f[1] ~= 'r' or f[5] ~= ARGV[3] then return 0 end
 unlink(id, f)
-if tonumber(f[6]) > 0 then redis.call('HINCRBY', k, 'a', -1) end
-push_ready(id, f[3], tonumber(f[4]))
+push_ready(id, f[3], tonumber(f[4]), {'a', math.max(0, (tonumber(f[6]) or 0) - 1), 't', ''})
 wake(f[3])
 return 1
 """
@@ -275,7 +359,7 @@ local id = ARGV[2]
 local f = redis.call('HMGET', tkey(id), 's', 'm', 'q', 'u')
 if f[1] ~= 'w' and f[1] ~= 's' then return 0 end
 unlink(id, f)
-free_unique(id, f[4])
+settle_unique(id, f[4], 0)
 redis.call('DEL', tkey(id))
 return 1
 """
@@ -312,7 +396,7 @@ for _, q in ipairs(queues) do
         if kind[2] == 'w' then id = string.sub(id, 17) end
         local f = redis.call('HMGET', tkey(id), 's', 'm', 'u')
         if f[1] == kind[2] and (kind[2] ~= 'w' or f[2] == items[i]) then
-          free_unique(id, f[3])
+          settle_unique(id, f[3], 0)
           redis.call('DEL', tkey(id))
           dropped = dropped + 1
         end
@@ -345,15 +429,26 @@ redis.call('ZREMRANGEBYSCORE', P .. 'workers:ttl', '-inf', now)
 return redis.call('HVALS', P .. 'workers')
 """
 
-# ARGV: P, id, payload, finished_ms, expires_ms (0 = never)
+# ARGV: P, id, payload, finished_ms, expires_ms (0 = never) -> 1 stored, 0 another
+# outcome is there (kept). The first final outcome wins: SET NX, and an expired
+# result is already gone (PXAT). The same bytes found there are this very write,
+# sent again after its reply was lost: that is a 1, announced once.
 _RESULT_STORE = """
 local id, exp = ARGV[2], tonumber(ARGV[5])
 local k = P .. 'r:' .. id
+local stored
 if exp > 0 then
-  redis.call('SET', k, ARGV[3], 'PXAT', exp)
+  stored = redis.call('SET', k, ARGV[3], 'NX', 'PXAT', exp)
+else
+  stored = redis.call('SET', k, ARGV[3], 'NX')
+end
+if not stored then
+  if redis.call('GET', k) == ARGV[3] then return 1 end
+  return 0
+end
+if exp > 0 then
   redis.call('ZADD', P .. 'ri:expiry', exp, id)
 else
-  redis.call('SET', k, ARGV[3])
   redis.call('ZREM', P .. 'ri:expiry', id)
 end
 redis.call('ZADD', P .. 'ri:finished', tonumber(ARGV[4]), id)
@@ -385,26 +480,69 @@ if n < limit and ARGV[4] ~= '' then n = n + sweep('ri:finished', '(' .. ARGV[4],
 return n
 """
 
-# ARGV: P, maxlen, ttl_ms (0 = none), then (task id, ts_ms, payload) per event
+# ARGV: P, maxlen, ttl_ms (0 = none), then (task id, ts_ms, payload, needle) per event;
+# needle is '"id":' + the event id as JSON. An event whose needle is in its task's list
+# is there already (a write sent again after a lost reply): it is dropped. A task's
+# list is read once per call and holds its few events, so the check is one LRANGE
+# per task; the index is touched only when the task's oldest time changes, and the
+# list's TTL and last-append time once per task: 8 commands for a task's first event,
+# 6 for the next ones (8 each before ids, without the check).
 _EVENTS_APPEND = """
 local maxlen, ttl = ARGV[2], tonumber(ARGV[3])
 local stream, index, seen = P .. 'e:all', P .. 'e:index', P .. 'e:seen'
-local now = now_ms()
-for i = 4, #ARGV, 3 do
-  local tid, ts = ARGV[i], ARGV[i + 1]
-  local gid = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 2])
-  local k = P .. 'et:' .. tid
-  redis.call('RPUSH', k, ts .. ' ' .. gid .. ' ' .. ARGV[i + 2])
-  if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
-  redis.call('ZADD', index, 'LT', ts, tid)
-  if ttl > 0 then redis.call('ZADD', seen, now, tid) end
+local lists, touched, grew, now = {}, {}, false, 0
+local function list_of(tid)
+  local l = lists[tid]
+  if l then return l end
+  l = {items = redis.call('LRANGE', P .. 'et:' .. tid, 0, -1), added = {}}
+  for _, item in ipairs(l.items) do
+    local ts = tonumber(string.match(item, '^%d+'))
+    if ts and (not l.oldest or ts < l.oldest) then l.oldest = ts end
+  end
+  lists[tid] = l
+  return l
 end
--- Index entries of lists that have expired would otherwise pile up.
+local function stored(l, needle)
+  if l.added[needle] then return true end
+  for _, item in ipairs(l.items) do
+    if string.find(item, needle, 1, true) then return true end
+  end
+  return false
+end
+for i = 4, #ARGV, 4 do
+  local tid, ts, needle = ARGV[i], ARGV[i + 1], ARGV[i + 3]
+  local l = list_of(tid)
+  if not stored(l, needle) then
+    l.added[needle] = true
+    local gid = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 2])
+    -- The entry id is the server's time in ms (never behind the stream's last id):
+    -- the clock of the TTLs below, without a TIME call.
+    now = tonumber(string.match(gid, '^%d+'))
+    redis.call('RPUSH', P .. 'et:' .. tid, ts .. ' ' .. gid .. ' ' .. ARGV[i + 2])
+    if not l.oldest or tonumber(ts) < l.oldest then
+      redis.call('ZADD', index, 'LT', ts, tid)
+      grew = grew or not l.oldest
+      l.oldest = tonumber(ts)
+    end
+    if not l.touched then
+      l.touched = true
+      touched[#touched + 1] = tid
+    end
+  end
+end
 if ttl > 0 then
-  local gone = redis.call('ZRANGEBYSCORE', seen, '-inf', '(' .. (now - ttl), 'LIMIT', 0, 100)
-  for _, tid in ipairs(gone) do
-    redis.call('ZREM', index, tid)
-    redis.call('ZREM', seen, tid)
+  for _, tid in ipairs(touched) do
+    redis.call('PEXPIRE', P .. 'et:' .. tid, ttl)
+    redis.call('ZADD', seen, now, tid)
+  end
+  -- Index entries of lists that have expired would otherwise pile up: each call
+  -- that adds entries removes up to 100 of those.
+  if grew then
+    local gone = redis.call('ZRANGEBYSCORE', seen, '-inf', '(' .. (now - ttl), 'LIMIT', 0, 100)
+    for _, tid in ipairs(gone) do
+      redis.call('ZREM', index, tid)
+      redis.call('ZREM', seen, tid)
+    end
   end
 end
 return 1
@@ -512,7 +650,7 @@ class _Connection:
             "socket_timeout": None,
             "socket_connect_timeout": 5.0,
             "protocol": 2,  # stable reply shapes across redis-py versions
-            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            "retry": Retry(NoBackoff(), 0),  # never re-send: see the module docstring
             **opts,
         }
         if not self.url:
@@ -812,15 +950,57 @@ class _RedisStore:
 # --- queue ------------------------------------------------------------------
 
 
+class _Claims:
+    """The claim ids of one store object's claim calls that got no reply.
+
+    Such a claim may have taken a lease on the server: the next claim call asks for
+    those ids first, so the task is delivered instead of waiting for its lease to
+    expire (whatever queues that call names: a worker's queues do not change). Kept
+    per process (a forked child must not pick up its parent's claims) and only while
+    their lease could still hold.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, float] = {}  # claim id -> monotonic end of its lease
+        self._pid = os.getpid()
+
+    def begin(self, lease: float) -> tuple[str, float, list[tuple[str, float]]]:
+        """A new claim id, its lease end, and the unsettled ids this call asks about
+        (taken out, so concurrent calls never ask about the same one)."""
+        if self._pid != os.getpid():
+            self._pending, self._pid = {}, os.getpid()
+        now = time.monotonic()
+        live = [(c, until) for c, until in self._pending.items() if until > now]
+        asked, kept = live[:UNSETTLED_PER_CALL], live[UNSETTLED_PER_CALL:]
+        self._pending = dict(kept)
+        return os.urandom(10).hex(), now + lease, asked
+
+    def failed(self, claim: tuple[str, float], asked: list[tuple[str, float]]) -> None:
+        """The call got no reply: its own id and those it asked about stay unsettled."""
+        for cid, until in [*asked, claim]:
+            self._pending[cid] = until
+        while len(self._pending) > UNSETTLED_MAX:
+            del self._pending[next(iter(self._pending))]
+
+    def answered(self, asked: list[tuple[str, float]], checked: int) -> None:
+        """The server checked the first `checked` ids asked about; the rest stay."""
+        for cid, until in asked[checked:]:
+            self._pending[cid] = until
+
+
 class RedisQueue(_RedisStore):
     """Tasks in Redis; claims, leases and retries are single Lua scripts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._claims = _Claims()
 
     @_guarded
     async def enqueue(self, task: Task) -> str:
         check_queue_name(task.queue)
         got = await self._script(
             "enqueue", task.id, encode_task(task), task.queue, task.priority,
-            _ms(task.eta), task.unique_key or "",
+            _ms(task.eta), task.unique_key or "", int((task.unique_ttl or 0) * 1000),
         )
         return _text(got)
 
@@ -837,10 +1017,9 @@ class RedisQueue(_RedisStore):
         deadline = loop.time() + timeout
         wake_keys = [f"{self._p}q:{name}:wake" for name in names]
         while True:
-            got = await self._script("claim", int(lease * 1000), *names)
-            if isinstance(got, list):
-                data, attempt, token = got
-                return Delivery(task=decode_task(data), attempt=int(attempt), receipt=int(token))
+            got = await self._claim(names, lease)
+            if isinstance(got, Delivery):
+                return got
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
@@ -848,6 +1027,23 @@ class RedisQueue(_RedisStore):
             if got >= 0:  # an ETA or a lease deadline is coming up
                 pause = min(pause, got / 1000 + 0.002)
             await self._nap(wake_keys, pause)
+
+    async def _claim(self, names: list[str], lease: float) -> Delivery | int:
+        """One claim script: a delivery, or ms until the next ETA/lease deadline."""
+        cid, until, asked = self._claims.begin(lease)
+        try:
+            got = await self._script("claim", int(lease * 1000), cid, len(asked),
+                                     *(c for c, _ in asked), *names)
+        except BaseException:  # no reply: the server may have taken a lease for us
+            self._claims.failed((cid, until), asked)
+            raise
+        if not isinstance(got, list):
+            self._claims.answered(asked, len(asked))
+            return int(got)
+        data, attempt, token, task_id, queue, checked = got
+        self._claims.answered(asked, int(checked))
+        task, problem = decode_task_or_placeholder(data, _text(task_id), _text(queue))
+        return Delivery(task=task, attempt=int(attempt), receipt=_text(token), problem=problem)
 
     async def _nap(self, wake_keys: list[str], pause: float) -> None:
         """Block until a wake token arrives or `pause` passes."""
@@ -858,12 +1054,16 @@ class RedisQueue(_RedisStore):
             await self._redis().blpop(wake_keys, timeout=round(pause, 3))
 
     @_guarded
-    async def ack(self, delivery: Delivery, *, failed: bool = False) -> None:
-        await self._script("ack", delivery.task_id, "1" if failed else "0")
+    async def ack(self, delivery: Delivery, *, failed: bool = False) -> bool:
+        got = await self._script("ack", delivery.task_id, str(delivery.receipt),
+                                 "1" if failed else "0")
+        return bool(got)
 
     @_guarded
-    async def retry(self, delivery: Delivery, delay: float) -> None:
-        await self._script("retry", delivery.task_id, int(max(0.0, delay) * 1000))
+    async def retry(self, delivery: Delivery, delay: float) -> bool:
+        got = await self._script("retry", delivery.task_id, str(delivery.receipt),
+                                 int(max(0.0, delay) * 1000))
+        return bool(got)
 
     @_guarded
     async def release(self, delivery: Delivery) -> None:
@@ -881,8 +1081,11 @@ class RedisQueue(_RedisStore):
 
     @_guarded
     async def get_task(self, task_id: str) -> Task | None:
-        data = await self._conn.call("HGET", f"{self._p}t:{task_id}", "d")
-        return None if data is None else decode_task(data)
+        data, queue = await self._conn.call("HMGET", f"{self._p}t:{task_id}", "d", "q")
+        if data is None and queue is None:
+            return None
+        task, _ = decode_task_or_placeholder(data or b"", task_id, _text(queue or "default"))
+        return task
 
     @_guarded
     async def stats(self) -> list[QueueStats]:
@@ -1072,11 +1275,12 @@ class RedisResultStorage(_RedisStore):
         await super().close()
 
     @_guarded
-    async def store(self, result: TaskResult) -> None:
-        await self._script(
+    async def store(self, result: TaskResult) -> bool:
+        got = await self._script(
             "result_store", result.task_id, encode_result(result),
             _ms(result.finished_at), _ms(result.expires_at),
         )
+        return bool(got)
 
     @_guarded
     async def get(self, task_id: str) -> TaskResult | None:
@@ -1179,7 +1383,9 @@ class RedisEventStorage(_RedisStore):
     async def _append(self, events: Sequence[TaskEvent]) -> None:
         args: list[Any] = []
         for event in events:
-            args += (event.task_id, _ms(event.timestamp), encode_event(event))
+            # The id as the serializer writes it: found in a stored payload only there.
+            needle = '"id":' + dumps(event.id)
+            args += (event.task_id, _ms(event.timestamp), encode_event(event), needle)
         if args:
             await self._script("events_append", self._maxlen, self._ttl_ms, *args)
 

@@ -54,3 +54,10 @@ def _drop_namespaces() -> None:
         client.close()
     except Exception:
         pass  # best effort: the keys are namespaced and harmless
+
+
+async def corrupt_task(store: Any, task_id: str, queue: str, payload: bytes) -> None:
+    """Overwrite a waiting task's stored payload in place, as a bad write by hand would."""
+    key = f"{store.prefix}:t:{task_id}"
+    assert await store._conn.call("HEXISTS", key, "d"), f"no stored task {task_id}"
+    await store._conn.call("HSET", key, "d", payload)

@@ -527,3 +527,219 @@ def test_server_errors_become_backend_error(prefix: str) -> None:
             assert "WRONGTYPE" in str(info.value)
 
     run(body)
+
+
+# --- issue 8: sent twice, one effect; older data keeps working ------------------------
+
+
+def test_redis_py_never_resends_and_its_retry_options_are_refused() -> None:
+    store = RedisQueue(host=HOST, port=PORT)
+    assert store._conn._kwargs["retry"].get_retries() == 0
+    for option in ("retry", "retry_on_error", "retry_on_timeout"):
+        with pytest.raises(ConfigError, match=option):
+            create("queue", {"options": {option: True}})
+
+
+def test_a_settlement_sent_again_finds_its_own_work_done(prefix: str) -> None:
+    async def body() -> None:
+        async with RedisQueue(prefix=prefix) as q:
+            await q.enqueue(task())
+            d = await q.dequeue(["default"], 30, 0)
+            assert d is not None
+            assert await q.retry(d, 60) is True
+            assert await q.retry(d, 60) is True  # same token, same work: once
+            (stats,) = await q.stats()
+            assert (stats.scheduled, stats.running) == (1, 0)
+            await q.enqueue(t := task(queue="dl"))
+            dl = await q.dequeue(["dl"], 30, 0)
+            assert dl is not None
+            assert await q.ack(dl, failed=True) is True
+            assert await q.ack(dl, failed=True) is True
+            assert await q.ack(dl) is False  # a different settlement: not this token's
+            await q.enqueue(t)  # queued again: the old token is void
+            assert await q.ack(dl, failed=True) is False
+
+    run(body)
+
+
+def test_a_result_sent_again_is_announced_once(prefix: str) -> None:
+    async def body() -> None:
+        async with RedisResultStorage(prefix=prefix) as r:
+            res = TaskResult(task_id=new_task_id(), status=TaskStatus.COMPLETED, value=1,
+                             expires_at=seconds_from_now(60))
+            channel = f"{prefix}:r:{res.task_id}"
+            pubsub = r._redis().pubsub()
+            await pubsub.subscribe(channel)
+            assert await r.store(res) is True
+            assert await r.store(res) is True  # the same bytes: this write, sent again
+            seen = []
+            while (msg := await pubsub.get_message(timeout=0.5)) is not None:
+                seen.append(msg["type"])
+            assert seen.count("message") == 1
+            await pubsub.aclose()
+
+    run(body)
+
+
+def test_unique_keys_of_the_old_hash_layout_are_honoured_and_moved(prefix: str) -> None:
+    admin = redis.Redis(host=HOST, port=PORT)
+
+    def as_before_issue_8(key: str, task_id: str) -> None:
+        """Where an older OmniQ kept the key: a field of the P:unique hash."""
+        admin.delete(f"{prefix}:u:{key}")
+        admin.hset(f"{prefix}:unique", key, task_id)
+
+    async def body() -> None:
+        async with RedisQueue(prefix=prefix) as q:
+            old = await q.enqueue(task(unique_key="k1"))
+            as_before_issue_8("k1", old)
+            assert await q.enqueue(task(unique_key="k1")) == old
+            assert admin.hget(f"{prefix}:unique", "k1") is None  # moved on first sight
+            assert admin.get(f"{prefix}:u:k1") == old.encode()
+            d = await q.dequeue(["default"], 30, 0)
+            assert d is not None and await q.ack(d) is True
+            fresh = task(unique_key="k1")
+            assert await q.enqueue(fresh) == fresh.id
+
+            other = await q.enqueue(task(queue="o", unique_key="k2"))
+            as_before_issue_8("k2", other)
+            d = await q.dequeue(["o"], 30, 0)
+            assert d is not None and await q.ack(d) is True  # frees the old entry
+            assert admin.hget(f"{prefix}:unique", "k2") is None
+            assert await q.enqueue(t := task(unique_key="k2")) == t.id
+        admin.close()
+
+    run(body)
+
+
+def test_events_written_before_ids_still_read_and_take_new_ones(prefix: str) -> None:
+    admin = redis.Redis(host=HOST, port=PORT)
+    tid = new_task_id()
+    # An event as an older OmniQ stored it: no "v", no "id".
+    old = (b'{"task_id":"%s","event_type":"enqueued","timestamp":1700000000.5,"attempt":0,'
+           b'"worker_id":null,"queue":"default","details":{}}' % tid.encode())
+    gid = admin.xadd(f"{prefix}:e:all", {"d": old})
+    admin.rpush(f"{prefix}:et:{tid}", b"1700000000500 " + gid + b" " + old)
+    admin.zadd(f"{prefix}:e:index", {tid: 1700000000500})
+
+    async def body() -> None:
+        async with RedisEventStorage(prefix=prefix) as e:
+            (legacy,) = await e.get(tid)
+            assert legacy.event_type == EventType.ENQUEUED and legacy.id.startswith("legacy-")
+            assert [x.id for x in await e.get(tid)] == [legacy.id]  # stable
+            new = TaskEvent(task_id=tid, event_type=EventType.STARTED, attempt=1)
+            await e.append(new)
+            await e.append(new)
+            assert [x.id for x in await e.get(tid)] == [legacy.id, new.id]
+            assert [x.id for _, x in await e.read(None, 10)] == [legacy.id, new.id]
+        admin.close()
+
+    run(body)
+
+
+def test_index_entries_of_expired_event_lists_are_dropped_by_later_appends(prefix: str) -> None:
+    async def body() -> None:
+        admin = redis.Redis(host=HOST, port=PORT)
+        async with RedisEventStorage(prefix=prefix, event_ttl=0.3) as e:
+            gone, kept = new_task_id(), new_task_id()
+            await e.append(TaskEvent(task_id=gone, event_type=EventType.ENQUEUED))
+            await asyncio.sleep(0.5)  # its list expired
+            await e.append(TaskEvent(task_id=kept, event_type=EventType.ENQUEUED))
+            await e.append(TaskEvent(task_id=kept, event_type=EventType.STARTED))
+            assert admin.zrange(f"{prefix}:e:index", 0, -1) == [kept.encode()]
+            assert admin.zrange(f"{prefix}:e:seen", 0, -1) == [kept.encode()]
+            assert len(await e.get(kept)) == 2 and await e.get(gone) == []
+        admin.close()
+
+    run(body)
+
+
+def test_an_event_id_inside_details_is_not_mistaken_for_a_stored_event(prefix: str) -> None:
+    async def body() -> None:
+        async with RedisEventStorage(prefix=prefix) as e:
+            tid = new_task_id()
+            later = TaskEvent(task_id=tid, event_type=EventType.COMPLETED)
+            quoting = TaskEvent(task_id=tid, event_type=EventType.STARTED,
+                                details={"note": f'"id":"{later.id}"'})
+            await e.append_many([quoting, later])
+            assert await e.get(tid) == [quoting, later]
+
+    run(body)
+
+
+def _child_asks(q: RedisQueue) -> None:
+    os._exit(0 if q._claims.begin(30)[2] == [] else 1)
+
+
+def test_claims_left_unsettled_in_a_parent_are_not_asked_for_in_a_forked_child() -> None:
+    q = RedisQueue(prefix="unused")
+    q._claims.failed(("c1", time.monotonic() + 30), [])
+    proc = multiprocessing.get_context("fork").Process(target=_child_asks, args=(q,))
+    proc.start()
+    proc.join(20)
+    assert proc.exitcode == 0  # the child's claims are its own
+    _, _, asked = q._claims.begin(30)
+    assert [cid for cid, _ in asked] == ["c1"]
+
+
+# Redis commands (INFO commandstats: EVALSHA and the calls inside it) per operation,
+# one round trip each: issue 10 measures these, and the fences of issue 8 kept them.
+BUDGET = {
+    "enqueue": 8, "enqueue unique": 11, "claim": 9, "claim empty": 8, "extend": 4,
+    "ack": 4, "ack unique": 6, "retry": 8, "store": 5, "store lost race": 3,
+    "append first of task": 8, "append next of task": 6,
+}
+
+
+def test_commands_per_operation(tmp_path: Path) -> None:
+    from omniq.backends.redis import _SOURCES
+    from tests.servers import private_redis
+
+    with private_redis(persistent=False) as server:
+        admin = redis.Redis(host=HOST, port=server.port)
+        for source in _SOURCES.values():
+            admin.script_load(source)
+        counts: dict[str, int] = {}
+
+        async def count(name: str, call: Awaitable[Any]) -> Any:
+            admin.config_resetstat()
+            got = await call
+            stats = admin.info("commandstats")
+            counts[name] = sum(v["calls"] for k, v in stats.items()
+                               if k not in ("cmdstat_config|resetstat", "cmdstat_info"))
+            assert stats["cmdstat_evalsha"]["calls"] <= 1
+            return got
+
+        async def body() -> None:
+            where = {"host": HOST, "port": server.port, "prefix": "cnt"}
+            q, r, e = RedisQueue(**where), RedisResultStorage(**where), RedisEventStorage(**where)
+            for s in (q, r, e):
+                await s.open()
+            t, tu = task(), task(unique_key="u1")
+            await count("enqueue", q.enqueue(t))
+            await count("enqueue unique", q.enqueue(tu))
+            d = await count("claim", q.dequeue(["default"], 30, 0))
+            await count("extend", q.extend(d, 30))
+            await count("ack", q.ack(d))
+            du = await q.dequeue(["default"], 30, 0)
+            await count("ack unique", q.ack(du))
+            await count("claim empty", q.dequeue(["default"], 30, 0))
+            await q.enqueue(t2 := task())
+            d2 = await q.dequeue(["default"], 30, 0)
+            await count("retry", q.retry(d2, 5))
+            res = TaskResult(task_id=t.id, status=TaskStatus.COMPLETED, value=3,
+                             expires_at=seconds_from_now(60))
+            assert await count("store", r.store(res)) is True
+            late = TaskResult(task_id=t.id, status=TaskStatus.COMPLETED, value=4)
+            assert await count("store lost race", r.store(late)) is False
+            await count("append first of task",
+                        e.append(TaskEvent(task_id=t2.id, event_type=EventType.ENQUEUED)))
+            await count("append next of task",
+                        e.append(TaskEvent(task_id=t2.id, event_type=EventType.STARTED)))
+            for s in (q, r, e):
+                await s.close()
+
+        run(body)
+        admin.close()
+    assert counts.keys() == BUDGET.keys()
+    assert all(counts[name] <= BUDGET[name] for name in BUDGET), counts
