@@ -28,8 +28,11 @@ deploy = backends.deploy  # the fixture, shared with test_server_backends.py
 LEASE = 2.0  # heartbeats every LEASE / 3 (the worker's default)
 STEPS = {"+1h": 3600.0, "-1h": -3600.0}
 
+FakeTime = Callable[[str], dict[str, str]]
+
+
 @pytest.fixture
-def faketime() -> Callable[[str], dict[str, str]]:
+def faketime() -> FakeTime:
     """faketime(step) -> the environment that runs a program with its clock `step` off.
 
     The library that the installed `faketime` wrapper preloads, without the wrapper
@@ -63,7 +66,7 @@ def stop(*workers: WorkerProcess) -> None:
 
 
 def test_a_worker_an_hour_ahead_leaves_a_live_lease_alone(
-    deploy: Deploy, faketime: Callable[[str], dict[str, str]]
+    deploy: Deploy, faketime: FakeTime
 ) -> None:
     home = deploy("sqlite", OMNIQ_WORKER_LEASE_SECONDS=str(LEASE))
     a = home.start_worker("-c", "1")
@@ -87,7 +90,7 @@ def test_a_worker_an_hour_ahead_leaves_a_live_lease_alone(
 
 @pytest.mark.parametrize("step", list(STEPS))
 def test_a_killed_workers_task_is_taken_over_after_about_the_lease(
-    step: str, deploy: Deploy, faketime: Callable[[str], dict[str, str]]
+    step: str, deploy: Deploy, faketime: FakeTime
 ) -> None:
     home = deploy("sqlite", OMNIQ_WORKER_LEASE_SECONDS=str(LEASE))
     a = home.start_worker("-c", "1")

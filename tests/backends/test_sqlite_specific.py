@@ -1,4 +1,4 @@
-"""SQLite-only behaviour: schema versions, files and directories, locking, other processes."""
+"""SQLite-only behaviour: schema and migration, disk space, locking, clock steps, processes."""
 
 from __future__ import annotations
 
