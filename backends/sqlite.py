@@ -21,7 +21,7 @@ from omniq.registry import Role
 from omniq.serialization import (
     decode_event,
     decode_result,
-    decode_task,
+    decode_task_or_placeholder,
     decode_worker,
     encode_event,
     encode_result,
@@ -101,6 +101,21 @@ _QUEUE_SCHEMA = _Schema(
                 expires_at REAL NOT NULL,
                 data BLOB NOT NULL) WITHOUT ROWID""",
         ),
+        (
+            # Lease expiry by heartbeat progress, not by wall-clock deadlines: `extend`
+            # raises `beat`, and `lease` is the length the holder asked for (NULL on
+            # rows claimed before this step: the reaper's own lease length is used).
+            "ALTER TABLE omniq_tasks ADD COLUMN beat INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE omniq_tasks ADD COLUMN lease REAL",
+            # Unique keys of finished tasks, held for their unique_ttl (wall clock:
+            # "nightly-2030-01-31" is a calendar promise). Keys of unfinished tasks
+            # stay in omniq_tasks.unique_key.
+            """CREATE TABLE omniq_unique_held (
+                unique_key TEXT PRIMARY KEY,
+                task_id TEXT NOT NULL,
+                until REAL NOT NULL) WITHOUT ROWID""",
+            "CREATE INDEX omniq_unique_held_until ON omniq_unique_held (until)",
+        ),
     ),
 )
 
@@ -132,6 +147,13 @@ _EVENTS_SCHEMA = _Schema(
                 data BLOB NOT NULL)""",
             "CREATE INDEX omniq_events_task ON omniq_events (task_id)",
             "CREATE INDEX omniq_events_ts ON omniq_events (ts)",
+        ),
+        (
+            # The writer's event id: a copy sent again is dropped by the unique index.
+            # Rows written before this step keep NULL (NULLs never collide) and read
+            # with the stable legacy id serialization derives from their content.
+            "ALTER TABLE omniq_events ADD COLUMN event_id TEXT",
+            "CREATE UNIQUE INDEX omniq_events_event_id ON omniq_events (event_id)",
         ),
     ),
 )
@@ -236,6 +258,7 @@ class _Call:
     loop: asyncio.AbstractEventLoop | None = None  # None: nobody waits for the outcome
     future: asyncio.Future[Any] | None = None
     orphan: Callable[[Any], None] | None = None  # gets the value if the caller gave up
+    solo: bool = False  # runs outside any transaction (VACUUM, a checkpoint): never grouped
 
 
 _Outcome = tuple[bool, Any]  # (succeeded, value or exception)
@@ -267,10 +290,11 @@ class _Runner:
         args: tuple[Any, ...],
         writes: bool,
         orphan: Callable[[T], None] | None = None,
+        solo: bool = False,
     ) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._started().put(_Call(fn, args, writes, loop, future, orphan))
+        self._started().put(_Call(fn, args, writes, loop, future, orphan, solo))
         try:
             return await future
         except asyncio.CancelledError:
@@ -399,6 +423,10 @@ class _SQLiteStore:
         """Run a write; concurrent writes to this store may share one commit."""
         return await self._runner.run(fn, args, True)
 
+    async def _give_space_back(self, always_convert: bool) -> None:
+        """After deletes: hand free pages back to the file system and empty the WAL."""
+        await self._runner.run(_give_space_back, (always_convert,), True, solo=True)
+
     async def _delete_in_chunks(self, sql: str, params: tuple[Any, ...]) -> int:
         # Chunks keep each write lock short, so other processes never wait long on a purge.
         total = 0
@@ -406,7 +434,12 @@ class _SQLiteStore:
             count = await self._write(_execute, sql, params)
             total += count
             if count < _CLEANUP_CHUNK:
-                return total
+                break
+        if total:
+            # The worker runs cleanups too: a file made before incremental auto-vacuum
+            # is converted here only while its VACUUM stays short (see _give_space_back).
+            await self._give_space_back(always_convert=False)
+        return total
 
     def _disconnect(self) -> None:
         self._abandon_if_forked()
@@ -424,6 +457,14 @@ class _SQLiteStore:
     # -- on the store's thread --
 
     def _run_batch(self, calls: list[_Call]) -> list[_Outcome]:
+        shared = [call for call in calls if not call.solo]
+        if len(shared) == len(calls):
+            return self._run_shared(calls)
+        # Solo calls run after the others, each on its own (they were concurrent).
+        outcomes = iter(self._run_shared(shared))
+        return [self._attempt(call) if call.solo else next(outcomes) for call in calls]
+
+    def _run_shared(self, calls: list[_Call]) -> list[_Outcome]:
         if sum(call.writes for call in calls) >= 2:
             try:
                 return self._run_grouped(calls)
@@ -505,6 +546,9 @@ class _SQLiteStore:
             uri=self.database_path.startswith("file:"),
         )
         try:
+            # Only takes effect on a new file (before its first table): deleted rows'
+            # pages can then be handed back to the file system (_give_space_back).
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             # Checkpoints (each with an fsync) every 16 MB of WAL rather than 4 MB:
@@ -520,31 +564,86 @@ def _noop(conn: sqlite3.Connection) -> None:
     return None
 
 
+# A file made before incremental auto-vacuum is converted by one VACUUM: it copies every
+# live page into a new file (disk space for a second copy, the write lock held meanwhile,
+# about 1 s per 150 MB of live data measured here). `purge` (an operator's command) always
+# pays it once; a cleanup (the worker runs those too) only while the live data is small.
+_CONVERT_LIVE_MOST = 32 * 1024 * 1024
+
+
+def _give_space_back(conn: sqlite3.Connection, always_convert: bool) -> None:
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:
+        if always_convert or _live_bytes(conn) <= _CONVERT_LIVE_MOST:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # applied by the VACUUM
+            conn.execute("VACUUM")
+    else:
+        # executescript steps the pragma to its end: execute() stops after one page,
+        # since each freed page is a row without columns.
+        conn.executescript("PRAGMA incremental_vacuum")
+    # Empties the WAL (it keeps its largest size otherwise). Waits at most the busy
+    # timeout for readers of older snapshots; a checkpoint left busy is not an error.
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+def _live_bytes(conn: sqlite3.Connection) -> int:
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    return int((pages - free) * size)
+
+
 # --- queue ------------------------------------------------------------------
 
-_RECLAIM = (
-    "UPDATE omniq_tasks SET state = 0, ready_at = 0, lease_until = NULL "
-    "WHERE state = 1 AND lease_until <= ?"
-)
 _CLAIM = (
-    "UPDATE omniq_tasks SET state = 1, attempts = attempts + 1, lease_until = ?, "
+    "UPDATE omniq_tasks SET state = 1, attempts = attempts + 1, lease_until = ?, lease = ?, "
     "token = token + 1 WHERE id = (SELECT id FROM omniq_tasks "
     "WHERE queue = ? AND state = 0 AND ready_at <= ? "
     "ORDER BY priority DESC, ready_at, id LIMIT 1) "
-    "RETURNING data, attempts, token"
+    "RETURNING id, data, attempts, token, beat, lease_until"
 )
+# Every running row (through the partial index on state = 1), for the lease watch.
+_RUNNING_ROWS = (
+    "SELECT id, token, beat, lease_until, coalesce(lease, ?) FROM omniq_tasks WHERE state = 1"
+)
+# Hands a lease back only if the row is still exactly as the watch last saw it: a
+# heartbeat or a new claim in between (any process) makes this change nothing.
+_RECLAIM = (
+    "UPDATE omniq_tasks SET state = 0, ready_at = 0, lease_until = NULL, lease = NULL "
+    "WHERE id = ? AND state = 1 AND token = ? AND beat = ? AND lease_until IS ?"
+)
+# Settlements act only while the delivery's token still holds the lease.
+_HELD = "WHERE id = ? AND token = ? AND state = 1"
 _RELEASE = (
-    "UPDATE omniq_tasks SET state = 0, ready_at = 0, lease_until = NULL, "
-    "attempts = max(attempts - 1, 0) WHERE id = ? AND token = ? AND state = 1"
+    "UPDATE omniq_tasks SET state = 0, ready_at = 0, lease_until = NULL, lease = NULL, "
+    f"attempts = max(attempts - 1, 0) {_HELD}"
+)
+_RETRY = f"UPDATE omniq_tasks SET state = 0, ready_at = ?, lease_until = NULL, lease = NULL {_HELD}"
+_EXTEND = f"UPDATE omniq_tasks SET lease_until = ?, lease = ?, beat = beat + 1 {_HELD}"
+_ACK = f"DELETE FROM omniq_tasks {_HELD}"
+# A dead letter's key leaves omniq_tasks: it is freed, or held in omniq_unique_held.
+_ACK_FAILED = (
+    f"UPDATE omniq_tasks SET state = 2, lease_until = NULL, lease = NULL, unique_key = NULL {_HELD}"
 )
 _PROBE_READY = (
     "SELECT 1 FROM omniq_tasks WHERE queue = ? AND state = 0 AND ready_at <= ? LIMIT 1"
 )
-_PROBE_EXPIRED = "SELECT 1 FROM omniq_tasks WHERE state = 1 AND lease_until <= ? LIMIT 1"
-_INSERT_TASK = (
-    "INSERT OR IGNORE INTO omniq_tasks (id, queue, state, priority, ready_at, unique_key, data) "
-    "VALUES (?, ?, 0, ?, ?, ?, ?)"
+# Idempotent by id: an unfinished task is left alone, a dead letter queued from scratch.
+_UPSERT_TASK = (
+    "INSERT INTO omniq_tasks (id, queue, state, priority, ready_at, unique_key, data) "
+    "VALUES (?, ?, 0, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET queue = excluded.queue, "
+    "state = 0, priority = excluded.priority, ready_at = excluded.ready_at, attempts = 0, "
+    "lease_until = NULL, lease = NULL, unique_key = excluded.unique_key, data = excluded.data "
+    "WHERE state = 2"
 )
+_KEY_HOLDER = (
+    "SELECT id FROM omniq_tasks WHERE unique_key = ? UNION ALL "
+    "SELECT task_id FROM omniq_unique_held WHERE unique_key = ? AND until > ? LIMIT 1"
+)
+_PURGE_HELD = (
+    "DELETE FROM omniq_unique_held WHERE task_id IN "
+    "(SELECT id FROM omniq_tasks WHERE state = 2 AND (?1 IS NULL OR queue = ?1))"
+)
+_PURGE = "DELETE FROM omniq_tasks WHERE state != 1 AND (?1 IS NULL OR queue = ?1)"
 _STATS = (
     "SELECT queue, sum(state = 0 AND ready_at <= :now), sum(state = 0 AND ready_at > :now), "
     "sum(state = 1), sum(state = 2) FROM omniq_tasks GROUP BY queue ORDER BY queue"
@@ -552,6 +651,53 @@ _STATS = (
 _QUEUE_WAIT_FIRST = 0.003
 _RECLAIM_EVERY = 1.0
 _QUEUE_WAIT_MOST = 0.1
+
+_Mark = tuple[int, int, float | None]  # (token, beat, lease_until) of a running row
+
+
+class _LeaseWatch:
+    """Lease expiry that survives clock steps: no process compares its wall clock with
+    a deadline another process wrote.
+
+    A holder proves it is alive by changing its row (`extend` raises `beat`). The watch
+    remembers each running row's mark and when this process first saw it, by its own
+    monotonic clock; the lease is over once the same mark has been seen unchanged for
+    the row's lease length. Price: a watch that has just started waits a full lease
+    before it hands back a dead holder's task, and it looks at most every
+    _RECLAIM_EVERY seconds. Touched on the store's thread only.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[_Mark, float]] = {}
+        self.expired: list[tuple[str, int, int, float | None]] = []
+        self._due = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._due
+
+    def observe(self, rows: list[tuple[str, int, int, float | None, float]]) -> None:
+        now = time.monotonic()
+        self._due = now + _RECLAIM_EVERY
+        seen: dict[str, tuple[_Mark, float]] = {}
+        expired = []
+        for task_id, token, beat, lease_until, lease in rows:
+            mark = (token, beat, lease_until)
+            old = self._seen.get(task_id)
+            since = old[1] if old is not None and old[0] == mark else now
+            seen[task_id] = (mark, since)
+            if now - since >= lease:
+                expired.append((task_id, *mark))
+        self._seen = seen  # rows no longer running are forgotten
+        self.expired = expired
+
+    def claimed(self, task_id: str, mark: _Mark) -> None:
+        self._seen[task_id] = (mark, time.monotonic())
+
+    def take_expired(self) -> list[tuple[str, int, int, float | None]]:
+        # Forgotten once tried: if a rolled-back group undid the reclaim, the row is
+        # still unchanged and the next look finds it expired again.
+        expired, self.expired = self.expired, []
+        return expired
 
 
 class SQLiteQueue(_SQLiteStore):
@@ -563,10 +709,16 @@ class SQLiteQueue(_SQLiteStore):
         self, database_path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
     ) -> None:
         super().__init__(database_path, busy_timeout=busy_timeout)
-        self._reclaim_due = 0.0  # touched on the store's thread only
+        self._watch = _LeaseWatch()
 
     async def enqueue(self, task: Task) -> str:
-        task_id = await self._write(_enqueue, task, encode_task(task))
+        ready_at = task.eta.timestamp() if task.eta else time.time()
+        row = (task.id, task.queue, task.priority, ready_at, task.unique_key, encode_task(task))
+        task_id = task.id
+        if task.unique_key is None:
+            await self._write(_execute, _UPSERT_TASK, row)
+        else:
+            task_id = await self._write(_enqueue_keyed, row, time.time())
         self._signal.notify("ready")
         return task_id
 
@@ -611,42 +763,41 @@ class SQLiteQueue(_SQLiteStore):
     def _claim(
         self, conn: sqlite3.Connection, queues: tuple[str, ...], lease: float
     ) -> Delivery | None:
-        # Expired leases are handed back at most every _RECLAIM_EVERY seconds while
-        # work flows, and at once when nothing else is claimable: the hot path stays
-        # one statement per claim.
-        now = time.time()
-        if now >= self._reclaim_due:
-            self._reclaim(conn, now)
-        delivery = _claim_first(conn, queues, lease, now)
-        if delivery is None and _has_expired_lease(conn, now):
-            self._reclaim(conn, now)
-            delivery = _claim_first(conn, queues, lease, now)
-        return delivery
+        # The hot path stays one statement per claim: the watch looks at running rows
+        # at most every _RECLAIM_EVERY seconds, and reclaims only what it found expired.
+        self._look(conn, lease)
+        for task_id, token, beat, lease_until in self._watch.take_expired():
+            conn.execute(_RECLAIM, (task_id, token, beat, lease_until))
+        return _claim_first(conn, queues, lease, self._watch)
 
     def _probe_and_claim(
         self, conn: sqlite3.Connection, queues: tuple[str, ...], lease: float
     ) -> Delivery | None:
         """Read-only look first, so idle consumers never take the write lock."""
+        self._look(conn, lease)
         now = time.time()
-        ready = _has_expired_lease(conn, now) or any(
+        ready = bool(self._watch.expired) or any(
             conn.execute(_PROBE_READY, (name, now)).fetchone() is not None for name in queues
         )
         return self._claim(conn, queues, lease) if ready else None
 
-    def _reclaim(self, conn: sqlite3.Connection, now: float) -> None:
-        self._reclaim_due = now + _RECLAIM_EVERY
-        conn.execute(_RECLAIM, (now,))
+    def _look(self, conn: sqlite3.Connection, lease: float) -> None:
+        if self._watch.due():
+            self._watch.observe(conn.execute(_RUNNING_ROWS, (lease,)).fetchall())
 
-    async def ack(self, delivery: Delivery, *, failed: bool = False) -> None:
-        await self._write(_ack, delivery.task_id, failed)
+    async def ack(self, delivery: Delivery, *, failed: bool = False) -> bool:
+        task = delivery.task
+        hold = None
+        if task.unique_key is not None and task.unique_ttl:
+            hold = (task.unique_key, time.time() + task.unique_ttl)
+        changed: bool = await self._write(_ack, delivery.task_id, delivery.receipt, failed, hold)
+        return changed
 
-    async def retry(self, delivery: Delivery, delay: float) -> None:
-        await self._write(
-            _execute,
-            "UPDATE omniq_tasks SET state = 0, ready_at = ?, lease_until = NULL "
-            "WHERE id = ? AND token = ? AND state = 1",
-            (time.time() + delay, delivery.task_id, delivery.receipt),
+    async def retry(self, delivery: Delivery, delay: float) -> bool:
+        changed = await self._write(
+            _execute, _RETRY, (time.time() + delay, delivery.task_id, delivery.receipt)
         )
+        return changed > 0
 
     async def release(self, delivery: Delivery) -> None:
         changed = await self._write(_execute, _RELEASE, (delivery.task_id, delivery.receipt))
@@ -655,9 +806,7 @@ class SQLiteQueue(_SQLiteStore):
 
     async def extend(self, delivery: Delivery, lease: float) -> bool:
         changed = await self._write(
-            _execute,
-            "UPDATE omniq_tasks SET lease_until = ? WHERE id = ? AND token = ? AND state = 1",
-            (time.time() + lease, delivery.task_id, delivery.receipt),
+            _execute, _EXTEND, (time.time() + lease, lease, delivery.task_id, delivery.receipt)
         )
         return changed > 0
 
@@ -669,9 +818,12 @@ class SQLiteQueue(_SQLiteStore):
 
     async def get_task(self, task_id: str) -> Task | None:
         row = await self._call(
-            _fetchone, "SELECT data FROM omniq_tasks WHERE id = ?", (task_id,)
+            _fetchone, "SELECT data, queue FROM omniq_tasks WHERE id = ?", (task_id,)
         )
-        return None if row is None else decode_task(row[0])
+        if row is None:
+            return None
+        task, _ = decode_task_or_placeholder(row[0], task_id, row[1])
+        return task
 
     async def stats(self) -> list[QueueStats]:
         rows = await self._call(_fetchall, _STATS, {"now": time.time()})
@@ -681,11 +833,9 @@ class SQLiteQueue(_SQLiteStore):
         ]
 
     async def purge(self, queue: str | None = None) -> int:
-        if queue is None:
-            return await self._write(_execute, "DELETE FROM omniq_tasks WHERE state != 1", ())
-        return await self._write(
-            _execute, "DELETE FROM omniq_tasks WHERE state != 1 AND queue = ?", (queue,)
-        )
+        count = await self._write(_purge, queue)
+        await self._give_space_back(always_convert=True)
+        return count
 
     async def register_worker(self, info: WorkerInfo, ttl: float) -> None:
         await self._write(_register_worker, info.worker_id, time.time() + ttl, encode_worker(info))
@@ -714,48 +864,67 @@ def _fetchall(conn: sqlite3.Connection, sql: str, params: Any) -> list[Any]:
     return conn.execute(sql, params).fetchall()
 
 
-def _enqueue(conn: sqlite3.Connection, task: Task, data: bytes) -> str:
-    ready_at = task.eta.timestamp() if task.eta else time.time()
-    params = (task.id, task.queue, task.priority, ready_at, task.unique_key, data)
-    if task.unique_key is None:
-        conn.execute(_INSERT_TASK, params)
-        return task.id
+def _enqueue_keyed(conn: sqlite3.Connection, row: tuple[Any, ...], now: float) -> str:
+    task_id, key = row[0], row[4]
     with _immediate(conn):
-        if conn.execute(_INSERT_TASK, params).rowcount:
-            return task.id
-        row = conn.execute(
-            "SELECT id FROM omniq_tasks WHERE unique_key = ?", (task.unique_key,)
-        ).fetchone()
-    return str(row[0]) if row else task.id
+        found = conn.execute("SELECT state FROM omniq_tasks WHERE id = ?", (task_id,)).fetchone()
+        if found is not None and found[0] != 2:
+            return str(task_id)  # unfinished: left alone
+        holder = conn.execute(_KEY_HOLDER, (key, key, now)).fetchone()
+        if holder is not None and holder[0] != task_id:
+            return str(holder[0])
+        # The key is free (or held by this very task): the unfinished task holds it now.
+        conn.execute("DELETE FROM omniq_unique_held WHERE unique_key = ?", (key,))
+        conn.execute(_UPSERT_TASK, row)
+    return str(task_id)
 
 
 def _claim_first(
-    conn: sqlite3.Connection, queues: tuple[str, ...], lease: float, now: float
+    conn: sqlite3.Connection, queues: tuple[str, ...], lease: float, watch: _LeaseWatch
 ) -> Delivery | None:
     # One atomic UPDATE ... RETURNING per queue: it takes the write lock before
-    # it reads, so two consumers can never claim the same row.
+    # it reads, so two consumers can never claim the same row. ready_at (ETAs, retry
+    # delays) is wall-clock time by nature; leases are not (see _LeaseWatch).
+    now = time.time()
     for name in queues:
-        rows = conn.execute(_CLAIM, (now + lease, name, now)).fetchall()
+        rows = conn.execute(_CLAIM, (now + lease, lease, name, now)).fetchall()
         if rows:
-            data, attempts, token = rows[0]
-            return Delivery(task=decode_task(data), attempt=attempts, receipt=token)
+            task_id, data, attempts, token, beat, lease_until = rows[0]
+            watch.claimed(task_id, (token, beat, lease_until))
+            # A payload that does not decode is still delivered, for the worker to fail.
+            task, problem = decode_task_or_placeholder(data, task_id, name)
+            return Delivery(task=task, attempt=attempts, receipt=token, problem=problem)
     return None
 
 
-def _has_expired_lease(conn: sqlite3.Connection, now: float) -> bool:
-    return conn.execute(_PROBE_EXPIRED, (now,)).fetchone() is not None
-
-
-def _ack(conn: sqlite3.Connection, task_id: str, failed: bool) -> None:
-    if failed:
-        # A dead letter frees its unique key: the contract dedupes only unfinished tasks.
+def _ack(
+    conn: sqlite3.Connection,
+    task_id: str,
+    token: int,
+    failed: bool,
+    hold: tuple[str, float] | None,
+) -> bool:
+    settle = _ACK_FAILED if failed else _ACK
+    if hold is None:
+        return bool(conn.execute(settle, (task_id, token)).rowcount)
+    with _immediate(conn):
+        if not conn.execute(settle, (task_id, token)).rowcount:
+            return False
+        key, until = hold
+        conn.execute("DELETE FROM omniq_unique_held WHERE until <= ?", (time.time(),))
         conn.execute(
-            "UPDATE omniq_tasks SET state = 2, lease_until = NULL, unique_key = NULL "
-            "WHERE id = ?",
-            (task_id,),
+            "INSERT OR REPLACE INTO omniq_unique_held (unique_key, task_id, until) "
+            "VALUES (?, ?, ?)",
+            (key, task_id, until),
         )
-    else:
-        conn.execute("DELETE FROM omniq_tasks WHERE id = ?", (task_id,))
+    return True
+
+
+def _purge(conn: sqlite3.Connection, queue: str | None) -> int:
+    with _immediate(conn):
+        # Purged dead letters free the keys they held for their unique_ttl.
+        conn.execute(_PURGE_HELD, (queue,))
+        return int(conn.execute(_PURGE, (queue,)).rowcount)
 
 
 def _register_worker(
@@ -771,6 +940,14 @@ def _register_worker(
 
 # --- results ------------------------------------------------------------------
 
+# The first final outcome wins: a conditional create, atomic across processes (the
+# insert takes the write lock). Only an expired result makes way for a new one.
+_STORE_RESULT = (
+    "INSERT INTO omniq_results (task_id, expires_at, finished_at, data) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (task_id) DO UPDATE SET expires_at = excluded.expires_at, "
+    "finished_at = excluded.finished_at, data = excluded.data "
+    "WHERE expires_at IS NOT NULL AND expires_at <= ?"
+)
 _CLEANUP_RESULTS = (
     "DELETE FROM omniq_results WHERE task_id IN (SELECT task_id FROM omniq_results "
     "WHERE (expires_at IS NOT NULL AND expires_at <= ?) OR finished_at < ? "
@@ -783,15 +960,14 @@ class SQLiteResultStorage(_SQLiteStore):
 
     _schema = _RESULTS_SCHEMA
 
-    async def store(self, result: TaskResult) -> None:
+    async def store(self, result: TaskResult) -> bool:
         expires = result.expires_at.timestamp() if result.expires_at else None
-        await self._write(
-            _execute,
-            "INSERT OR REPLACE INTO omniq_results (task_id, expires_at, finished_at, data) "
-            "VALUES (?, ?, ?, ?)",
-            (result.task_id, expires, result.finished_at.timestamp(), encode_result(result)),
-        )
+        finished = result.finished_at.timestamp()
+        row = (result.task_id, expires, finished, encode_result(result), time.time())
+        if not await self._write(_execute, _STORE_RESULT, row):
+            return False  # an unexpired outcome is already stored: it stays
         self._signal.notify(result.task_id)
+        return True
 
     async def get(self, task_id: str) -> TaskResult | None:
         row = await self._call(
@@ -819,7 +995,10 @@ class SQLiteResultStorage(_SQLiteStore):
 
 # --- events -------------------------------------------------------------------
 
-_INSERT_EVENT = "INSERT INTO omniq_events (task_id, ts, data) VALUES (?, ?, ?)"
+# A second copy of an event id (a write sent again after a lost reply) is dropped.
+_INSERT_EVENT = (
+    "INSERT OR IGNORE INTO omniq_events (event_id, task_id, ts, data) VALUES (?, ?, ?, ?)"
+)
 _CLEANUP_EVENTS = (
     "DELETE FROM omniq_events WHERE id IN "
     f"(SELECT id FROM omniq_events WHERE ts < ? LIMIT {_CLEANUP_CHUNK})"
@@ -828,8 +1007,8 @@ _EVENTS_WAIT_FIRST = 0.005
 _EVENTS_WAIT_MOST = 0.2
 
 
-def _event_row(event: TaskEvent) -> tuple[str, float, bytes]:
-    return (event.task_id, event.timestamp.timestamp(), encode_event(event))
+def _event_row(event: TaskEvent) -> tuple[str, str, float, bytes]:
+    return (event.id, event.task_id, event.timestamp.timestamp(), encode_event(event))
 
 
 _ROWID_MAX = 2**63 - 1
@@ -840,9 +1019,9 @@ _cursor = _CURSORS.format
 _parse_cursor = _CURSORS.parse
 
 
-def _append_many(conn: sqlite3.Connection, rows: list[tuple[str, float, bytes]]) -> None:
+def _append_many(conn: sqlite3.Connection, rows: list[tuple[str, str, float, bytes]]) -> int:
     with _immediate(conn):
-        conn.executemany(_INSERT_EVENT, rows)
+        return int(conn.executemany(_INSERT_EVENT, rows).rowcount)
 
 
 def _last_id(conn: sqlite3.Connection) -> int | None:
@@ -856,14 +1035,14 @@ class SQLiteEventStorage(_SQLiteStore):
     _schema = _EVENTS_SCHEMA
 
     async def append(self, event: TaskEvent) -> None:
-        await self._write(_execute, _INSERT_EVENT, _event_row(event))
-        self._signal.notify("new")
+        if await self._write(_execute, _INSERT_EVENT, _event_row(event)):
+            self._signal.notify("new")
 
     async def append_many(self, events: Sequence[TaskEvent]) -> None:
         if not events:
             return
-        await self._write(_append_many, [_event_row(e) for e in events])
-        self._signal.notify("new")
+        if await self._write(_append_many, [_event_row(e) for e in events]):
+            self._signal.notify("new")
 
     async def get(self, task_id: str) -> list[TaskEvent]:
         rows = await self._call(

@@ -18,3 +18,19 @@ async def make(role: str, tmp_path: Path, namespace: str) -> Any:
 
     path = tmp_path / "sqlite" / f"{namespace}-{role}.db"
     return registry.create("sqlite", role, {"path": str(path)})  # type: ignore[arg-type]
+
+
+async def corrupt_task(store: Any, task_id: str, queue: str, payload: bytes) -> None:
+    """Overwrite a stored task's payload in place, as an operator's bad write would."""
+    import sqlite3
+
+    conn = sqlite3.connect(store.database_path, timeout=10)
+    try:
+        with conn:
+            changed = conn.execute(
+                "UPDATE omniq_tasks SET data = ? WHERE id = ? AND queue = ?",
+                (payload, task_id, queue),
+            ).rowcount
+    finally:
+        conn.close()
+    assert changed == 1, f"task {task_id} is not stored in queue {queue}"

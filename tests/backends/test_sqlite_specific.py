@@ -1,4 +1,4 @@
-"""SQLite-only behaviour: schema versions, files and directories, locking, other processes."""
+"""SQLite-only behaviour: schema and migration, disk space, locking, clock steps, processes."""
 
 from __future__ import annotations
 
@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 
 from omniq import registry
+from omniq.backends import sqlite as sqlite_backend
 from omniq.backends.sqlite import (
+    _EVENTS_SCHEMA,
+    _META_DDL,
+    _QUEUE_SCHEMA,
+    _RESULTS_SCHEMA,
     SQLiteEventStorage,
     SQLiteQueue,
     SQLiteResultStorage,
@@ -32,6 +37,7 @@ from omniq.models import (
     new_task_id,
     utcnow,
 )
+from omniq.serialization import encode_task
 
 LEASE = 60.0
 
@@ -434,3 +440,285 @@ def test_cleanup_larger_than_one_chunk(tmp_path: Path) -> None:
         await e.close()
 
     asyncio.run(main())
+
+
+# --- group commit: conditional writes -----------------------------------------------
+
+
+def test_conditional_writes_are_right_inside_a_shared_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    groups: list[int] = []
+    run_grouped = sqlite_backend._SQLiteStore._run_grouped
+
+    def counted(self: Any, calls: list[Any]) -> Any:
+        groups.append(len(calls))
+        return run_grouped(self, calls)
+
+    monkeypatch.setattr(sqlite_backend._SQLiteStore, "_run_grouped", counted)
+
+    async def main() -> None:
+        q = await opened(SQLiteQueue(database_path=tmp_path / "queue.db"))
+        r = await opened(SQLiteResultStorage(database_path=tmp_path / "results.db"))
+        e = await opened(SQLiteEventStorage(database_path=tmp_path / "events.db"))
+        tid = new_task_id()
+        won = await asyncio.gather(*(r.store(ok(tid, i)) for i in range(8)))
+        assert won.count(True) == 1
+        got = await r.get(tid)
+        assert got is not None and got.value == won.index(True)
+
+        event = TaskEvent(task_id=tid, event_type=EventType.STARTED)
+        await asyncio.gather(*(e.append(event) for _ in range(5)))
+        assert await e.get(tid) == [event]
+
+        keyed = [Task(func="omniq.examples:add", unique_key="k", unique_ttl=60) for _ in range(6)]
+        assert set(await asyncio.gather(*(q.enqueue(t) for t in keyed))) == {keyed[0].id}
+        d = await q.dequeue(["default"], LEASE, 0)
+        assert d is not None and await q.dequeue(["default"], LEASE, 0) is None
+        settled = await asyncio.gather(
+            q.ack(d), q.ack(d, failed=True), q.retry(d, 0), q.extend(d, LEASE)
+        )
+        assert settled == [True, False, False, False]
+        assert await q.enqueue(keyed[1]) == keyed[0].id  # held for its unique_ttl
+        assert await q.stats() == []
+        for s in (q, r, e):
+            await s.close()
+
+    asyncio.run(main())
+    assert max(groups) >= 2  # the calls above did share commits
+
+
+# --- clock steps ------------------------------------------------------------------------
+
+
+class _SteppedHost:
+    """The `time` module as the SQLite backend sees it, where one store's thread runs on
+    a host whose wall clock was stepped by `offset` seconds (its monotonic clock runs on)."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+        self.thread: int | None = None
+
+    def time(self) -> float:
+        now = time.time()
+        return now + self.offset if threading.get_ident() == self.thread else now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("offset", [3600.0, -3600.0], ids=["ahead", "behind"])
+def test_lease_expiry_survives_a_clock_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offset: float
+) -> None:
+    host = _SteppedHost(offset)
+    monkeypatch.setattr(sqlite_backend, "time", host)
+
+    async def main() -> None:
+        holder = await opened(SQLiteQueue(database_path=tmp_path / "queue.db"))
+        other = await opened(SQLiteQueue(database_path=tmp_path / "queue.db"))
+        host.thread = other._runner._thread.ident  # type: ignore[union-attr]
+        task_id = await holder.enqueue(Task(func="omniq.examples:add", args=(1, 2)))
+        d = await holder.dequeue(["default"], 1.0, 0)
+        assert d is not None
+
+        async def heartbeats() -> None:
+            for _ in range(9):
+                await asyncio.sleep(1.0 / 3)
+                assert await holder.extend(d, 1.0) is True
+
+        beating = asyncio.create_task(heartbeats())
+        # A live holder keeps its task, whatever the other host's clock says.
+        assert await other.dequeue(["default"], LEASE, 2.5) is None
+        await beating
+        # The holder stops beating (killed): the task is taken over after about its lease.
+        since = time.monotonic()
+        taken = await other.dequeue(["default"], LEASE, 10)
+        waited = time.monotonic() - since
+        assert taken is not None and (taken.task.id, taken.attempt) == (task_id, 2)
+        assert 0.9 <= waited <= 1.0 + 1.0 + 1.5  # lease + one watch interval + slack
+        for s in (holder, other):
+            await s.close()
+
+    asyncio.run(main())
+
+
+# --- disk space and files made by the previous version ----------------------------------
+
+
+def _db_bytes(base: Path) -> int:
+    """What the stores hold on disk: each database file and its WAL."""
+    return sum(p.stat().st_size for p in base.iterdir() if p.name.endswith((".db", ".db-wal")))
+
+
+async def _three(base: Path) -> tuple[SQLiteQueue, SQLiteResultStorage, SQLiteEventStorage]:
+    return (
+        await opened(SQLiteQueue(database_path=base / "queue.db")),
+        await opened(SQLiteResultStorage(database_path=base / "results.db")),
+        await opened(SQLiteEventStorage(database_path=base / "events.db")),
+    )
+
+
+async def _purge_everything(
+    q: SQLiteQueue, r: SQLiteResultStorage, e: SQLiteEventStorage
+) -> None:
+    later = utcnow() + timedelta(seconds=5)
+    await q.purge()
+    await r.cleanup(later, finished_before=later)
+    await e.cleanup(later)
+
+
+async def _round_of_tasks(
+    q: SQLiteQueue, r: SQLiteResultStorage, e: SQLiteEventStorage, count: int
+) -> None:
+    tasks = [Task(func="omniq.examples:add", args=(i, "x" * 500)) for i in range(count)]
+    await asyncio.gather(*(q.enqueue(t) for t in tasks))
+    await e.append_many([TaskEvent(task_id=t.id, event_type=EventType.ENQUEUED) for t in tasks])
+
+    async def run_one(i: int) -> None:
+        d = await q.dequeue(["default"], LEASE, 0)
+        assert d is not None
+        await e.append(TaskEvent(task_id=d.task_id, event_type=EventType.STARTED))
+        await r.store(ok(d.task_id, "y" * 500))
+        await e.append(TaskEvent(task_id=d.task_id, event_type=EventType.COMPLETED))
+        await q.ack(d, failed=i % 3 == 0)
+
+    for start in range(0, count, 50):
+        await asyncio.gather(*(run_one(i) for i in range(start, min(count, start + 50))))
+
+
+def test_purge_gives_the_disk_space_back(tmp_path: Path) -> None:
+    empty, used = tmp_path / "empty", tmp_path / "used"
+
+    async def main() -> tuple[int, int, int]:
+        stores = await _three(empty)
+        await _purge_everything(*stores)
+        empty_bytes = _db_bytes(empty)
+        stores = await _three(used)
+        for _ in range(2):
+            await _round_of_tasks(*stores, 1500)
+        full = _db_bytes(used)
+        await _purge_everything(*stores)
+        assert await stores[0].stats() == []
+        after = _db_bytes(used)
+        for s in stores:
+            await s.close()
+        return empty_bytes, full, after
+
+    empty_bytes, full, after = asyncio.run(main())
+    assert full > 10_000_000  # the rounds did fill the files
+    assert after <= empty_bytes + 64 * 1024, (empty_bytes, full, after)
+
+
+def _previous_version_file(path: Path, task: Task, dead_task: Task, event_data: bytes) -> None:
+    """One file as the previous OmniQ left it: every role at schema version 1, no
+    auto-vacuum, a waiting task, a task a dead worker held, an event without an id."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    for schema in (_QUEUE_SCHEMA, _RESULTS_SCHEMA, _EVENTS_SCHEMA):
+        for statement in (_META_DDL, *schema.steps[0]):
+            conn.execute(statement)
+        conn.execute("INSERT INTO omniq_schema VALUES (?, 1)", (schema.component,))
+    now = time.time()
+    conn.execute(
+        "INSERT INTO omniq_tasks (id, queue, state, priority, ready_at, data) "
+        "VALUES (?, 'default', 0, 0, ?, ?)",
+        (task.id, now, encode_task(task)),
+    )
+    conn.execute(
+        "INSERT INTO omniq_tasks (id, queue, state, priority, ready_at, attempts, lease_until, "
+        "token, data) VALUES (?, 'default', 1, 0, ?, 1, ?, 1, ?)",
+        (dead_task.id, now, now + 3600, encode_task(dead_task)),
+    )
+    conn.execute(
+        "INSERT INTO omniq_events (task_id, ts, data) VALUES (?, ?, ?)",
+        (task.id, now, event_data),
+    )
+    conn.executemany(  # bulk, so that purge has pages to give back
+        "INSERT INTO omniq_events (task_id, ts, data) VALUES ('old', 0, ?)",
+        [(b"{}" + b" " * 1000,)] * 3000,
+    )
+    conn.close()
+
+
+def test_a_file_of_the_previous_version_is_migrated_and_keeps_working(tmp_path: Path) -> None:
+    path = tmp_path / "omniq.db"
+    task = Task(func="omniq.examples:add", args=(1, 2))
+    dead = Task(func="omniq.examples:add", args=(3, 4))
+    old_event = (
+        b'{"task_id":"%s","event_type":"enqueued","timestamp":1700000000.0,'
+        b'"attempt":0,"worker_id":null,"queue":"default","details":{}}' % task.id.encode()
+    )
+    _previous_version_file(path, task, dead, old_event)
+
+    async def main() -> None:
+        q = await opened(SQLiteQueue(database_path=path))
+        r = await opened(SQLiteResultStorage(database_path=path))
+        e = await opened(SQLiteEventStorage(database_path=path))
+        kept = await e.get(task.id)
+        assert [ev.event_type for ev in kept] == [EventType.ENQUEUED]
+        assert kept[0].id.startswith("legacy-") and (await e.get(task.id))[0].id == kept[0].id
+        new = TaskEvent(task_id=task.id, event_type=EventType.STARTED, attempt=1)
+        await e.append(new)
+        await e.append(new)
+        assert await e.get(task.id) == [kept[0], new]
+
+        d = await q.dequeue(["default"], LEASE, 0)
+        assert d is not None and (d.task, d.attempt) == (task, 1)
+        # The dead worker's row names no lease length: ours (0.5 s) is watched for.
+        taken = await q.dequeue(["default"], 0.5, 5)
+        assert taken is not None and (taken.task, taken.attempt) == (dead, 2)
+        assert await r.store(ok(task.id, 3)) is True
+        assert await r.store(ok(task.id, 4)) is False
+
+        # purge converts the file to incremental auto-vacuum, next to writes that share
+        # commits (the VACUUM runs outside them), and gives the old events' pages back.
+        assert _auto_vacuum(path) == 0
+        before = path.stat().st_size
+        await e.cleanup(utcnow() - timedelta(days=365 * 20))
+        extra = [TaskEvent(task_id=new_task_id(), event_type=EventType.ENQUEUED) for _ in range(8)]
+        await asyncio.gather(q.purge(), *(e.append(ev) for ev in extra))
+        assert _auto_vacuum(path) == 2
+        assert path.stat().st_size < before / 4
+        for ev in extra:
+            assert await e.get(ev.task_id) == [ev]
+        for s in (q, r, e):
+            await s.close()
+
+    asyncio.run(main())
+    with sqlite3.connect(path) as conn:
+        versions = dict(conn.execute("SELECT component, version FROM omniq_schema"))
+    conn.close()
+    assert versions == {
+        "queue": _QUEUE_SCHEMA.version, "results": _RESULTS_SCHEMA.version,
+        "events": _EVENTS_SCHEMA.version,
+    }
+
+
+def _auto_vacuum(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("PRAGMA auto_vacuum").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_a_solo_call_runs_outside_the_shared_commit(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    conn = sqlite3.connect(path, isolation_level=None)  # a file without auto-vacuum
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.close()
+
+    async def main() -> None:
+        e = await opened(SQLiteEventStorage(database_path=path))
+        events = [TaskEvent(task_id=new_task_id(), event_type=EventType.STARTED) for _ in range(20)]
+        calls = [e.append(ev) for ev in events[:10]]
+        calls.append(e._give_space_back(always_convert=True))  # a VACUUM: never in a transaction
+        calls += [e.append(ev) for ev in events[10:]]
+        assert await asyncio.gather(*calls) == [None] * 21
+        for ev in events:
+            assert await e.get(ev.task_id) == [ev]
+        await e.close()
+
+    asyncio.run(main())
+    assert _auto_vacuum(path) == 2
