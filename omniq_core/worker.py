@@ -56,6 +56,7 @@ log = logging.getLogger("omniq.worker")
 T = TypeVar("T")
 
 ALWAYS_ALLOWED = ("omniq.examples",)
+ANNOUNCE_EVERY = 1.0  # seconds: the most often a busy worker re-registers its running tasks
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ class Worker:
         self._fetching = 0  # dequeue calls in flight
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nudge = asyncio.Event()  # set when a slot frees up or a stop is requested
+        self._running_changed = asyncio.Event()  # a task started or ended: re-register
 
     # --- control (thread-safe flags only) -------------------------------
     def request_stop(self, force: bool = False) -> None:
@@ -204,7 +206,11 @@ class Worker:
         self._nudge = asyncio.Event()
         self._threads = TaskThreads(self._loop, s.concurrency)
         slots = asyncio.Semaphore(s.concurrency)
-        background = [asyncio.create_task(self._heartbeat_loop())]
+        self._running_changed = asyncio.Event()
+        background = [
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._announce_loop()),
+        ]
         try:
             # Several claims in flight hide the store's round trip (or let a
             # batching store thread commit them together).
@@ -268,12 +274,14 @@ class Worker:
         handler = asyncio.create_task(self._handle(delivery))
         self.running[delivery.task_id] = _Running(delivery, handler)
         self._handlers.add(handler)
+        self._running_changed.set()
 
         def done(t: asyncio.Task[None]) -> None:
             self._handlers.discard(t)
             self.running.pop(delivery.task_id, None)
             slots.release()
             self._nudge.set()
+            self._running_changed.set()
 
         handler.add_done_callback(done)
 
@@ -646,6 +654,16 @@ class Worker:
             except Exception:
                 log.exception("heartbeat failed")
             await asyncio.sleep(every)
+
+    async def _announce_loop(self) -> None:
+        """Re-register when the running set changed, at most once per ANNOUNCE_EVERY:
+        `omniq status` shows what runs now, not what ran at the last heartbeat."""
+        while True:
+            await self._running_changed.wait()
+            self._running_changed.clear()
+            with contextlib.suppress(Exception):  # the heartbeat reports outages
+                await self._register()
+            await asyncio.sleep(ANNOUNCE_EVERY)
 
     async def _cleanup(self) -> None:
         now = utcnow()

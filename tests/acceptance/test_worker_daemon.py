@@ -191,6 +191,24 @@ def test_enqueue_then_burst_worker_then_result(home: Home) -> None:
     assert home.events(task_id) == ["enqueued", "started", "completed"]
 
 
+def test_status_shows_what_runs_now(home: Home) -> None:
+    """Not what ran at the last heartbeat (every 10 s with the default 30 s lease)."""
+
+    def running() -> list[str]:
+        (info,) = json.loads(home.run("status", "--json").stdout)["workers"]
+        return list(info["current_tasks"])
+
+    worker = home.start_worker()
+    time.sleep(1.5)  # past the first registration
+    task_id = home.submit("omniq.examples:sleep", 4, "done")
+    started = time.monotonic()
+    wait_until(lambda: running() == [task_id], 10, "the task in `omniq status`")
+    assert time.monotonic() - started < 4  # seen while it runs
+    wait_until(lambda: running() == [], 15, "the finished task gone from `omniq status`")
+    worker.send(signal.SIGTERM)
+    assert worker.wait() == 0
+
+
 def test_burst_with_nothing_queued_exits_zero(home: Home) -> None:
     proc = home.burst()
     assert "stopped: 0 tasks done" in proc.stderr
