@@ -5,35 +5,18 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
+import click
 
 from omniq.cli import common, console
 
 if TYPE_CHECKING:
     from omniq.config import OmniQConfig
 
-
-class Pool(StrEnum):
-    thread = "thread"
-    process = "process"
-    # "async" is a keyword, so the member has another name; the value is what users type.
-    async_ = "async"
-
-
-class LogLevel(StrEnum):
-    DEBUG = "DEBUG"
-    INFO = "INFO"
-    WARNING = "WARNING"
-    ERROR = "ERROR"
-
-
-class LogFormat(StrEnum):
-    text = "text"
-    json = "json"
-
+POOLS = ("thread", "process", "async")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 EPILOG = common.examples(
     "omniq worker                                 # queue 'default', 4 threads",
@@ -49,129 +32,99 @@ EPILOG = common.examples(
 )
 
 
+@common.command("worker", epilog=EPILOG)
+@click.option(
+    "--queue",
+    "-q",
+    "queue",
+    metavar="NAME",
+    type=common.QUEUE,
+    multiple=True,
+    help="Queue to consume; repeat for several, consumed in the order given "
+    "[config worker_queues; default: default].",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Tasks run at once [default: 4].",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(POOLS, case_sensitive=False),
+    help="thread: sync tasks in threads; async: for async tasks (sync ones still use "
+    "threads); process: each task in a child process, killed at its timeout "
+    "[default: thread].",
+)
+@click.option("--burst", is_flag=True, help="Exit 0 once the queues are empty (for cron).")
+@click.option("--max-tasks", type=click.IntRange(min=1), metavar="N", help="Exit 0 after N tasks.")
+@click.option(
+    "--shutdown-timeout",
+    type=common.DURATION,
+    metavar="DURATION",
+    help="On SIGTERM, how long running tasks may take to finish before they are "
+    "handed back to the queue, e.g. 30s, 2m [default: 30s].",
+)
+@click.option(
+    "--task-modules",
+    metavar="GLOBS",
+    multiple=True,
+    help="Modules whose callables this worker may run (comma-separated or repeated "
+    "globs, e.g. 'myapp.*'; a name covers its submodules; omniq.examples is always "
+    "allowed). '*' runs anything anyone can enqueue: unsafe on a shared broker.",
+)
+@click.option(
+    "--allow-shell/--no-allow-shell",
+    default=None,
+    help="Run shell-command tasks (omniq enqueue --shell) [default: no].",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    help="[default: INFO]",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS, case_sensitive=False),
+    help="text, or json (one object per line) [default: text].",
+)
+@click.option(
+    "--systemd-unit",
+    is_flag=True,
+    help="Print a systemd service unit (Type=notify, watchdog) that runs this worker "
+    "with these options, and exit.",
+)
 def worker(
-    queue: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--queue",
-            "-q",
-            metavar="NAME",
-            help="Queue to consume; repeat for several, consumed in the order given "
-            "[config worker_queues; default: default].",
-            callback=common.validate_queue,
-            show_default=False,
-        ),
-    ] = None,
-    concurrency: Annotated[
-        int | None,
-        typer.Option(
-            "--concurrency",
-            "-c",
-            min=1,
-            metavar="N",
-            help="Tasks run at once [default: 4].",
-            show_default=False,
-        ),
-    ] = None,
-    pool: Annotated[
-        Pool | None,
-        typer.Option(
-            "--pool",
-            case_sensitive=False,
-            help="thread: sync tasks in threads; async: for async tasks (sync ones still use "
-            "threads); process: each task in a child process, killed at its timeout "
-            "[default: thread].",
-            show_default=False,
-        ),
-    ] = None,
-    burst: Annotated[
-        bool, typer.Option("--burst", help="Exit 0 once the queues are empty (for cron).")
-    ] = False,
-    max_tasks: Annotated[
-        int | None,
-        typer.Option("--max-tasks", min=1, metavar="N", help="Exit 0 after N tasks."),
-    ] = None,
-    shutdown_timeout: Annotated[
-        str | None,
-        typer.Option(
-            "--shutdown-timeout",
-            callback=lambda value: seconds_option(value),
-            metavar="DURATION",
-            help="On SIGTERM, how long running tasks may take to finish before they are "
-            "handed back to the queue, e.g. 30s, 2m [default: 30s].",
-            show_default=False,
-        ),
-    ] = None,
-    task_modules: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--task-modules",
-            metavar="GLOBS",
-            help="Modules whose callables this worker may run (comma-separated or repeated "
-            "globs, e.g. 'myapp.*'; a name covers its submodules; omniq.examples is always "
-            "allowed). '*' runs anything anyone can enqueue: unsafe on a shared broker.",
-            show_default=False,
-        ),
-    ] = None,
-    allow_shell: Annotated[
-        bool | None,
-        typer.Option(
-            "--allow-shell/--no-allow-shell",
-            help="Run shell-command tasks (omniq enqueue --shell) [default: no].",
-            show_default=False,
-        ),
-    ] = None,
-    log_level: Annotated[
-        LogLevel | None,
-        typer.Option(
-            "--log-level", case_sensitive=False, help="[default: INFO]", show_default=False
-        ),
-    ] = None,
-    log_format: Annotated[
-        LogFormat | None,
-        typer.Option(
-            "--log-format",
-            case_sensitive=False,
-            help="text, or json (one object per line) [default: text].",
-            show_default=False,
-        ),
-    ] = None,
-    systemd_unit: Annotated[
-        bool,
-        typer.Option(
-            "--systemd-unit",
-            help="Print a systemd service unit (Type=notify, watchdog) that runs this worker "
-            "with these options, and exit.",
-        ),
-    ] = False,
-) -> None:
+    queue: tuple[str, ...],
+    concurrency: int | None,
+    pool: str | None,
+    burst: bool,
+    max_tasks: int | None,
+    shutdown_timeout: float | None,
+    task_modules: tuple[str, ...],
+    allow_shell: bool | None,
+    log_level: str | None,
+    log_format: str | None,
+    systemd_unit: bool,
+) -> int:
     """Run tasks from the queues until stopped; logs one line per task outcome to stderr."""
     flags: dict[str, Any] = {
-        "worker_queues": queue or None,
+        "worker_queues": list(queue) or None,
         "worker_concurrency": concurrency,
-        "worker_pool": pool.value if pool else None,
+        "worker_pool": pool.lower() if pool else None,
         "worker_shutdown_timeout": shutdown_timeout,
-        "task_modules": split_globs(task_modules),
+        "task_modules": split_globs(list(task_modules)),
         "allow_shell": allow_shell,
-        "log_level": log_level.value if log_level else None,
-        "log_format": log_format.value if log_format else None,
+        "log_level": log_level.upper() if log_level else None,
+        "log_format": log_format.lower() if log_format else None,
     }
     config = common.load_config(None, **flags)
     if systemd_unit:
         runs_once = burst or max_tasks is not None
         console.line(unit_text(config, flags, burst, max_tasks, runs_once).rstrip("\n"))
-        raise typer.Exit(0)
-    raise typer.Exit(run_worker(config, burst=burst, max_tasks=max_tasks))
-
-
-def seconds_option(value: str | None) -> float | None:
-    """typer callback: "30s", "2m" -> seconds; a bad duration is a usage error (exit 2)."""
-    if value is None:
-        return None
-    try:
-        return common.duration(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        return 0
+    return run_worker(config, burst=burst, max_tasks=max_tasks)
 
 
 def split_globs(values: list[str] | None) -> list[str] | None:
@@ -290,3 +243,6 @@ def environment_for_unit(config: OmniQConfig) -> tuple[list[tuple[str, str]], li
         elif key in KEYS:
             env.append((name, value))
     return env, withheld
+
+
+COMMANDS = {"worker": worker}
