@@ -25,7 +25,14 @@ EPILOG = common.examples(
     "omniq worker --pool process                  # hard timeouts, crash isolation",
     "omniq worker --task-modules 'myapp.tasks,myapp.jobs.*'",
     "omniq worker --systemd-unit > /etc/systemd/system/omniq-worker.service",
+    "omniq worker --burst --systemd-unit > /etc/systemd/system/omniq-worker.service",
+    "omniq worker --burst --systemd-timer --every 10m > /etc/systemd/system/omniq-worker.timer",
 ) + (
+    "\n\nThe unit runs this same omniq with these options, config file, OMNIQ_* variables\n"
+    "(secrets withheld), working directory and user, sandboxed (read-only system, the data\n"
+    "dir writable). With --burst it is a oneshot service that the --systemd-timer unit\n"
+    "starts every --every DURATION."
+    "\n\n\b\n"
     "\n\nSIGTERM or Ctrl-C: stop taking tasks, let running ones finish within"
     "\n--shutdown-timeout, hand the rest back to the queue, exit 0. A second"
     "\nsignal hands them back at once (exit 128 + signal number)."
@@ -92,8 +99,30 @@ EPILOG = common.examples(
 @click.option(
     "--systemd-unit",
     is_flag=True,
-    help="Print a systemd service unit (Type=notify, watchdog) that runs this worker "
-    "with these options, and exit.",
+    help="Print a systemd service unit that runs this worker with these options, and exit "
+    "(Type=notify with a watchdog; with --burst a oneshot service for --systemd-timer).",
+)
+@click.option(
+    "--systemd-timer",
+    is_flag=True,
+    help="With --burst: print the systemd .timer that starts the burst service, and exit.",
+)
+@click.option(
+    "--every",
+    type=common.DURATION,
+    default="5m",
+    metavar="DURATION",
+    help="How often the --systemd-timer starts the burst worker [default: 5m].",
+)
+@click.option(
+    "--unit-user",
+    metavar="USER",
+    help="User= of the unit [default: the user running this command].",
+)
+@click.option(
+    "--unit-group",
+    metavar="GROUP",
+    help="Group= of the unit [default: the unit user's primary group].",
 )
 def worker(
     queue: tuple[str, ...],
@@ -107,6 +136,10 @@ def worker(
     log_level: str | None,
     log_format: str | None,
     systemd_unit: bool,
+    systemd_timer: bool,
+    every: float,
+    unit_user: str | None,
+    unit_group: str | None,
 ) -> int:
     """Run tasks from the queues until stopped; logs one line per task outcome to stderr."""
     flags: dict[str, Any] = {
@@ -120,9 +153,16 @@ def worker(
         "log_format": log_format.lower() if log_format else None,
     }
     config = common.load_config(None, **flags)
+    if systemd_timer:
+        if not burst:
+            raise ValueError("--systemd-timer is for a burst worker: add --burst")
+        from omniq.systemd import timer_file
+
+        console.line(timer_file(every).rstrip("\n"))
+        return 0
     if systemd_unit:
-        runs_once = burst or max_tasks is not None
-        console.line(unit_text(config, flags, burst, max_tasks, runs_once).rstrip("\n"))
+        identity = unit_identity(unit_user, unit_group)
+        console.line(unit_text(config, flags, burst, max_tasks, identity).rstrip("\n"))
         return 0
     return run_worker(config, burst=burst, max_tasks=max_tasks)
 
@@ -157,16 +197,24 @@ def run_worker(config: OmniQConfig, *, burst: bool, max_tasks: int | None) -> in
 
 
 def unit_text(
-    config: OmniQConfig, flags: dict[str, Any], burst: bool, max_tasks: int | None, runs_once: bool
+    config: OmniQConfig,
+    flags: dict[str, Any],
+    burst: bool,
+    max_tasks: int | None,
+    identity: tuple[str, str | None],
 ) -> str:
+    """The service unit for this worker: same program, options, config file, data dir, user."""
     from omniq.systemd import UnitSpec, unit_file
 
     command = [*omniq_program()]
-    if common.STATE.config_path:
-        command += ["--config", os.path.abspath(common.STATE.config_path)]
+    config_file = common.STATE.config_path or config.config_file
+    if config_file:
+        command += ["--config", os.path.abspath(os.path.expanduser(config_file))]
     command += ["worker", *worker_args(flags, burst, max_tasks)]
     env, withheld = environment_for_unit(config)
     queues = ", ".join(config.worker_queues)
+    writable = writable_paths(config)
+    user, group = identity
     text = unit_file(
         UnitSpec(
             command=tuple(command),
@@ -174,15 +222,72 @@ def unit_text(
             working_directory=os.getcwd(),
             description=f"OmniQ worker (queues: {queues})",
             environment=tuple(env),
+            user=user,
+            group=group,
+            writable=writable,
+            readable=readable_paths(config_file),
+            oneshot=burst,
+            # --max-tasks exits 0 by design, to be started afresh: restart it always.
+            restart="always" if max_tasks is not None else "on-failure",
         )
     )
-    if runs_once:  # the worker exits 0 by design: start it again each time
-        text = text.replace("Restart=on-failure", "Restart=always")
     notes = [
         f"# {name} is set in your shell but holds a secret: move it to the EnvironmentFile"
         for name in withheld
     ]
+    for path in writable:
+        if not os.path.isdir(path):
+            console.warn(f"{path} does not exist: create it (owned by {user}) before starting")
+    if user == "root":
+        console.warn("the unit runs the worker as root: give --unit-user, or generate it as "
+                     "the user that should run the worker")  # fmt: skip
     return "\n".join(notes) + ("\n" if notes else "") + text
+
+
+def unit_identity(user: str | None, group: str | None) -> tuple[str, str | None]:
+    """User= and Group=: the given ones, else the user running this command (whose data dir
+    and config the unit reproduces) and that user's primary group."""
+    import grp
+    import pwd
+
+    if user is None:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    if group is None:
+        try:
+            group = grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+        except KeyError:  # a user of another machine: let systemd use its primary group
+            group = None
+    return user, group
+
+
+def readable_paths(config_file: str | None) -> tuple[str, ...]:
+    """What the worker reads: its interpreter and venv, omniq itself, its import path and
+    config file (the sandbox must not hide them)."""
+    import omniq
+
+    found = [sys.executable, sys.prefix, sys.base_prefix, os.path.dirname(omniq.__file__)]
+    found += [entry for entry in sys.path if entry and os.path.exists(entry)]
+    if config_file:
+        found.append(config_file)
+    return tuple(sorted({os.path.realpath(path) for path in found}))
+
+
+def writable_paths(config: OmniQConfig) -> tuple[str, ...]:
+    """Directories the worker writes: the data dir and each local SQLite/file store's."""
+    from omniq.config import STORES
+
+    paths = [str(config.home_dir)]
+    for prefix in STORES:
+        kind, settings = config.store(prefix)
+        if kind == "sqlite" and settings.get("path") not in (None, ":memory:"):
+            paths.append(os.path.dirname(os.path.abspath(str(settings["path"]))))
+        elif kind == "file" and "://" not in str(settings.get("base_dir", "://")):
+            paths.append(os.path.abspath(str(settings["base_dir"])))
+    kept: list[str] = []
+    for path in sorted(set(paths), key=len):  # a dir inside another is covered by it
+        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return tuple(kept)
 
 
 def omniq_program() -> list[str]:
@@ -242,6 +347,10 @@ def environment_for_unit(config: OmniQConfig) -> tuple[list[tuple[str, str]], li
             env.append((name, os.path.abspath(os.path.expanduser(value))))
         elif key in KEYS:
             env.append((name, value))
+    if not any(name == "OMNIQ_HOME" for name, _ in env):
+        # The data dir this shell resolved (platformdirs follows $HOME and the user): the
+        # service must open the same SQLite files whoever it runs as.
+        env.append(("OMNIQ_HOME", str(config.home_dir)))
     return env, withheld
 
 
