@@ -28,7 +28,9 @@ CHECK_EPILOG = (
         "omniq config check",
         "OMNIQ_RESULT_STORAGE_TYPE=redis omniq config check",
     )
-    + "\n\nExit codes: 0 every store answered, 69 a store is unreachable, 78 bad config."
+    + "\n\nIt also imports each task_modules module, as a worker started here would."
+    "\n\n\b\nExit codes: 0 every store answered and every task module imports; 69 a store"
+    "\nis unreachable; 78 bad config, or a task module that cannot be imported."
 )
 
 
@@ -76,15 +78,36 @@ def check(as_json: bool) -> int:
                 "error": error,
             }
         )
-    for row in rows:
+    modules = module_rows(config)
+    for row in [*rows, *modules]:
         if as_json:
             console.json_line(row)
         else:
-            state = "ok" if row["ok"] else f"UNREACHABLE: {row['error']}"
+            failed = "UNREACHABLE" if row["type"] != "module" else "FAILED"
+            state = "ok" if row["ok"] else f"{failed}: {row['error']}"
             console.line(f"{row['store']:<15} {row['type']:<8} {row['where']}  {state}")
     if any(not row["ok"] for row in rows):
         return ExitCode.UNAVAILABLE
+    if any(not row["ok"] for row in modules):
+        return ExitCode.CONFIG
     return ExitCode.OK
+
+
+def module_rows(config: OmniQConfig) -> list[dict[str, Any]]:
+    """One line per task_modules pattern: does its module import here."""
+    from omniq.cli.worker_cmd import unimportable_modules
+
+    problems = unimportable_modules(config.task_modules)
+    return [
+        {
+            "store": "task_modules",
+            "type": "module",
+            "where": pattern,
+            "ok": pattern not in problems,
+            "error": problems.get(pattern),
+        }
+        for pattern in config.task_modules
+    ]
 
 
 def location(config: OmniQConfig, prefix: str) -> str:

@@ -82,6 +82,11 @@ EPILOG = common.examples(
     "allowed). '*' runs anything anyone can enqueue: unsafe on a shared broker.",
 )
 @click.option(
+    "--strict",
+    is_flag=True,
+    help="Exit 78 instead of warning when a --task-modules module cannot be imported.",
+)
+@click.option(
     "--allow-shell/--no-allow-shell",
     default=None,
     help="Run shell-command tasks (omniq enqueue --shell) [default: no].",
@@ -132,6 +137,7 @@ def worker(
     max_tasks: int | None,
     shutdown_timeout: float | None,
     task_modules: tuple[str, ...],
+    strict: bool,
     allow_shell: bool | None,
     log_level: str | None,
     log_format: str | None,
@@ -164,7 +170,46 @@ def worker(
         identity = unit_identity(unit_user, unit_group)
         console.line(unit_text(config, flags, burst, max_tasks, identity).rstrip("\n"))
         return 0
+    check_task_modules(config.task_modules, strict)
     return run_worker(config, burst=burst, max_tasks=max_tasks)
+
+
+def check_task_modules(patterns: list[str], strict: bool) -> None:
+    """Say at start (not at the first task) that an allowed module cannot be imported."""
+    problems = unimportable_modules(patterns)
+    if problems and strict:
+        from omniq.errors import ConfigError
+
+        raise ConfigError("; ".join(f"task_modules: {text}" for text in problems.values()))
+    for text in problems.values():
+        console.warn(f"task_modules: {text} (tasks from it will fail; --strict exits 78)")
+
+
+def unimportable_modules(patterns: list[str]) -> dict[str, str]:
+    """pattern -> why its module cannot be imported here (the worker's import path: the
+    current directory first). A glob is checked up to its first wildcard: 'myapp.*' needs
+    'myapp'."""
+    import importlib
+
+    from omniq.daemon import make_importable_here
+
+    make_importable_here()
+    problems: dict[str, str] = {}
+    for pattern in patterns:
+        parts = pattern.split(".")
+        fixed = [p for p in parts[: next((i for i, p in enumerate(parts) if _glob(p)), None)]]
+        name = ".".join(fixed)
+        if not name:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # what the worker would meet at its first task
+            problems[pattern] = f"{name!r} cannot be imported: {type(exc).__name__}: {exc}"
+    return problems
+
+
+def _glob(part: str) -> bool:
+    return any(c in part for c in "*?[")
 
 
 def split_globs(values: list[str] | None) -> list[str] | None:
