@@ -2,10 +2,10 @@
 
 For command authors (the worker daemon included):
 
-- `command(app, name, **typer_kwargs)`: register a command function on the app.
-  It adds `--config PATH` and `-v/--verbose` to the command (unless the function
-  declares parameters of those names), so they work both before and after the
-  command name, and records them in the shared `State`.
+- `command(name, **click_kwargs)`: a decorator making a function a click command
+  with `--config PATH` and `-v/--verbose` added, so they work both before and
+  after the command name; their values are recorded in the shared `State`.
+  The function returns its exit code (None = 0).
 - `load_config(ctx_or_state=None, **overrides) -> OmniQConfig`: the effective
   configuration: defaults < YAML (`--config`, else the lookup) < environment <
   `overrides`. Pass only flags the user gave: None values are dropped.
@@ -17,28 +17,28 @@ For command authors (the worker daemon included):
   decorator). It turns exceptions into one or two lines on stderr and an exit
   code (`SystemExit`): ConfigError 78; BackendUnavailable, BackendError and
   MissingDependency (with its install hint) 69; TaskNotFound 4; ResultTimeout 3;
-  TaskFailed and its kinds 1; SerializationError, ValueError and usage errors 2;
-  Ctrl-C 130; any other error 1. Tracebacks only with `-v`. `main()` wraps every
-  command in it, so commands just raise.
-- Parsers for typer options: `duration` (`parser=`), `validate_task_id`,
-  `validate_queue` (`callback=`), and `examples(...)` for help epilogs.
+  Refused 5; TaskFailed and its kinds 1; SerializationError, ValueError and usage
+  errors 2; Ctrl-C 130; any other error 1. Tracebacks only with `-v`. `main()`
+  wraps every command in it, so commands just raise.
+- Parameter types for click options: `DURATION`, `TASK_ID`, `QUEUE` (a bad value
+  is a usage error naming the option), and `examples(...)` for help epilogs.
 
-Nothing here imports the client, a backend or rich at import time: `omniq --help`
-stays fast.
+The CLI is plain click (public API only): each option value is converted by the
+small types below, so a short command pays for nothing else. Nothing here imports
+the client, a backend or rich at import time: `omniq --help` stays fast.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import sys
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-import typer
+import click
+from click import exceptions as click_exceptions
 
 from omniq.cli import console
 from omniq.cli.exit_codes import ExitCode
@@ -48,14 +48,15 @@ if TYPE_CHECKING:
     from omniq.config import OmniQConfig
 
 T = TypeVar("T")
-
-try:  # typer >= 0.16 vendors click; older releases use the click package itself
-    from typer._click import exceptions as click_exceptions
-except ImportError:  # pragma: no cover - depends on the installed typer
-    from click import exceptions as click_exceptions  # type: ignore[no-redef]
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 # click >= 8.2 raises this for a group called without a command; older ones print and exit 0.
 _NO_ARGS_IS_HELP: Any = getattr(click_exceptions, "NoArgsIsHelpError", ())
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Refused(Exception):
+    """The task's state does not allow the operation, or the user declined it (exit 5)."""
 
 
 # --- global options and state -------------------------------------------------------------
@@ -70,19 +71,6 @@ class State:
 
 
 STATE = State()
-
-ConfigOption = Annotated[
-    str | None,
-    typer.Option(
-        "--config",
-        metavar="PATH",
-        help="YAML config file (default: $OMNIQ_CONFIG, ./omniq.yaml, user config dir).",
-        show_default=False,
-    ),
-]
-VerboseOption = Annotated[
-    bool, typer.Option("--verbose", "-v", help="Debug logging and tracebacks on errors.")
-]
 
 
 def remember(config_path: str | None, verbose: bool) -> None:
@@ -105,68 +93,64 @@ def _debug_logging() -> None:
     logger.setLevel(logging.DEBUG)
 
 
-_GLOBAL_PARAMS = (
-    ("config", ConfigOption, None),
-    ("verbose", VerboseOption, False),
-)
+def _remember_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    remember(value, False)
 
 
-def command(app: typer.Typer, name: str, **typer_kwargs: Any) -> Callable[[T], T]:
-    """Register `func` as command `name` with `--config` and `-v` added to its options."""
-
-    def register(func: T) -> T:
-        app.command(name, **typer_kwargs)(with_global_options(func))  # type: ignore[arg-type]
-        return func
-
-    return register
+def _remember_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    remember(None, value)
 
 
-def with_global_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """`func` with `--config`/`-v` appended to its signature (typer reads `__signature__`)."""
-    signature = inspect.signature(func, eval_str=True)
-    taken = set(signature.parameters)
-    extra = {
-        f"omniq_{name}": (name, annotation, default)
-        for name, annotation, default in _GLOBAL_PARAMS
-        if name not in taken
-    }
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        given = {name: kwargs.pop(key) for key, (name, _, _) in extra.items()}
-        remember(given.get("config"), bool(given.get("verbose")))
-        return func(*args, **kwargs)
-
-    added = [
-        inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann)
-        for key, (_, ann, default) in extra.items()
+def global_options() -> list[click.Parameter]:
+    """`--config PATH` and `-v/--verbose`, for the root and for every command."""
+    return [
+        click.Option(
+            ["--config"],
+            metavar="PATH",
+            expose_value=False,
+            callback=_remember_config,
+            help="YAML config file (default: $OMNIQ_CONFIG, ./omniq.yaml, user config dir).",
+        ),
+        click.Option(
+            ["-v", "--verbose"],
+            is_flag=True,
+            expose_value=False,
+            callback=_remember_verbose,
+            help="Debug logging and tracebacks on errors.",
+        ),
     ]
-    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=[*signature.parameters.values(), *added]
-    )
-    return wrapper
 
 
-def _print_version(value: bool) -> None:
+def command(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], click.Command]:
+    """`@command("result", epilog=...)` over click option decorators: a command with the
+    global options; the function's return value is the exit code."""
+
+    def build(func: Callable[..., Any]) -> click.Command:
+        kwargs.setdefault("context_settings", CONTEXT)
+        cmd = click.command(name, **kwargs)(func)
+        cmd.params.extend(global_options())
+        return cmd
+
+    return build
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value:
         from omniq import __version__
 
         console.line(f"omniq {__version__}")
-        raise typer.Exit(ExitCode.OK)
+        ctx.exit(ExitCode.OK)
 
 
-def root_callback(
-    config: ConfigOption = None,
-    verbose: VerboseOption = False,
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
-        ),
-    ] = False,
-) -> None:
-    """OmniQ: run Python callables and shell commands as background tasks."""
-    remember(config, verbose)
+def version_option() -> click.Option:
+    return click.Option(
+        ["--version"],
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_print_version,
+        help="Print the version and exit.",
+    )
 
 
 # --- configuration and the client ---------------------------------------------------------
@@ -203,7 +187,7 @@ async def open_client(config: OmniQConfig) -> AsyncIterator[AsyncOmniQ]:
 
 
 def duration(text: str) -> float:
-    """Seconds from "30", "30s", "5m", "2h", "1h30m", "500ms" (typer `parser=`)."""
+    """Seconds from "30", "30s", "5m", "2h", "1h30m", "500ms"."""
     from omniq.config import parse_duration
 
     seconds = parse_duration(text)
@@ -229,32 +213,38 @@ def check_queue(value: str) -> str:
     return check_queue_name(value)
 
 
-def validate_task_id(value: str | None) -> str | None:
-    """typer callback: a bad id is a usage error before any store is touched."""
-    return None if value is None else _as_parameter(check_task_id, value)
+class Checked(click.ParamType):
+    """A click type from a check function: its ValueError is a usage error (exit 2)."""
+
+    def __init__(self, name: str, check: Callable[[str], Any]) -> None:
+        self.name = name
+        self.check = check
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value  # a default, or converted already
+        try:
+            return self.check(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
-def queue_option(help: str) -> Any:
+DURATION = Checked("duration", duration)
+TASK_ID = Checked("task_id", check_task_id)
+QUEUE = Checked("queue", check_queue)
+
+
+def task_id_argument() -> Decorator:
+    return click.argument("task_id", metavar="TASK_ID", type=TASK_ID)
+
+
+def queue_option(help: str, multiple: bool = False) -> Decorator:
     """`-q/--queue NAME`, validated before it reaches any store."""
-    return typer.Option(
-        "--queue", "-q", metavar="NAME", callback=validate_queue, help=help, show_default=False
-    )
+    return click.option("--queue", "-q", metavar="NAME", type=QUEUE, multiple=multiple, help=help)
 
 
-def validate_queue(value: Any) -> Any:
-    """typer callback for one queue name or a list of them."""
-    if value is None:
-        return None
-    if isinstance(value, list | tuple):
-        return [_as_parameter(check_queue, v) for v in value]
-    return _as_parameter(check_queue, value)
-
-
-def _as_parameter(check: Callable[[str], str], value: str) -> str:
-    try:
-        return check(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+def json_option(help: str = "Print JSON.") -> Decorator:
+    return click.option("--json", "as_json", is_flag=True, help=help)
 
 
 def examples(*lines: str) -> str:
@@ -276,6 +266,7 @@ def _exit_code_for(exc: BaseException) -> tuple[ExitCode, str]:
         (errors.TaskNotFound, ExitCode.NOT_FOUND),
         (errors.ResultTimeout, ExitCode.PENDING),
         (errors.TaskFailed, ExitCode.TASK_FAILED),
+        (Refused, ExitCode.REFUSED),
         (errors.SerializationError, ExitCode.USAGE),
         (errors.OmniQError, ExitCode.TASK_FAILED),
         (ValueError, ExitCode.USAGE),
@@ -307,7 +298,7 @@ def fail(exc: BaseException) -> NoReturn:
     if isinstance(exc, click_exceptions.ClickException):
         console.error(exc.format_message())
         raise SystemExit(exc.exit_code)
-    if isinstance(exc, KeyboardInterrupt | typer.Abort):
+    if isinstance(exc, KeyboardInterrupt | click_exceptions.Abort):
         console.info("interrupted")
         raise SystemExit(ExitCode.INTERRUPTED)
     code, message = _exit_code_for(exc)

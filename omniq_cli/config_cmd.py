@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
+import click
 
 from omniq.cli import common, console
 from omniq.cli.exit_codes import ExitCode
 
 if TYPE_CHECKING:
     from omniq.config import OmniQConfig
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 # Config key prefix of each store, in the order of omniq.registry.ROLES.
 STORES = (("queue", "task_queue"), ("results", "result_storage"), ("events", "event_storage"))
@@ -30,7 +28,9 @@ CHECK_EPILOG = (
         "omniq config check",
         "OMNIQ_RESULT_STORAGE_TYPE=redis omniq config check",
     )
-    + "\n\nExit codes: 0 every store answered, 69 a store is unreachable, 78 bad config."
+    + "\n\nIt also imports each task_modules module, as a worker started here would."
+    "\n\n\b\nExit codes: 0 every store answered and every task module imports; 69 a store"
+    "\nis unreachable; 78 bad config, or a task module that cannot be imported."
 )
 
 
@@ -38,10 +38,10 @@ def _shown(value: Any) -> str:
     return value if isinstance(value, str) else console.to_json(value)
 
 
-def show(
-    as_json: JsonOpt = False,
-    show_all: Annotated[bool, typer.Option("--all", help="Also list unset options.")] = False,
-) -> None:
+@common.command("show", epilog=SHOW_EPILOG)
+@common.json_option("Print one JSON object: the file and each value with its source.")
+@click.option("--all", "show_all", is_flag=True, help="Also list unset options.")
+def show(as_json: bool, show_all: bool) -> None:
     """Print the effective configuration and where each value came from."""
     config = common.load_config()
     values = config.as_dict(mask_secrets=True)
@@ -59,7 +59,9 @@ def show(
     console.table(["KEY", "VALUE", "SOURCE"], rows, title=title)
 
 
-def check(as_json: JsonOpt = False) -> None:
+@common.command("check", epilog=CHECK_EPILOG)
+@common.json_option("Print one JSON object per line checked.")
+def check(as_json: bool) -> int:
     """Validate the configuration and try to reach every configured store."""
     config = common.load_config()
     report = common.run_async(_check(config))
@@ -76,14 +78,36 @@ def check(as_json: JsonOpt = False) -> None:
                 "error": error,
             }
         )
-    for row in rows:
+    modules = module_rows(config)
+    for row in [*rows, *modules]:
         if as_json:
             console.json_line(row)
         else:
-            state = "ok" if row["ok"] else f"UNREACHABLE: {row['error']}"
+            failed = "UNREACHABLE" if row["type"] != "module" else "FAILED"
+            state = "ok" if row["ok"] else f"{failed}: {row['error']}"
             console.line(f"{row['store']:<15} {row['type']:<8} {row['where']}  {state}")
     if any(not row["ok"] for row in rows):
-        raise typer.Exit(ExitCode.UNAVAILABLE)
+        return ExitCode.UNAVAILABLE
+    if any(not row["ok"] for row in modules):
+        return ExitCode.CONFIG
+    return ExitCode.OK
+
+
+def module_rows(config: OmniQConfig) -> list[dict[str, Any]]:
+    """One line per task_modules pattern: does its module import here."""
+    from omniq.cli.worker_cmd import unimportable_modules
+
+    problems = unimportable_modules(config.task_modules)
+    return [
+        {
+            "store": "task_modules",
+            "type": "module",
+            "where": pattern,
+            "ok": pattern not in problems,
+            "error": problems.get(pattern),
+        }
+        for pattern in config.task_modules
+    ]
 
 
 def location(config: OmniQConfig, prefix: str) -> str:
@@ -107,14 +131,12 @@ async def _check(config: OmniQConfig) -> dict[str, str | None]:
     return {role: None if error is None else redact(error) for role, error in report.items()}
 
 
-def register(app: typer.Typer, name: str | None = None) -> None:
-    """Add the `config` group to `app`."""
-    group = typer.Typer(
-        help="Show the effective configuration or check that the stores answer.",
-        epilog=common.examples("omniq config show", "omniq config check"),
-        no_args_is_help=True,
-        context_settings={"help_option_names": ["-h", "--help"]},
-    )
-    common.command(group, "show", epilog=SHOW_EPILOG)(show)
-    common.command(group, "check", epilog=CHECK_EPILOG)(check)
-    app.add_typer(group, name="config")
+config = click.Group(
+    "config",
+    help="Show the effective configuration or check that the stores answer.",
+    epilog=common.examples("omniq config show", "omniq config check"),
+    no_args_is_help=True,
+    context_settings=common.CONTEXT,
+    commands=[show, check],
+)
+COMMANDS = {"config": config}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -10,10 +11,10 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
-import typer
+import click
 
 from omniq.cli import common, console
 from omniq.cli.exit_codes import ExitCode
@@ -30,8 +31,10 @@ EPILOG = common.examples(
     "omniq enqueue omniq.examples:add 2 3",
     "omniq enqueue myapp.tasks:send_mail bob@example.com -k subject='\"Hi\"' -q mail",
     "omniq enqueue myapp.tasks:report --delay 5m --retries 3 --timeout 2m",
-    "omniq enqueue myapp.tasks:nightly --at 2030-01-31T02:00 --key nightly-2030-01-31",
-    "omniq enqueue omniq.examples:add 2 3 --wait --wait-timeout 30s",
+    "omniq enqueue omniq.examples:add 2 3 --wait --wait-timeout 30s   # prints 5",
+    "x=$(omniq enqueue omniq.examples:add 2 3 --wait)                # x=5",
+    "# cron, every 10 minutes, at most one report a day:",
+    '*/10 * * * * omniq enqueue myapp.tasks:report --key "report-$(date +\\%F)" --key-ttl 1d',
     "omniq enqueue omniq.examples:add -- -1 2          # '--' before negative numbers",
     "omniq enqueue --from-file tasks.jsonl            # or '-' for stdin",
     "omniq enqueue --shell -- tar czf /tmp/b.tgz /srv",
@@ -40,18 +43,38 @@ EPILOG = common.examples(
 
 HELP = """Queue a task and print its id.
 
-FUNC is an import path 'package.module:function'. Each ARG is parsed as JSON
-when it is valid JSON (2, 2.5, true, null, "[1, 2]", '{"a": 1}'), else taken as
-a string. The module must be importable here unless --no-check is given (for
-producers that do not have the task code).
+FUNC is an import path 'package.module:function'. Each ARG (and -k value) is
+parsed as JSON when it is valid JSON (2, 2.5, true, null, "[1, 2]", '{"a": 1}'),
+else taken as a string; one that starts like JSON ('{' or '[') but is not valid
+JSON is refused (exit 2): quote it as a JSON string to send it as text. The
+module must be importable here unless --no-check is given (for producers that
+do not have the task code).
 
 --at takes an ISO 8601 time; without a UTC offset it is local time.
 
+--wait prints only the outcome on stdout (the id goes to stderr), so
+x=$(omniq enqueue ... --wait) captures the value; with --json one record holds
+both. Exit 0 completed, 1 the task failed (or timed out, was cancelled, expired),
+3 the wait timed out. A shell task prints its command's stdout and stderr and
+exits with the command's status. After a few seconds with no live worker
+serving the queue, one hint goes to stderr and the wait goes on.
+
+--key KEY makes the task unique: while the key is held, enqueue queues nothing
+and prints the id of the task that holds it (a note "duplicate of ID" goes to
+stderr; --json says "duplicate": true). A key is held while its task is
+unfinished and then, by default, as long as its result is kept (result_ttl,
+default 7 days), so a cron job that enqueues "report-$(date +%F)" every few
+minutes runs once a day. --key-ttl DURATION holds it that long after the task
+finished instead (0: only while it is unfinished).
+
 --from-file reads one JSON object per line: {"func": "mod:fn", "args": [...],
-"kwargs": {...}} or {"shell": [argv...]} or {"sh": "command"}, plus any of
-"queue", "delay", "at", "priority", "retries", "timeout", "ttl", "key". The
+"kwargs": {...}} or {"shell": [argv...]} or {"sh": "command"}, plus any option
+of the Python API: "queue", "delay", "eta" (or "at"), "priority", "retries",
+"retry_delay", "timeout", "ttl", "result_ttl", "unique_key" (or "key") and
+"unique_ttl" (or "key_ttl"); durations as seconds or "30s", "5m". The
 command-line options are the defaults for every line. Ids are printed one per
-line, in order. Nothing is queued if any line is bad.
+line, in order. Nothing is queued if any line is bad; errors name the file and
+line.
 """
 
 
@@ -63,11 +86,20 @@ def _no_constants(name: str) -> Any:
     raise ValueError(name)
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value: its JSON meaning when it is valid JSON, else the text itself."""
+def parse_value(text: str, name: str = "argument") -> Any:
+    """A command-line value: its JSON meaning when it is valid JSON, else the text itself.
+
+    Text that starts like a JSON array or object but does not parse is a mistake (a
+    lost quote, a cut-off line), not a string: refused with the parse error.
+    """
     try:
         return json.loads(text, parse_constant=_no_constants)
-    except ValueError:
+    except ValueError as exc:
+        if text.lstrip().startswith(("{", "[")):
+            raise ValueError(
+                f"{name} {text!r} looks like JSON but is not valid JSON ({exc}); to send it "
+                f"as a string, give it as a JSON string: {json.dumps(text)!r}"
+            ) from None
         return text
 
 
@@ -77,7 +109,7 @@ def parse_kwarg(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key.isidentifier():
         raise ValueError(f"-k expects KEY=VALUE with KEY a Python identifier, got {text!r}")
-    return key, parse_value(value)
+    return key, parse_value(value, f"-k {key}")
 
 
 def parse_json(text: str, option: str, want: type) -> Any:
@@ -121,11 +153,40 @@ def check_func_shape(func: str) -> str:
     )
     if sep and module and qualname and parts_ok:
         return func
-    hint = ""
-    if not sep and "." in func:
-        head, _, tail = func.rpartition(".")
-        hint = f"; did you mean '{head}:{tail}'?"
-    raise ValueError(f"FUNC must look like 'package.module:function', got {func!r}{hint}")
+    raise ValueError(
+        f"FUNC must look like 'package.module:function', got {func!r}{_shape_hint(func)}"
+    )
+
+
+def _shape_hint(func: str) -> str:
+    """A right suggestion for a FUNC without ':': a module names its functions; a dotted
+    path whose head is a module suggests head:tail; otherwise nothing is guessed."""
+    if ":" in func or not all(p.isidentifier() for p in func.split(".")):
+        return ""
+    module = _import_quietly(func)
+    if module is not None:
+        names = [
+            name
+            for name, value in sorted(vars(module).items())
+            if not name.startswith("_")
+            and callable(value)
+            and getattr(value, "__module__", None) == module.__name__
+        ]
+        listed = f"; its functions: {', '.join(names)}" if names else ""
+        return f"; {func!r} is a module: give '{func}:<function>'{listed}"
+    head, _, tail = func.rpartition(".")
+    if head and _import_quietly(head) is not None:
+        return f"; did you mean '{head}:{tail}'?"
+    return ""
+
+
+def _import_quietly(name: str) -> Any:
+    try:
+        if importlib.util.find_spec(name) is None:
+            return None
+        return importlib.import_module(name)
+    except Exception:  # any failure just means: no suggestion from this name
+        return None
 
 
 def check_importable(func: str) -> None:
@@ -170,6 +231,7 @@ class TaskSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     shell: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # TaskOptions fields
+    where: str = ""  # "tasks.jsonl line 3: " for a --from-file line; prefixes its errors
 
 
 def python_spec(
@@ -180,7 +242,7 @@ def python_spec(
     kwargs_json: str | None,
     options: dict[str, Any],
 ) -> TaskSpec:
-    values = [parse_value(a) for a in args]
+    values = [parse_value(a, f"ARG {n}") for n, a in enumerate(args, start=1)]
     if args_json is not None:
         values.extend(parse_json(args_json, "--args-json", list))
     named: dict[str, Any] = {}
@@ -200,8 +262,25 @@ def shell_spec(argv: list[str], sh: str | None, options: dict[str, Any]) -> Task
     return TaskSpec(SHELL_FUNC, tuple(argv), {}, shell=True, options=options)
 
 
-_LINE_OPTIONS = ("queue", "delay", "at", "priority", "retries", "timeout", "ttl", "key")
-_LINE_FIELDS = frozenset(("func", "args", "kwargs", "shell", "sh", *_LINE_OPTIONS))
+# --from-file option fields: the Python API's names (TaskOptions), and the command-line
+# flag names where they differ. Each maps to its TaskOptions field.
+_LINE_NAMES = {
+    "queue": "queue",
+    "delay": "delay",
+    "eta": "eta",
+    "at": "eta",
+    "priority": "priority",
+    "retries": "retries",
+    "retry_delay": "retry_delay",
+    "timeout": "timeout",
+    "ttl": "ttl",
+    "result_ttl": "result_ttl",
+    "unique_key": "unique_key",
+    "key": "unique_key",
+    "unique_ttl": "unique_ttl",
+    "key_ttl": "unique_ttl",
+}
+_LINE_FIELDS = frozenset(("func", "args", "kwargs", "shell", "sh", *_LINE_NAMES))
 
 
 def spec_from_line(text: str, defaults: dict[str, Any]) -> TaskSpec:
@@ -245,24 +324,32 @@ def _shell_line(obj: dict[str, Any], options: dict[str, Any]) -> TaskSpec:
 def line_options(obj: dict[str, Any]) -> dict[str, Any]:
     """TaskOptions fields from the option fields of one JSON line."""
     options: dict[str, Any] = {}
-    if "queue" in obj:
-        options["queue"] = common.check_queue(_typed(obj, "queue", str))
-    if "delay" in obj:
-        options["delay"] = common.duration(_duration_text(obj, "delay"))
-    if "at" in obj:
-        options["eta"] = parse_at(_typed(obj, "at", str))
-    if "priority" in obj:
-        options["priority"] = _typed(obj, "priority", int)
-    if "retries" in obj:
-        options["retries"] = _non_negative(_typed(obj, "retries", int), "retries")
-    for name in ("timeout", "ttl"):
-        if name in obj:
-            options[name] = positive_duration(_duration_text(obj, name))
-    if "key" in obj:
-        options["unique_key"] = _typed(obj, "key", str)
+    for name in obj.keys() & _LINE_NAMES.keys():
+        target = _LINE_NAMES[name]
+        if target in options:
+            twins = sorted(n for n in obj if _LINE_NAMES.get(n) == target)
+            raise ValueError(f"give one of {', '.join(map(repr, twins))}, not both")
+        options[target] = _line_option(obj, name, target)
     if "delay" in options and "eta" in options:
         raise ValueError('give "delay" or "at", not both')
     return options
+
+
+def _line_option(obj: dict[str, Any], name: str, target: str) -> Any:
+    if target == "queue":
+        return common.check_queue(_typed(obj, name, str))
+    if target == "eta":
+        return parse_at(_typed(obj, name, str))
+    if target == "unique_key":
+        return _typed(obj, name, str)
+    if target == "priority":
+        return _typed(obj, name, int)
+    if target == "retries":
+        return _non_negative(_typed(obj, name, int), name)
+    seconds = common.duration(_duration_text(obj, name))
+    if target in ("timeout", "ttl", "result_ttl") and seconds <= 0:
+        raise ValueError(f'"{name}" must be more than zero, got {obj[name]!r}')
+    return seconds
 
 
 def _typed(obj: dict[str, Any], name: str, kind: type) -> Any:
@@ -292,10 +379,12 @@ def read_specs(source: str, defaults: dict[str, Any]) -> list[TaskSpec]:
     for number, text in _lines(source):
         if not text.strip() or text.lstrip().startswith("#"):
             continue
+        where = f"{name} line {number}: "
         try:
-            specs.append(spec_from_line(text, defaults))
+            spec = spec_from_line(text, defaults)
         except ValueError as exc:
-            raise ValueError(f"{name} line {number}: {exc}") from None
+            raise ValueError(f"{where}{exc}") from None
+        specs.append(dataclasses.replace(spec, where=where))
     return specs
 
 
@@ -315,36 +404,78 @@ def _lines(source: str) -> Iterator[tuple[int, str]]:
 
 def _build(client: AsyncOmniQ, spec: TaskSpec) -> Task:
     from omniq.client import TaskOptions
+    from omniq.errors import SerializationError
     from omniq.models import TaskKind
 
-    task = client.build_task(spec.func, spec.args, spec.kwargs, TaskOptions(**spec.options))
+    try:
+        task = client.build_task(spec.func, spec.args, spec.kwargs, TaskOptions(**spec.options))
+    except (ValueError, SerializationError) as exc:
+        if not spec.where:
+            raise
+        raise type(exc)(f"{spec.where}{exc}") from None
     return dataclasses.replace(task, kind=TaskKind.SHELL) if spec.shell else task
 
 
-def _report(task: Task, task_id: str, as_json: bool, flush: bool = True) -> None:
+def _record(task: Task, task_id: str) -> dict[str, Any]:
     duplicate = task_id != task.id
+    eta = console.iso(task.eta) if task.eta and not duplicate else None
+    return {"id": task_id, "queue": task.queue, "func": task.func, "eta": eta,
+            "duplicate": duplicate}  # fmt: skip
+
+
+def _report(task: Task, task_id: str, as_json: bool, flush: bool = True) -> None:
     if as_json:
-        eta = console.iso(task.eta) if task.eta and not duplicate else None
-        record = {"id": task_id, "queue": task.queue, "func": task.func, "eta": eta}
-        console.json_line({**record, "duplicate": duplicate}, flush=flush)
+        console.json_line(_record(task, task_id), flush=flush)
     else:
         console.line(task_id, flush=flush)
-    if duplicate:
-        console.info(f"a task with key {task.unique_key!r} is already queued: {task_id}")
+
+
+async def _report_duplicate(client: AsyncOmniQ, task: Task, holder: str) -> None:
+    """One line on stderr: which task holds the key, and until when."""
+    from omniq.errors import OmniQError
+
+    ttl = task.unique_ttl
+    until = "while it is unfinished"
+    if ttl is None:
+        until = "while it is unfinished and as long as its result is kept"
+    elif ttl > 0:
+        until = f"while it is unfinished and for {_human(ttl)} after it finished"
+    with contextlib.suppress(OmniQError):
+        done = await client.wait_result(holder, 0)
+        if ttl is not None and ttl > 0:
+            until = f"until {console.iso(done.finished_at + timedelta(seconds=ttl))}"
+        elif ttl is None and done.expires_at is not None:
+            until = f"until {console.iso(done.expires_at)} (its result's expiry)"
+        elif ttl is None:
+            until = "as long as its result is kept"
+    console.info(f"duplicate of {holder}: key {task.unique_key!r} is held {until}")
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 async def _enqueue_one(
     config: OmniQConfig, spec: TaskSpec, as_json: bool, wait: bool, wait_timeout: float | None
-) -> ExitCode:
+) -> int:
     async with common.open_client(config) as client:
         task = _build(client, spec)
         task_id = await client.submit(task)
-        _report(task, task_id, as_json)
+        if task_id != task.id:
+            await _report_duplicate(client, task, task_id)
         if not wait:
+            _report(task, task_id, as_json)
             return ExitCode.OK
-        from omniq.cli.inspect_cmd import show_result
+        # Waiting: stdout carries only the outcome, so x=$(omniq enqueue ... --wait) works.
+        if not as_json:
+            console.info(task_id)
+        from omniq.cli.inspect_cmd import show_result, wait_result
 
-        return show_result(await client.wait_result(task_id, wait_timeout), as_json)
+        outcome = await wait_result(client, task_id, wait_timeout, task.queue)
+        return show_result(outcome, as_json, _record(task, task_id) if as_json else None)
 
 
 async def _enqueue_all(config: OmniQConfig, specs: list[TaskSpec], as_json: bool) -> None:
@@ -356,6 +487,8 @@ async def _enqueue_all(config: OmniQConfig, specs: list[TaskSpec], as_json: bool
                 # Events in one write; tasks in file order, which is the queue's FIFO order.
                 for task, task_id in zip(batch, await client.submit_many(batch), strict=True):
                     _report(task, task_id, as_json, flush=False)
+                    if task_id != task.id:
+                        await _report_duplicate(client, task, task_id)
                 sys.stdout.flush()
                 meter.advance(len(batch))
 
@@ -363,106 +496,62 @@ async def _enqueue_all(config: OmniQConfig, specs: list[TaskSpec], as_json: bool
 # --- the command ----------------------------------------------------------------------------
 
 
-def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
-    return typer.Option(*decls, help=help, show_default=False, **kwargs)
+def _duration(flag: str, help: str, positive: bool = False) -> Any:
+    kind = common.Checked("duration", positive_duration) if positive else common.DURATION
+    return click.option(flag, type=kind, metavar="DURATION", help=help)
 
 
-def _duration_opt(parser: Any, help: str) -> Any:
-    return _opt(parser=parser, metavar="DURATION", help=help)
-
-
-FuncArg = Annotated[
-    str | None,
-    typer.Argument(
-        metavar="FUNC", help="Import path 'package.module:function'.", show_default=False
-    ),
-]
-ArgsArg = Annotated[
-    list[str] | None,
-    typer.Argument(metavar="ARGS", help="Arguments (JSON or strings).", show_default=False),
-]
-KwargOpt = Annotated[
-    list[str] | None,
-    _opt("--kwarg", "-k", metavar="KEY=VALUE", help="Keyword argument (repeatable)."),
-]
-ArgsJsonOpt = Annotated[
-    str | None, _opt("--args-json", metavar="JSON", help="Arguments as a JSON array (after ARGS).")
-]
-KwargsJsonOpt = Annotated[
-    str | None, _opt("--kwargs-json", metavar="JSON", help="Keyword arguments as a JSON object.")
-]
-QueueOpt = Annotated[str | None, common.queue_option("Queue (default: default_queue).")]
-DelayOpt = Annotated[
-    float | None, _duration_opt(common.duration, "Run no sooner than this from now: 30s, 5m, 2h.")
-]
-AtOpt = Annotated[
-    str | None,
-    _opt("--at", metavar="TIME", help="Run no sooner than this ISO time (local time by default)."),
-]
-PriorityOpt = Annotated[int, typer.Option(metavar="N", help="Higher runs first.")]
-RetriesOpt = Annotated[
-    int | None, _opt(min=0, metavar="N", help="Retries after a failure (default: config).")
-]
-TimeoutOpt = Annotated[float | None, _duration_opt(positive_duration, "Time limit per attempt.")]
-TtlOpt = Annotated[
-    float | None, _duration_opt(positive_duration, "Expire unless started within this.")
-]
-KeyOpt = Annotated[
-    str | None,
-    _opt("--key", metavar="KEY", help="Unique key: print the unfinished task's id instead."),
-]
-WaitOpt = Annotated[
-    bool, typer.Option("--wait", help="Wait for the outcome; exit 0 ok, 1 failed, 3 timed out.")
-]
-WaitTimeoutOpt = Annotated[
-    float | None, _duration_opt(common.duration, "Stop waiting after this (implies --wait).")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON objects.")]
-FromFileOpt = Annotated[
-    str | None,
-    _opt("--from-file", metavar="PATH", help="Queue the tasks of a JSON-lines file ('-': stdin)."),
-]
-ShellOpt = Annotated[
-    bool,
-    typer.Option(
-        "--shell", help="FUNC ARGS... is a command to run (needs a worker --allow-shell)."
-    ),
-]
-ShOpt = Annotated[
-    str | None,
-    _opt("--sh", metavar="COMMAND", help="A command string for /bin/sh (needs --allow-shell)."),
-]
-NoCheckOpt = Annotated[
-    bool, typer.Option("--no-check", help="Do not import FUNC's module to check that it exists.")
-]
-
-
+@common.command("enqueue", help=HELP, epilog=EPILOG)
+@click.argument("func", metavar="FUNC", required=False)
+@click.argument("args", metavar="[ARGS]...", nargs=-1)
+@click.option(
+    "--kwarg", "-k", metavar="KEY=VALUE", multiple=True, help="Keyword argument (repeatable)."
+)
+@click.option("--args-json", metavar="JSON", help="Arguments as a JSON array (after ARGS).")
+@click.option("--kwargs-json", metavar="JSON", help="Keyword arguments as a JSON object.")
+@common.queue_option("Queue (default: the default_queue setting).")
+@_duration("--delay", "Run no sooner than this from now: 30s, 5m, 2h.")
+@click.option("--at", metavar="TIME", help="Run no sooner than this ISO time (local by default).")
+@click.option("--priority", type=int, default=0, metavar="N", help="Higher runs first.")
+@click.option("--retries", type=click.IntRange(min=0), metavar="N", help="Retries after a failure.")
+@_duration("--retry-delay", "First retry's delay; later ones back off exponentially.")
+@_duration("--timeout", "Time limit per attempt.", positive=True)
+@_duration("--ttl", "Expire unless a worker starts it within this.", positive=True)
+@_duration("--result-ttl", "Keep the result this long (default: result_ttl).", positive=True)
+@click.option(
+    "--key", metavar="KEY", help="Unique key: while it is held, print the holder's id instead."
+)
+@_duration("--key-ttl", "Hold --key this long after the task finished (default: its result's).")
+@click.option("--wait", is_flag=True, help="Wait for the outcome and print it (see above).")
+@_duration("--wait-timeout", "Stop waiting after this, exit 3 (implies --wait).")
+@common.json_option("Print one JSON object per task (with --wait: with its result).")
+@click.option(
+    "--from-file", metavar="PATH", help="Queue the tasks of a JSON-lines file ('-': stdin)."
+)
+@click.option(
+    "--shell", is_flag=True, help="FUNC ARGS... is a command to run (needs worker --allow-shell)."
+)
+@click.option("--sh", metavar="COMMAND", help="A command string for /bin/sh (needs --allow-shell).")
+@click.option("--no-check", is_flag=True, help="Do not import FUNC's module to check it exists.")
 def enqueue(
-    func: FuncArg = None,
-    args: ArgsArg = None,
-    kwarg: KwargOpt = None,
-    args_json: ArgsJsonOpt = None,
-    kwargs_json: KwargsJsonOpt = None,
-    queue: QueueOpt = None,
-    delay: DelayOpt = None,
-    at: AtOpt = None,
-    priority: PriorityOpt = 0,
-    retries: RetriesOpt = None,
-    timeout: TimeoutOpt = None,
-    ttl: TtlOpt = None,
-    key: KeyOpt = None,
-    wait: WaitOpt = False,
-    wait_timeout: WaitTimeoutOpt = None,
-    as_json: JsonOpt = False,
-    from_file: FromFileOpt = None,
-    shell: ShellOpt = False,
-    sh: ShOpt = None,
-    no_check: NoCheckOpt = False,
-) -> None:
-    options = task_options(queue, delay, at, priority, retries, timeout, ttl, key)
+    func: str | None,
+    args: tuple[str, ...],
+    kwarg: tuple[str, ...],
+    args_json: str | None,
+    kwargs_json: str | None,
+    wait: bool,
+    wait_timeout: float | None,
+    as_json: bool,
+    from_file: str | None,
+    shell: bool,
+    sh: str | None,
+    no_check: bool,
+    **given: Any,
+) -> int:
+    options = task_options(**given)
     if from_file is not None:
-        single = (func, args, kwarg, args_json, kwargs_json, key, sh)
-        if any(value is not None for value in single) or wait or wait_timeout or shell:
+        single = (func, args_json, kwargs_json, given["key"], sh)
+        if any(v is not None for v in single) or args or kwarg or wait or wait_timeout or shell:
             raise ValueError(
                 "--from-file takes the tasks from the file: give no FUNC, ARGS, -k, --args-json, "
                 "--kwargs-json, --key, --wait, --shell or --sh with it"
@@ -470,36 +559,44 @@ def enqueue(
         specs = read_specs(from_file, options)
         check_specs(specs, no_check)
         common.run_async(_enqueue_all(common.load_config(), specs, as_json))
-        return
-    spec = one_spec(func, args or [], kwarg or [], args_json, kwargs_json, shell, sh, options)
+        return ExitCode.OK
+    spec = one_spec(func, list(args), list(kwarg), args_json, kwargs_json, shell, sh, options)
     check_specs([spec], no_check)
     waiting = wait or wait_timeout is not None
     config = common.load_config()
-    raise typer.Exit(common.run_async(_enqueue_one(config, spec, as_json, waiting, wait_timeout)))
+    return common.run_async(_enqueue_one(config, spec, as_json, waiting, wait_timeout))
 
 
 def task_options(
-    queue: str | None,
-    delay: float | None,
-    at: str | None,
-    priority: int,
-    retries: int | None,
-    timeout: float | None,
-    ttl: float | None,
-    key: str | None,
+    queue: str | None = None,
+    delay: float | None = None,
+    at: str | None = None,
+    priority: int = 0,
+    retries: int | None = None,
+    timeout: float | None = None,
+    ttl: float | None = None,
+    key: str | None = None,
+    retry_delay: float | None = None,
+    result_ttl: float | None = None,
+    key_ttl: float | None = None,
 ) -> dict[str, Any]:
     """TaskOptions fields from the options the user gave (the rest stay config defaults)."""
     if delay is not None and at is not None:
         raise ValueError("give --delay or --at, not both")
+    if key_ttl is not None and key is None:
+        raise ValueError("--key-ttl needs --key")
     given = {
         "queue": queue,
         "delay": delay,
         "eta": parse_at(at) if at is not None else None,
         "priority": priority or None,
         "retries": retries,
+        "retry_delay": retry_delay,
         "timeout": timeout,
         "ttl": ttl,
+        "result_ttl": result_ttl,
         "unique_key": key,
+        "unique_ttl": key_ttl,
     }
     return {name: value for name, value in given.items() if value is not None}
 
@@ -528,10 +625,15 @@ def one_spec(
 def check_specs(specs: list[TaskSpec], no_check: bool) -> None:
     if no_check:
         return
-    for func in sorted({s.func for s in specs if not s.shell}):
-        check_importable(func)
+    checked: set[str] = set()
+    for spec in specs:
+        if spec.shell or spec.func in checked:
+            continue
+        checked.add(spec.func)
+        try:
+            check_importable(spec.func)
+        except ValueError as exc:
+            raise ValueError(f"{spec.where}{exc}") from None
 
 
-def register(app: typer.Typer, name: str | None = None) -> None:
-    """Add this module's command to `app`."""
-    common.command(app, "enqueue", help=HELP, epilog=EPILOG)(enqueue)
+COMMANDS = {"enqueue": enqueue}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import TYPE_CHECKING, Annotated, Any
+import sys
+from typing import TYPE_CHECKING, Any
 
-import typer
+import click
 
 from omniq.cli import common, console
 from omniq.cli.exit_codes import ExitCode
@@ -18,19 +20,18 @@ if TYPE_CHECKING:
     from omniq.models import EventFilter, TaskEvent, TaskResult
     from omniq.storage import EventStorage
 
-TaskIdArg = Annotated[
-    str,
-    typer.Argument(metavar="TASK_ID", callback=common.validate_task_id, show_default=False),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (JSON lines for events).")]
+# Seconds of waiting before `--wait` checks that a live worker serves the task's queue.
+HINT_AFTER = 3.0
+SHELL_OUTPUT = frozenset(("exit_code", "stdout", "stderr"))
 
 RESULT_EPILOG = common.examples(
     "omniq result TASK_ID                    # the value as JSON, exit 0",
     "omniq result TASK_ID --wait --timeout 1m",
     "omniq result TASK_ID --json | jq .status",
 ) + (
-    "\n\nExit codes: 0 completed, 1 failed (error and remote traceback on stderr),"
-    "\n3 no result yet / timed out waiting, 4 no such task."
+    "\n\n\b\nExit codes: 0 completed; 1 the task failed, timed out, was cancelled or expired"
+    "\n(error and remote traceback on stderr); 3 no result yet / the wait timed out;"
+    "\n4 no such task. A shell task: its own stdout and stderr, and its exit status."
 )
 EVENTS_EPILOG = common.examples(
     "omniq events TASK_ID",
@@ -85,55 +86,113 @@ def format_details(details: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def show_result(result: TaskResult, as_json: bool) -> ExitCode:
-    """Print a final result; its exit code: 0 completed, 1 any other outcome."""
-    code = ExitCode.OK if result.ok else ExitCode.TASK_FAILED
+def shell_output(result: TaskResult) -> dict[str, Any] | None:
+    """What a shell task's command printed and its exit status, if `result` is one's."""
+    value = result.value
+    if not (isinstance(value, dict) and set(value) == SHELL_OUTPUT):
+        return None
+    if not isinstance(value["exit_code"], int):
+        return None
+    failed = (result.error_type or "").rpartition(".")[2] == "ShellFailed"
+    return value if result.ok or failed else None
+
+
+def show_result(result: TaskResult, as_json: bool, extra: dict[str, Any] | None = None) -> int:
+    """Print a final result; its exit code: 0 completed, 1 any other outcome, and for a
+    shell task the command's own exit status (its output on our stdout and stderr)."""
     if as_json:
-        console.json_line(result_record(result))
-    elif result.ok:
+        record = result_record(result)
+        console.json_line({**extra, "result": record} if extra is not None else record)
+    output = shell_output(result)
+    if output is not None:
+        return _show_shell(output, as_json)
+    if not as_json and result.ok:
         indent = 2 if console.stdout_is_tty() else None
         console.line(json.dumps(result.value, ensure_ascii=False, indent=indent))
-    if not result.ok:
-        kind = result.error_type or "Error"
-        console.error(
-            f"task {result.task_id} {result.status.value}: {kind}: {result.error_message or ''}"
-        )
-        if result.traceback and not as_json:
-            console.info("Remote traceback:\n" + result.traceback.rstrip())
-    return code
+    if result.ok:
+        return ExitCode.OK
+    kind = result.error_type or "Error"
+    console.error(
+        f"task {result.task_id} {result.status.value}: {kind}: {result.error_message or ''}"
+    )
+    if result.traceback and not as_json:
+        console.info("Remote traceback:\n" + result.traceback.rstrip())
+    return ExitCode.TASK_FAILED
+
+
+def _show_shell(output: dict[str, Any], as_json: bool) -> int:
+    """pueue/ts semantics: the command's streams as they were, and its exit status."""
+    if not as_json:
+        sys.stdout.write(str(output["stdout"]))
+        sys.stdout.flush()
+        sys.stderr.write(str(output["stderr"]))
+        sys.stderr.flush()
+    code = int(output["exit_code"])
+    return code if 0 <= code <= 255 else 128 + abs(code)  # killed by a signal: 128 + N
+
+
+async def wait_result(
+    client: AsyncOmniQ, task_id: str, timeout: float | None, queue: str | None = None
+) -> TaskResult:
+    """`client.wait_result`, with one hint on stderr after HINT_AFTER seconds when no
+    live worker serves the task's queue (the wait goes on)."""
+    import asyncio
+
+    waiting = asyncio.ensure_future(client.wait_result(task_id, timeout))
+    try:
+        done, _ = await asyncio.wait({waiting}, timeout=HINT_AFTER)
+        if not done:
+            await _hint_if_unserved(client, task_id, queue)
+        return await waiting
+    finally:
+        waiting.cancel()
+
+
+async def _hint_if_unserved(client: AsyncOmniQ, task_id: str, queue: str | None) -> None:
+    from omniq.errors import OmniQError
+
+    with contextlib.suppress(OmniQError):  # only a hint: never let it break the wait
+        if queue is None:
+            queue = next((e.queue for e in await client.get_events(task_id) if e.queue), None)
+        if queue is None:
+            return
+        if not any(queue in w.queues for w in await client.workers()):
+            console.info(
+                f"omniq: still waiting: no live worker serves queue {queue!r}; "
+                f"start one with: omniq worker -q {queue}"
+            )
 
 
 # --- result -----------------------------------------------------------------------------------
 
 
-def result(
-    task_id: TaskIdArg,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait until the task has finished.")] = False,
-    timeout: Annotated[
-        float | None,
-        typer.Option(
-            parser=common.duration,
-            metavar="DURATION",
-            help="Wait at most this long (implies --wait).",
-            show_default=False,
-        ),
-    ] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Print the task's return value as JSON, or its error on stderr."""
+@common.command("result", epilog=RESULT_EPILOG)
+@common.task_id_argument()
+@click.option("--wait", is_flag=True, help="Wait until the task has finished.")
+@click.option(
+    "--timeout",
+    type=common.DURATION,
+    metavar="DURATION",
+    help="Wait at most this long (implies --wait).",
+)
+@common.json_option("Print the result record as JSON (status, value, error, times).")
+def result(task_id: str, wait: bool, timeout: float | None, as_json: bool) -> int:
+    """Print the task's return value as JSON, or its error on stderr.
+
+    For a shell task (omniq enqueue --shell/--sh): the command's own stdout and
+    stderr, and its exit status as ours.
+    """
     limit = timeout if timeout is not None else (None if wait else 0.0)
     config = common.load_config()
-    raise typer.Exit(common.run_async(_result(config, task_id, limit, as_json)))
+    return common.run_async(_result(config, task_id, limit, as_json))
 
 
-async def _result(
-    config: OmniQConfig, task_id: str, timeout: float | None, as_json: bool
-) -> ExitCode:
+async def _result(config: OmniQConfig, task_id: str, timeout: float | None, as_json: bool) -> int:
     from omniq.errors import ResultTimeout
 
     async with common.open_client(config) as client:
         try:
-            outcome = await client.wait_result(task_id, timeout)
+            outcome = await wait_result(client, task_id, timeout)
         except ResultTimeout:
             if as_json:
                 console.json_line({"task_id": task_id, "status": "pending"})
@@ -147,7 +206,10 @@ async def _result(
 # --- events -----------------------------------------------------------------------------------
 
 
-def events(task_id: TaskIdArg, as_json: JsonOpt = False) -> None:
+@common.command("events", epilog=EVENTS_EPILOG)
+@common.task_id_argument()
+@common.json_option("Print one JSON object per event (JSON lines).")
+def events(task_id: str, as_json: bool) -> None:
     """List the lifecycle events of one task, oldest first."""
     config = common.load_config()
     found = common.run_async(_events(config, task_id))
@@ -183,8 +245,8 @@ async def _events(config: OmniQConfig, task_id: str) -> list[TaskEvent]:
 BACKLOG_BATCH = 500
 
 
-def validate_types(values: list[str] | None) -> list[str] | None:
-    """typer callback: event type names, case-insensitive."""
+def validate_types(values: Any) -> list[str] | None:
+    """Event type names, case-insensitive; click.BadParameter names the known ones."""
     if not values:
         return None
     from omniq.models import EventType
@@ -192,56 +254,51 @@ def validate_types(values: list[str] | None) -> list[str] | None:
     known = [t.value for t in EventType]
     wrong = [v for v in values if v.lower() not in known]
     if wrong:
-        raise typer.BadParameter(f"unknown event type {wrong[0]!r}; choose from {', '.join(known)}")
+        raise click.BadParameter(f"unknown event type {wrong[0]!r}; choose from {', '.join(known)}")
     return [v.lower() for v in values]
 
 
+def _types_callback(ctx: click.Context, param: click.Parameter, values: Any) -> list[str] | None:
+    return validate_types(values)
+
+
+@common.command("tail", epilog=TAIL_EPILOG)
+@click.option("--task", metavar="TASK_ID", type=common.TASK_ID, help="Only this task's events.")
+@click.option(
+    "--type",
+    "types",
+    metavar="TYPE",
+    multiple=True,
+    callback=_types_callback,
+    help="Only events of this type (repeatable): enqueued, started, completed, "
+    "failed, retried, cancelled, timeout, expired.",
+)
+@common.queue_option("Only events of this queue.")
+@click.option(
+    "--since",
+    type=common.DURATION,
+    metavar="DURATION",
+    help="First show the events of the last DURATION (e.g. 10m).",
+)
+@click.option(
+    "-n", "--last", type=click.IntRange(min=0), metavar="N", help="First show the last N events."
+)
+@common.json_option("Print one JSON object per event (JSON lines).")
 def tail(
-    task: Annotated[
-        str | None,
-        typer.Option(
-            "--task",
-            metavar="TASK_ID",
-            callback=common.validate_task_id,
-            help="Only this task's events.",
-            show_default=False,
-        ),
-    ] = None,
-    types: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--type",
-            metavar="TYPE",
-            callback=validate_types,
-            help="Only events of this type (repeatable): enqueued, started, completed, "
-            "failed, retried, cancelled, timeout, expired.",
-            show_default=False,
-        ),
-    ] = None,
-    queue: Annotated[str | None, common.queue_option("Only events of this queue.")] = None,
-    since: Annotated[
-        float | None,
-        typer.Option(
-            parser=common.duration,
-            metavar="DURATION",
-            help="First show the events of the last DURATION (e.g. 10m).",
-            show_default=False,
-        ),
-    ] = None,
-    last: Annotated[
-        int | None,
-        typer.Option(
-            "-n", "--last", min=0, help="First show the last N events.", show_default=False
-        ),
-    ] = None,
-    as_json: JsonOpt = False,
-) -> None:
+    task: str | None,
+    types: list[str] | None,
+    queue: str | None,
+    since: float | None,
+    last: int | None,
+    as_json: bool,
+) -> int:
     """Follow the events of all tasks live, as they happen."""
     config = common.load_config()
     try:
         common.run_async(_tail(config, _filters(task, types, queue), since, last, as_json))
     except KeyboardInterrupt:
-        raise typer.Exit(ExitCode.OK) from None
+        return ExitCode.OK
+    return ExitCode.OK
 
 
 def _filters(task: str | None, types: list[str] | None, queue: str | None) -> EventFilter:
@@ -337,15 +394,4 @@ async def _recent(
         before = rows[0][0]
 
 
-COMMANDS = {
-    "result": (result, RESULT_EPILOG),
-    "events": (events, EVENTS_EPILOG),
-    "tail": (tail, TAIL_EPILOG),
-}
-
-
-def register(app: typer.Typer, name: str | None = None) -> None:
-    """Add command `name` of this module to `app` (all of them when None)."""
-    for command, (func, epilog) in COMMANDS.items():
-        if name in (None, command):
-            common.command(app, command, epilog=epilog)(func)
+COMMANDS = {"result": result, "events": events, "tail": tail}

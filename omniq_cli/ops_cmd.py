@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
+import click
 
 from omniq.cli import common, console
 from omniq.cli.exit_codes import ExitCode
@@ -13,15 +13,15 @@ if TYPE_CHECKING:
     from omniq.config import OmniQConfig
     from omniq.models import QueueStats, WorkerInfo
 
-TaskIdArg = Annotated[
-    str,
-    typer.Argument(metavar="TASK_ID", callback=common.validate_task_id, show_default=False),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-
 STATUS_EPILOG = common.examples("omniq status", "omniq status --json | jq '.queues'")
-CANCEL_EPILOG = common.examples("omniq cancel TASK_ID")
-RETRY_EPILOG = common.examples("new_id=$(omniq retry TASK_ID)")
+CANCEL_EPILOG = common.examples("omniq cancel TASK_ID") + (
+    "\n\n\b\nExit codes: 0 cancelled; 5 refused: it has started or finished; 4 no such task."
+)
+RETRY_EPILOG = common.examples("id=$(omniq retry TASK_ID)") + (
+    "\n\n\b\nPrints the id of the queued task. Retrying a task that is queued already does"
+    "\nnothing and prints the same id (exit 0): running it twice queues one copy."
+    "\nExit codes: 0 queued; 5 refused: the task has not failed; 4 no such task."
+)
 PURGE_EPILOG = (
     common.examples(
         "omniq purge --results-older-than 7d --events-older-than 7d",
@@ -29,14 +29,17 @@ PURGE_EPILOG = (
         "omniq purge --queue mail                   # drop mail's waiting and failed tasks",
         "omniq purge --all-queues --yes",
     )
-    + "\n\nWithout --yes it asks first, and refuses (exit 2) when there is no terminal."
+    + "\n\nWithout --yes it asks first, and refuses (exit 2) when there is no terminal;"
+    "\na declined question exits 5."
 )
 
 
 # --- status -----------------------------------------------------------------------------------
 
 
-def status(as_json: JsonOpt = False) -> None:
+@common.command("status", epilog=STATUS_EPILOG)
+@common.json_option("Print one JSON object: queues and workers.")
+def status(as_json: bool) -> None:
     """Show task counts per queue and the live workers."""
     config = common.load_config()
     stats, workers = common.run_async(_status(config))
@@ -122,7 +125,10 @@ def _status_tables(stats: list[QueueStats], workers: list[WorkerInfo]) -> None:
 # --- cancel and retry -------------------------------------------------------------------------
 
 
-def cancel(task_id: TaskIdArg, as_json: JsonOpt = False) -> None:
+@common.command("cancel", epilog=CANCEL_EPILOG)
+@common.task_id_argument()
+@common.json_option('Print {"task_id": ..., "cancelled": true|false}.')
+def cancel(task_id: str, as_json: bool) -> None:
     """Cancel a task that no worker has started yet."""
     config = common.load_config()
     done = common.run_async(_cancel(config, task_id))
@@ -131,8 +137,7 @@ def cancel(task_id: TaskIdArg, as_json: JsonOpt = False) -> None:
     elif done:
         console.line(f"cancelled {task_id}")
     if not done:
-        console.error(f"task {task_id} was not cancelled: it is running or already finished")
-        raise typer.Exit(ExitCode.TASK_FAILED)
+        raise common.Refused(f"task {task_id} was not cancelled: it is running or already finished")
 
 
 async def _cancel(config: OmniQConfig, task_id: str) -> bool:
@@ -146,8 +151,11 @@ async def _cancel(config: OmniQConfig, task_id: str) -> bool:
         return False
 
 
-def retry(task_id: TaskIdArg, as_json: JsonOpt = False) -> None:
-    """Queue a failed task again; prints the new task's id."""
+@common.command("retry", epilog=RETRY_EPILOG)
+@common.task_id_argument()
+@common.json_option('Print {"task_id": ..., "new_id": ...}.')
+def retry(task_id: str, as_json: bool) -> None:
+    """Queue a failed task again; prints the queued task's id."""
     config = common.load_config()
     new_id = common.run_async(_retry(config, task_id))
     if as_json:
@@ -157,37 +165,44 @@ def retry(task_id: TaskIdArg, as_json: JsonOpt = False) -> None:
 
 
 async def _retry(config: OmniQConfig, task_id: str) -> str:
+    from omniq.errors import OmniQError
+
     async with common.open_client(config) as client:
-        return await client.retry(task_id)
+        try:
+            return await client.retry(task_id)
+        except OmniQError as exc:
+            # The client refuses with the base class ("has not failed"); its subclasses
+            # (not found, unreachable, ...) keep their own exit codes.
+            if type(exc) is OmniQError:
+                raise common.Refused(str(exc)) from None
+            raise
 
 
 # --- purge ------------------------------------------------------------------------------------
 
 
 def _duration_option(flag: str, help: str) -> Any:
-    return typer.Option(
-        flag, parser=common.duration, metavar="DURATION", help=help, show_default=False
-    )
+    return click.option(flag, type=common.DURATION, metavar="DURATION", help=help)
 
 
+@common.command("purge", epilog=PURGE_EPILOG)
+@_duration_option("--results-older-than", "Delete results finished more than DURATION ago.")
+@_duration_option("--events-older-than", "Delete events older than DURATION.")
+@click.option("--expired", is_flag=True, help="Delete results past their TTL.")
+@common.queue_option("Drop the waiting and failed tasks of this queue.")
+@click.option(
+    "--all-queues", is_flag=True, help="Drop the waiting and failed tasks of every queue."
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@common.json_option("Print the counts as one JSON object.")
 def purge(
-    results_older_than: Annotated[
-        float | None, _duration_option("--results-older-than", "Delete results finished before.")
-    ] = None,
-    events_older_than: Annotated[
-        float | None, _duration_option("--events-older-than", "Delete events older than this.")
-    ] = None,
-    expired: Annotated[
-        bool, typer.Option("--expired", help="Delete results past their TTL.")
-    ] = False,
-    queue: Annotated[
-        str | None, common.queue_option("Drop the waiting and failed tasks of this queue.")
-    ] = None,
-    all_queues: Annotated[
-        bool, typer.Option("--all-queues", help="Drop the waiting and failed tasks of every queue.")
-    ] = False,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
-    as_json: JsonOpt = False,
+    results_older_than: float | None,
+    events_older_than: float | None,
+    expired: bool,
+    queue: str | None,
+    all_queues: bool,
+    yes: bool,
+    as_json: bool,
 ) -> None:
     """Delete old results and events, or the waiting tasks of queues."""
     plan = purge_plan(results_older_than, events_older_than, expired, queue, all_queues)
@@ -245,7 +260,7 @@ def _confirm(plan: list[str]) -> None:
     question = "Delete " + "; ".join(plan) + "?"
     if not console.confirm(question):
         console.info("nothing purged")
-        raise typer.Exit(ExitCode.TASK_FAILED)
+        raise SystemExit(ExitCode.REFUSED)
 
 
 async def _purge(
@@ -266,16 +281,4 @@ async def _purge(
         )
 
 
-COMMANDS = {
-    "status": (status, STATUS_EPILOG),
-    "cancel": (cancel, CANCEL_EPILOG),
-    "retry": (retry, RETRY_EPILOG),
-    "purge": (purge, PURGE_EPILOG),
-}
-
-
-def register(app: typer.Typer, name: str | None = None) -> None:
-    """Add command `name` of this module to `app` (all of them when None)."""
-    for command, (func, epilog) in COMMANDS.items():
-        if name in (None, command):
-            common.command(app, command, epilog=epilog)(func)
+COMMANDS = {"status": status, "cancel": cancel, "retry": retry, "purge": purge}

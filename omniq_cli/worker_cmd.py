@@ -5,35 +5,18 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
+import click
 
 from omniq.cli import common, console
 
 if TYPE_CHECKING:
     from omniq.config import OmniQConfig
 
-
-class Pool(StrEnum):
-    thread = "thread"
-    process = "process"
-    # "async" is a keyword, so the member has another name; the value is what users type.
-    async_ = "async"
-
-
-class LogLevel(StrEnum):
-    DEBUG = "DEBUG"
-    INFO = "INFO"
-    WARNING = "WARNING"
-    ERROR = "ERROR"
-
-
-class LogFormat(StrEnum):
-    text = "text"
-    json = "json"
-
+POOLS = ("thread", "process", "async")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 EPILOG = common.examples(
     "omniq worker                                 # queue 'default', 4 threads",
@@ -42,136 +25,191 @@ EPILOG = common.examples(
     "omniq worker --pool process                  # hard timeouts, crash isolation",
     "omniq worker --task-modules 'myapp.tasks,myapp.jobs.*'",
     "omniq worker --systemd-unit > /etc/systemd/system/omniq-worker.service",
+    "omniq worker --burst --systemd-unit > /etc/systemd/system/omniq-worker.service",
+    "omniq worker --burst --systemd-timer --every 10m > /etc/systemd/system/omniq-worker.timer",
 ) + (
+    "\n\nThe unit runs this same omniq with these options, config file, OMNIQ_* variables\n"
+    "(secrets withheld), working directory and user, sandboxed (read-only system, the data\n"
+    "dir writable). With --burst it is a oneshot service that the --systemd-timer unit\n"
+    "starts every --every DURATION."
+    "\n\n\b\n"
     "\n\nSIGTERM or Ctrl-C: stop taking tasks, let running ones finish within"
     "\n--shutdown-timeout, hand the rest back to the queue, exit 0. A second"
     "\nsignal hands them back at once (exit 128 + signal number)."
 )
 
 
+@common.command("worker", epilog=EPILOG)
+@click.option(
+    "--queue",
+    "-q",
+    "queue",
+    metavar="NAME",
+    type=common.QUEUE,
+    multiple=True,
+    help="Queue to consume; repeat for several, consumed in the order given "
+    "[config worker_queues; default: default].",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Tasks run at once [default: 4].",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(POOLS, case_sensitive=False),
+    help="thread: sync tasks in threads; async: for async tasks (sync ones still use "
+    "threads); process: each task in a child process, killed at its timeout "
+    "[default: thread].",
+)
+@click.option("--burst", is_flag=True, help="Exit 0 once the queues are empty (for cron).")
+@click.option("--max-tasks", type=click.IntRange(min=1), metavar="N", help="Exit 0 after N tasks.")
+@click.option(
+    "--shutdown-timeout",
+    type=common.DURATION,
+    metavar="DURATION",
+    help="On SIGTERM, how long running tasks may take to finish before they are "
+    "handed back to the queue, e.g. 30s, 2m [default: 30s].",
+)
+@click.option(
+    "--task-modules",
+    metavar="GLOBS",
+    multiple=True,
+    help="Modules whose callables this worker may run (comma-separated or repeated "
+    "globs, e.g. 'myapp.*'; a name covers its submodules; omniq.examples is always "
+    "allowed). '*' runs anything anyone can enqueue: unsafe on a shared broker.",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Exit 78 instead of warning when a --task-modules module cannot be imported.",
+)
+@click.option(
+    "--allow-shell/--no-allow-shell",
+    default=None,
+    help="Run shell-command tasks (omniq enqueue --shell) [default: no].",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    help="[default: INFO]",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS, case_sensitive=False),
+    help="text, or json (one object per line) [default: text].",
+)
+@click.option(
+    "--systemd-unit",
+    is_flag=True,
+    help="Print a systemd service unit that runs this worker with these options, and exit "
+    "(Type=notify with a watchdog; with --burst a oneshot service for --systemd-timer).",
+)
+@click.option(
+    "--systemd-timer",
+    is_flag=True,
+    help="With --burst: print the systemd .timer that starts the burst service, and exit.",
+)
+@click.option(
+    "--every",
+    type=common.DURATION,
+    default="5m",
+    metavar="DURATION",
+    help="How often the --systemd-timer starts the burst worker [default: 5m].",
+)
+@click.option(
+    "--unit-user",
+    metavar="USER",
+    help="User= of the unit [default: the user running this command].",
+)
+@click.option(
+    "--unit-group",
+    metavar="GROUP",
+    help="Group= of the unit [default: the unit user's primary group].",
+)
 def worker(
-    queue: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--queue",
-            "-q",
-            metavar="NAME",
-            help="Queue to consume; repeat for several, consumed in the order given "
-            "[config worker_queues; default: default].",
-            callback=common.validate_queue,
-            show_default=False,
-        ),
-    ] = None,
-    concurrency: Annotated[
-        int | None,
-        typer.Option(
-            "--concurrency",
-            "-c",
-            min=1,
-            metavar="N",
-            help="Tasks run at once [default: 4].",
-            show_default=False,
-        ),
-    ] = None,
-    pool: Annotated[
-        Pool | None,
-        typer.Option(
-            "--pool",
-            case_sensitive=False,
-            help="thread: sync tasks in threads; async: for async tasks (sync ones still use "
-            "threads); process: each task in a child process, killed at its timeout "
-            "[default: thread].",
-            show_default=False,
-        ),
-    ] = None,
-    burst: Annotated[
-        bool, typer.Option("--burst", help="Exit 0 once the queues are empty (for cron).")
-    ] = False,
-    max_tasks: Annotated[
-        int | None,
-        typer.Option("--max-tasks", min=1, metavar="N", help="Exit 0 after N tasks."),
-    ] = None,
-    shutdown_timeout: Annotated[
-        str | None,
-        typer.Option(
-            "--shutdown-timeout",
-            callback=lambda value: seconds_option(value),
-            metavar="DURATION",
-            help="On SIGTERM, how long running tasks may take to finish before they are "
-            "handed back to the queue, e.g. 30s, 2m [default: 30s].",
-            show_default=False,
-        ),
-    ] = None,
-    task_modules: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--task-modules",
-            metavar="GLOBS",
-            help="Modules whose callables this worker may run (comma-separated or repeated "
-            "globs, e.g. 'myapp.*'; a name covers its submodules; omniq.examples is always "
-            "allowed). '*' runs anything anyone can enqueue: unsafe on a shared broker.",
-            show_default=False,
-        ),
-    ] = None,
-    allow_shell: Annotated[
-        bool | None,
-        typer.Option(
-            "--allow-shell/--no-allow-shell",
-            help="Run shell-command tasks (omniq enqueue --shell) [default: no].",
-            show_default=False,
-        ),
-    ] = None,
-    log_level: Annotated[
-        LogLevel | None,
-        typer.Option(
-            "--log-level", case_sensitive=False, help="[default: INFO]", show_default=False
-        ),
-    ] = None,
-    log_format: Annotated[
-        LogFormat | None,
-        typer.Option(
-            "--log-format",
-            case_sensitive=False,
-            help="text, or json (one object per line) [default: text].",
-            show_default=False,
-        ),
-    ] = None,
-    systemd_unit: Annotated[
-        bool,
-        typer.Option(
-            "--systemd-unit",
-            help="Print a systemd service unit (Type=notify, watchdog) that runs this worker "
-            "with these options, and exit.",
-        ),
-    ] = False,
-) -> None:
+    queue: tuple[str, ...],
+    concurrency: int | None,
+    pool: str | None,
+    burst: bool,
+    max_tasks: int | None,
+    shutdown_timeout: float | None,
+    task_modules: tuple[str, ...],
+    strict: bool,
+    allow_shell: bool | None,
+    log_level: str | None,
+    log_format: str | None,
+    systemd_unit: bool,
+    systemd_timer: bool,
+    every: float,
+    unit_user: str | None,
+    unit_group: str | None,
+) -> int:
     """Run tasks from the queues until stopped; logs one line per task outcome to stderr."""
     flags: dict[str, Any] = {
-        "worker_queues": queue or None,
+        "worker_queues": list(queue) or None,
         "worker_concurrency": concurrency,
-        "worker_pool": pool.value if pool else None,
+        "worker_pool": pool.lower() if pool else None,
         "worker_shutdown_timeout": shutdown_timeout,
-        "task_modules": split_globs(task_modules),
+        "task_modules": split_globs(list(task_modules)),
         "allow_shell": allow_shell,
-        "log_level": log_level.value if log_level else None,
-        "log_format": log_format.value if log_format else None,
+        "log_level": log_level.upper() if log_level else None,
+        "log_format": log_format.lower() if log_format else None,
     }
     config = common.load_config(None, **flags)
+    if systemd_timer:
+        if not burst:
+            raise ValueError("--systemd-timer is for a burst worker: add --burst")
+        from omniq.systemd import timer_file
+
+        console.line(timer_file(every).rstrip("\n"))
+        return 0
     if systemd_unit:
-        runs_once = burst or max_tasks is not None
-        console.line(unit_text(config, flags, burst, max_tasks, runs_once).rstrip("\n"))
-        raise typer.Exit(0)
-    raise typer.Exit(run_worker(config, burst=burst, max_tasks=max_tasks))
+        identity = unit_identity(unit_user, unit_group)
+        console.line(unit_text(config, flags, burst, max_tasks, identity).rstrip("\n"))
+        return 0
+    check_task_modules(config.task_modules, strict)
+    return run_worker(config, burst=burst, max_tasks=max_tasks)
 
 
-def seconds_option(value: str | None) -> float | None:
-    """typer callback: "30s", "2m" -> seconds; a bad duration is a usage error (exit 2)."""
-    if value is None:
-        return None
-    try:
-        return common.duration(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+def check_task_modules(patterns: list[str], strict: bool) -> None:
+    """Say at start (not at the first task) that an allowed module cannot be imported."""
+    problems = unimportable_modules(patterns)
+    if problems and strict:
+        from omniq.errors import ConfigError
+
+        raise ConfigError("; ".join(f"task_modules: {text}" for text in problems.values()))
+    for text in problems.values():
+        console.warn(f"task_modules: {text} (tasks from it will fail; --strict exits 78)")
+
+
+def unimportable_modules(patterns: list[str]) -> dict[str, str]:
+    """pattern -> why its module cannot be imported here (the worker's import path: the
+    current directory first). A glob is checked up to its first wildcard: 'myapp.*' needs
+    'myapp'."""
+    import importlib
+
+    from omniq.daemon import make_importable_here
+
+    make_importable_here()
+    problems: dict[str, str] = {}
+    for pattern in patterns:
+        parts = pattern.split(".")
+        fixed = [p for p in parts[: next((i for i, p in enumerate(parts) if _glob(p)), None)]]
+        name = ".".join(fixed)
+        if not name:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # what the worker would meet at its first task
+            problems[pattern] = f"{name!r} cannot be imported: {type(exc).__name__}: {exc}"
+    return problems
+
+
+def _glob(part: str) -> bool:
+    return any(c in part for c in "*?[")
 
 
 def split_globs(values: list[str] | None) -> list[str] | None:
@@ -204,16 +242,24 @@ def run_worker(config: OmniQConfig, *, burst: bool, max_tasks: int | None) -> in
 
 
 def unit_text(
-    config: OmniQConfig, flags: dict[str, Any], burst: bool, max_tasks: int | None, runs_once: bool
+    config: OmniQConfig,
+    flags: dict[str, Any],
+    burst: bool,
+    max_tasks: int | None,
+    identity: tuple[str, str | None],
 ) -> str:
+    """The service unit for this worker: same program, options, config file, data dir, user."""
     from omniq.systemd import UnitSpec, unit_file
 
     command = [*omniq_program()]
-    if common.STATE.config_path:
-        command += ["--config", os.path.abspath(common.STATE.config_path)]
+    config_file = common.STATE.config_path or config.config_file
+    if config_file:
+        command += ["--config", os.path.abspath(os.path.expanduser(config_file))]
     command += ["worker", *worker_args(flags, burst, max_tasks)]
     env, withheld = environment_for_unit(config)
     queues = ", ".join(config.worker_queues)
+    writable = writable_paths(config)
+    user, group = identity
     text = unit_file(
         UnitSpec(
             command=tuple(command),
@@ -221,15 +267,72 @@ def unit_text(
             working_directory=os.getcwd(),
             description=f"OmniQ worker (queues: {queues})",
             environment=tuple(env),
+            user=user,
+            group=group,
+            writable=writable,
+            readable=readable_paths(config_file),
+            oneshot=burst,
+            # --max-tasks exits 0 by design, to be started afresh: restart it always.
+            restart="always" if max_tasks is not None else "on-failure",
         )
     )
-    if runs_once:  # the worker exits 0 by design: start it again each time
-        text = text.replace("Restart=on-failure", "Restart=always")
     notes = [
         f"# {name} is set in your shell but holds a secret: move it to the EnvironmentFile"
         for name in withheld
     ]
+    for path in writable:
+        if not os.path.isdir(path):
+            console.warn(f"{path} does not exist: create it (owned by {user}) before starting")
+    if user == "root":
+        console.warn("the unit runs the worker as root: give --unit-user, or generate it as "
+                     "the user that should run the worker")  # fmt: skip
     return "\n".join(notes) + ("\n" if notes else "") + text
+
+
+def unit_identity(user: str | None, group: str | None) -> tuple[str, str | None]:
+    """User= and Group=: the given ones, else the user running this command (whose data dir
+    and config the unit reproduces) and that user's primary group."""
+    import grp
+    import pwd
+
+    if user is None:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    if group is None:
+        try:
+            group = grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+        except KeyError:  # a user of another machine: let systemd use its primary group
+            group = None
+    return user, group
+
+
+def readable_paths(config_file: str | None) -> tuple[str, ...]:
+    """What the worker reads: its interpreter and venv, omniq itself, its import path and
+    config file (the sandbox must not hide them)."""
+    import omniq
+
+    found = [sys.executable, sys.prefix, sys.base_prefix, os.path.dirname(omniq.__file__)]
+    found += [entry for entry in sys.path if entry and os.path.exists(entry)]
+    if config_file:
+        found.append(config_file)
+    return tuple(sorted({os.path.realpath(path) for path in found}))
+
+
+def writable_paths(config: OmniQConfig) -> tuple[str, ...]:
+    """Directories the worker writes: the data dir and each local SQLite/file store's."""
+    from omniq.config import STORES
+
+    paths = [str(config.home_dir)]
+    for prefix in STORES:
+        kind, settings = config.store(prefix)
+        if kind == "sqlite" and settings.get("path") not in (None, ":memory:"):
+            paths.append(os.path.dirname(os.path.abspath(str(settings["path"]))))
+        elif kind == "file" and "://" not in str(settings.get("base_dir", "://")):
+            paths.append(os.path.abspath(str(settings["base_dir"])))
+    kept: list[str] = []
+    for path in sorted(set(paths), key=len):  # a dir inside another is covered by it
+        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return tuple(kept)
 
 
 def omniq_program() -> list[str]:
@@ -289,4 +392,11 @@ def environment_for_unit(config: OmniQConfig) -> tuple[list[tuple[str, str]], li
             env.append((name, os.path.abspath(os.path.expanduser(value))))
         elif key in KEYS:
             env.append((name, value))
+    if not any(name == "OMNIQ_HOME" for name, _ in env):
+        # The data dir this shell resolved (platformdirs follows $HOME and the user): the
+        # service must open the same SQLite files whoever it runs as.
+        env.append(("OMNIQ_HOME", str(config.home_dir)))
     return env, withheld
+
+
+COMMANDS = {"worker": worker}

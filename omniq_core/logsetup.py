@@ -25,6 +25,9 @@ _RESET = "\033[0m"
 _SYSLOG = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
 # Attributes every LogRecord has; anything else was passed with `extra=` and is kept in JSON.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# The fields the worker puts on its task records (`extra=`): top-level JSON fields, in this
+# order, so log pipelines can filter on them without parsing the message.
+TASK_FIELDS = ("task_id", "func", "queue", "attempt", "duration", "worker", "event")
 
 
 def use_colour(stream: IO[str]) -> bool:
@@ -74,7 +77,8 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, plus any `extra=` fields."""
+    """One JSON object per line: time, level, logger, message, the task fields present on
+    the record (TASK_FIELDS, None left out), then any other `extra=` fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
@@ -83,10 +87,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = vars(record)
+        data.update((k, fields[k]) for k in TASK_FIELDS if fields.get(k) is not None)
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
-        for key, value in vars(record).items():
-            if key not in _STANDARD and key not in data:
+        for key, value in fields.items():
+            if key not in _STANDARD and key not in data and key not in TASK_FIELDS:
                 data[key] = value
         return json.dumps(data, default=str, ensure_ascii=False)
 

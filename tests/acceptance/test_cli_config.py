@@ -132,3 +132,30 @@ def test_check_reports_a_bad_store_setting_as_configuration_error(tmp_path: Path
     code, out, err = run_omniq(["config", "check"], env)
     assert code == 78, (code, out, err)
     assert "prefix" in err and "Traceback" not in err
+
+
+def test_task_modules_that_cannot_be_imported_are_reported(tmp_path: Path) -> None:
+    (tmp_path / "goodmod.py").write_text("def f():\n    return 1\n")
+    env = clean_env(tmp_path / "home", OMNIQ_TASK_MODULES="goodmod,myapp.tasks,nopkg.*")
+    code, out, err = run_omniq(["config", "check"], env, cwd=tmp_path)
+    assert code == 78, (out, err)
+    lines = [line.split() for line in out.splitlines() if line.startswith("task_modules")]
+    assert [(words[2], words[3]) for words in lines] == [
+        ("goodmod", "ok"),
+        ("myapp.tasks", "FAILED:"),
+        ("nopkg.*", "FAILED:"),
+    ]
+    assert "No module named 'myapp'" in out
+    code, out, _ = run_omniq(["config", "check", "--json"], env, cwd=tmp_path)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["ok"] for r in rows if r["store"] == "task_modules"] == [True, False, False]
+    # The worker warns at start (and runs), or exits 78 with --strict.
+    env = clean_env(tmp_path / "home")
+    code, _, err = run_omniq(["worker", "--burst", "--task-modules", "myapp.tasks"], env)
+    assert code == 0 and "task_modules: 'myapp.tasks' cannot be imported" in err
+    code, _, err = run_omniq(
+        ["worker", "--burst", "--task-modules", "myapp.tasks", "--strict"], env
+    )
+    assert code == 78 and "'myapp.tasks' cannot be imported" in err
+    code, _, err = run_omniq(["worker", "--burst", "--task-modules", "goodmod"], env, cwd=tmp_path)
+    assert code == 0 and "cannot be imported" not in err

@@ -343,3 +343,20 @@ def test_commands_give_help_with_examples(cli_env: dict[str, str]) -> None:
         assert "Examples:" in out, command
         if command != ["config"]:  # the group only lists its commands
             assert "--config" in out and "--verbose" in out, command
+
+
+def test_help_has_no_type_artefacts_and_result_json_has_its_own_text(
+    cli_env: dict[str, str],
+) -> None:
+    texts = {}
+    for command in ("enqueue", "result", "events", "tail", "status", "cancel", "retry",
+                    "purge", "worker"):  # fmt: skip
+        code, out, err = run_omniq([command, "--help"], cli_env)
+        assert code == 0, err
+        texts[command] = out
+        for artefact in ("{TASK_ID}", "<str>", "<list", "<int>", "Value error"):
+            assert artefact not in out, (command, artefact)
+    json_help = [line for line in texts["result"].splitlines() if "--json" in line]
+    assert json_help and "events" not in json_help[0]  # not the events' "JSON lines" text
+    code, _, err = run_omniq(["worker", "-c", "x"], cli_env)
+    assert code == 2 and "Value error" not in err and "'x'" in err

@@ -80,7 +80,7 @@ def test_cancel(cli_env: dict[str, str]) -> None:
     code, _, err = run_omniq(["result", task_id], cli_env)
     assert code == 1 and "cancelled" in err
     code, out, err = run_omniq(["cancel", task_id, "--json"], cli_env)
-    assert code == 1 and json.loads(out) == {"task_id": task_id, "cancelled": False}
+    assert code == 5 and json.loads(out) == {"task_id": task_id, "cancelled": False}
     assert "running or already finished" in err
     assert run_omniq(["cancel", UNKNOWN_ID], cli_env)[0] == 4
     assert run_omniq(["cancel", "12345"], cli_env)[0] == 2
@@ -140,7 +140,7 @@ def test_purge_mistakes(cli_env: dict[str, str], args: list[str], message: str) 
     assert code == 2 and out == "" and message in err
 
 
-@pytest.mark.parametrize(("answer", "code", "left"), [("y\n", 0, 0), ("n\n", 1, 1)])
+@pytest.mark.parametrize(("answer", "code", "left"), [("y\n", 0, 0), ("n\n", 5, 1)])
 def test_purge_asks_on_a_terminal(
     cli_env: dict[str, str], answer: str, code: int, left: int
 ) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
-import typer
 
 from omniq import errors
 from omniq.cli import common, console
@@ -35,6 +34,7 @@ def fresh_state(monkeypatch: pytest.MonkeyPatch) -> None:
         (errors.SerializationError("argument 0"), ExitCode.USAGE),
         (ValueError("bad value"), ExitCode.USAGE),
         (errors.OmniQError("other"), ExitCode.TASK_FAILED),
+        (common.Refused("not cancelled: it has started"), ExitCode.REFUSED),
         (KeyboardInterrupt(), ExitCode.INTERRUPTED),
         (RuntimeError("a bug"), ExitCode.TASK_FAILED),
     ],
@@ -77,27 +77,18 @@ def test_handle_errors_lets_exits_through() -> None:
     assert caught.value.code == 3
 
 
-def test_with_global_options_adds_config_and_verbose() -> None:
+def test_every_command_takes_the_global_options_and_records_them() -> None:
     seen: dict[str, Any] = {}
 
-    def command(name: str, count: int = 1) -> None:
-        seen.update(name=name, count=count)
+    @common.command("probe")
+    @click.option("--count", type=int, default=1)
+    def probe(count: int) -> int:
+        seen.update(count=count)
+        return 7
 
-    wrapped = common.with_global_options(command)
-    params = inspect.signature(wrapped).parameters
-    assert list(params) == ["name", "count", "omniq_config", "omniq_verbose"]
-    wrapped(name="a", count=2, omniq_config="x.yaml", omniq_verbose=False)
-    assert seen == {"name": "a", "count": 2}
+    code = probe.main(["--count", "2", "--config", "x.yaml"], standalone_mode=False)
+    assert code == 7 and seen == {"count": 2}
     assert common.State(config_path="x.yaml", verbose=False) == common.STATE
-
-
-def test_with_global_options_keeps_a_command_s_own_parameters() -> None:
-    def command(verbose: bool = False) -> bool:
-        return verbose
-
-    wrapped = common.with_global_options(command)
-    assert list(inspect.signature(wrapped).parameters) == ["verbose", "omniq_config"]
-    assert wrapped(verbose=True, omniq_config=None) is True
 
 
 def test_load_config_uses_the_config_option_and_drops_none(
@@ -129,20 +120,19 @@ def test_bad_durations(text: str) -> None:
 
 def test_task_id_and_queue_validation() -> None:
     good = "0190a5c4-7b1e-7c3d-8a2b-1f2e3d4c5b6a"
-    assert common.validate_task_id(good.upper()) == good
-    assert common.validate_task_id(None) is None
-    with pytest.raises(typer.BadParameter, match="is not a task id"):
-        common.validate_task_id("0190a5c4")
-    assert common.validate_queue(["a", "b.c-d_e"]) == ["a", "b.c-d_e"]
+    assert common.TASK_ID.convert(good.upper(), None, None) == good
+    with pytest.raises(click.BadParameter, match="is not a task id"):
+        common.TASK_ID.convert("0190a5c4", None, None)
+    assert common.QUEUE.convert("b.c-d_e", None, None) == "b.c-d_e"
     for bad in ("a/b", "", "-x", "x" * 101, "sp ace"):
-        with pytest.raises(typer.BadParameter, match="invalid queue name"):
-            common.validate_queue(bad)
+        with pytest.raises(click.BadParameter, match="invalid queue name"):
+            common.QUEUE.convert(bad, None, None)
 
 
 def test_event_types_are_case_insensitive() -> None:
     assert validate_types(["FAILED", "timeout"]) == ["failed", "timeout"]
     assert validate_types(None) is None
-    with pytest.raises(typer.BadParameter, match="choose from enqueued"):
+    with pytest.raises(click.BadParameter, match="choose from enqueued"):
         validate_types(["finished"])
 
 
@@ -163,24 +153,15 @@ def test_plain_table_is_tab_separated(capsys: pytest.CaptureFixture[str]) -> Non
     assert capsys.readouterr().out == "1\tx y\n2\tz\n"
 
 
-def test_option_values_are_converted_without_pydantic() -> None:
-    from omniq.cli.app import _convert
+def test_the_cli_is_plain_click() -> None:
+    """No typer (it patched nothing public) and no pydantic on a command's path."""
+    import subprocess
+    import sys
 
-    class Info:
-        parser = None
-        min: int | None = 0
-        max: int | None = None
-
-    assert _convert("3", int, Info()) == 3
-    assert _convert("2.5", float, Info()) == 2.5
-    assert _convert("yes", bool, Info()) is True
-    assert _convert("a", list[str], Info()) == "a"
-    with pytest.raises(ValueError, match="'x' is not a valid integer"):
-        _convert("x", int, Info())
-    with pytest.raises(ValueError, match="not in the range x>=0"):
-        _convert("-1", int, Info())
-    parsed = Info()
-    parsed.parser = common.duration  # type: ignore[assignment]
-    assert _convert("5m", float, parsed) == 300.0
-    with pytest.raises(ValueError, match="invalid duration"):
-        _convert("5 minutes", float, parsed)
+    code = (
+        "import sys; from omniq.cli import app, enqueue_cmd, worker_cmd, inspect_cmd, ops_cmd, "
+        "config_cmd; app.build_app(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('typer', 'pydantic')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -27,12 +27,35 @@ from omniq.cli.ops_cmd import purge_plan
         ("", ""),
         ("NaN", "NaN"),
         ("Infinity", "Infinity"),
-        ("{not json", "{not json"),
+        ('"{not json"', "{not json"),
+        ("a[1,", "a[1,"),
         ("2024-01-01", "2024-01-01"),
     ],
 )
 def test_parse_value_is_json_or_the_text(text: str, value: object) -> None:
     assert enq.parse_value(text) == value
+
+
+@pytest.mark.parametrize("text", ['{"a":', "[1,", "{not json", " [1 2]"])
+def test_text_that_looks_like_json_but_is_not_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="looks like JSON but is not valid JSON") as caught:
+        enq.parse_value(text, "ARG 2")
+    assert "ARG 2" in str(caught.value)
+    with pytest.raises(ValueError, match=r"-k a .* looks like JSON"):
+        enq.parse_kwarg(f"a={text}")
+
+
+def test_a_module_without_function_suggests_its_functions() -> None:
+    with pytest.raises(ValueError) as caught:
+        enq.check_func_shape("omniq.examples")
+    message = str(caught.value)
+    assert "'omniq.examples:<function>'" in message and "add, " in message
+    assert "omniq:examples" not in message
+    with pytest.raises(ValueError, match=r"did you mean 'omniq.examples:add'\?"):
+        enq.check_func_shape("omniq.examples.add")
+    with pytest.raises(ValueError) as caught:
+        enq.check_func_shape("nosuchpackage.thing")
+    assert "did you mean" not in str(caught.value)
 
 
 def test_parse_kwarg() -> None:
@@ -68,8 +91,8 @@ def test_parse_at_returns_aware_utc() -> None:
 def test_func_shape() -> None:
     assert enq.check_func_shape("pkg.mod:func") == "pkg.mod:func"
     assert enq.check_func_shape("mod:Class.method") == "mod:Class.method"
-    with pytest.raises(ValueError, match=r"did you mean 'pkg\.mod:func'"):
-        enq.check_func_shape("pkg.mod.func")
+    with pytest.raises(ValueError, match=r"did you mean 'omniq\.examples:add'"):
+        enq.check_func_shape("omniq.examples.add")
     for bad in ("func", "mod:", ":func", "my mod:f", "mod:f-g", "mod:f:g"):
         with pytest.raises(ValueError, match=r"package\.module:function"):
             enq.check_func_shape(bad)
@@ -161,6 +184,35 @@ def test_spec_from_line() -> None:
     assert at.options["eta"] == datetime(2030, 1, 1, tzinfo=UTC)
 
 
+def test_lines_take_every_option_of_the_python_api() -> None:
+    from dataclasses import fields
+
+    from omniq.client import TaskOptions
+
+    values = {
+        "queue": "q",
+        "delay": "5m",
+        "priority": 3,
+        "retries": 2,
+        "retry_delay": "10s",
+        "timeout": 30,
+        "ttl": "1h",
+        "result_ttl": "2d",
+        "unique_key": "k",
+        "unique_ttl": "1d",
+    }
+    spec = enq.spec_from_line(line(func="m:f", **values), {})
+    assert set(spec.options) == {f.name for f in fields(TaskOptions)} - {"eta"}
+    assert spec.options["retry_delay"] == 10.0 and spec.options["result_ttl"] == 172800.0
+    assert spec.options["unique_ttl"] == 86400.0
+    TaskOptions(**spec.options)  # every name is a real option
+    eta = enq.spec_from_line(line(func="m:f", eta="2030-01-01T00:00:00Z", key="k", key_ttl=0), {})
+    assert eta.options["eta"] == datetime(2030, 1, 1, tzinfo=UTC)
+    assert eta.options["unique_key"] == "k" and eta.options["unique_ttl"] == 0
+    with pytest.raises(ValueError, match="'key', 'unique_key', not both"):
+        enq.spec_from_line(line(func="m:f", key="a", unique_key="b"), {})
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -177,6 +229,8 @@ def test_spec_from_line() -> None:
         (line(func="m:f", priority=True), '"priority" must be an integer'),
         (line(func="m:f", retries=-1), "cannot be negative"),
         (line(func="m:f", timeout=0), "more than zero"),
+        (line(func="m:f", result_ttl=0), "more than zero"),
+        (line(func="m:f", retry_delay="later"), "invalid duration"),
         (line(func="m:f", delay=1, at="2030-01-01T00:00Z"), "not both"),
         (line(shell=["ls"], sh="ls"), "not both"),
         (line(shell="ls"), "array of strings"),

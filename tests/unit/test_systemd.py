@@ -26,8 +26,13 @@ from omniq.systemd import (
     STOP_MARGIN,
     Notifier,
     UnitSpec,
+    exec_line,
+    protect_home,
     quote_arg,
+    quote_word,
+    raw_path,
     socket_address,
+    timer_file,
     unit_file,
     watchdog_interval,
 )
@@ -173,17 +178,135 @@ def test_unit_file_is_a_notify_service_with_safe_restarts() -> None:
     assert "WantedBy=multi-user.target" in lines
 
 
-def test_unit_file_passes_systemd_analyze(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
+def analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze is missing (.ci/run installs it)")
         pytest.skip("systemd-analyze is not installed")
+    return subprocess.run([tool, *args], capture_output=True, text=True, timeout=120)
+
+
+def verify(*units: Path) -> None:
+    proc = analyze("verify", *map(str, units))
+    problems = [line for line in proc.stderr.splitlines() if any(u.name in line for u in units)]
+    assert proc.returncode == 0 and not problems, proc.stderr
+
+
+def exposure(unit: Path) -> float:
+    """`systemd-analyze security --offline=true`: the unit's overall exposure, 0 to 10."""
+    proc = analyze("security", "--offline=true", "--no-pager", str(unit))
+    last = [line for line in proc.stdout.splitlines() if "Overall exposure level" in line]
+    assert last, proc.stdout + proc.stderr
+    return float(last[-1].split(":")[-1].split()[0])
+
+
+def test_unit_file_passes_systemd_analyze(tmp_path: Path) -> None:
     unit = tmp_path / "omniq-worker.service"
     unit.write_text(make_unit().replace("/srv/app", str(tmp_path)))
-    proc = subprocess.run(
-        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+    verify(unit)
+
+
+def test_each_directive_is_quoted_its_own_way() -> None:
+    # ExecStart: $ is expanded in arguments (so $$), not in the program's path.
+    assert exec_line(["/opt/a $b/omniq", "$HOME", "50%"]) == '"/opt/a $b/omniq" $$HOME 50%%'
+    # Environment=/ReadWritePaths=: quoted words, specifiers escaped, $ as it is.
+    assert quote_word("OMNIQ_HOME=/srv/$x") == "OMNIQ_HOME=/srv/$x"
+    assert quote_word("A=b c") == '"A=b c"'
+    assert quote_word('A=say "hi" \\ 100%') == '"A=say \\"hi\\" \\\\ 100%%"'
+    # WorkingDirectory=: never quoted (a quoted path is "not absolute"), $ as it is.
+    assert raw_path("/a b/$x%") == "/a b/$x%%"
+    with pytest.raises(ValueError, match="absolute"):
+        raw_path("relative/dir")
+    with pytest.raises(ValueError, match="newline"):
+        quote_word("A=two\nlines")
+
+
+def test_awkward_paths_and_values_pass_verify(tmp_path: Path) -> None:
+    # Before: WorkingDirectory="/a b" (not absolute for systemd) and $$ where no $ expands.
+    folder = tmp_path / "work dir $x 100%"
+    program = folder / "bin $y" / "omniq"
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    text = unit_file(
+        UnitSpec(
+            command=(str(program), "worker", "-q", "a b"),
+            shutdown_timeout=30,
+            working_directory=str(folder),
+            environment=(("OMNIQ_HOME", str(folder / "data")), ("OMNIQ_X", 'q"u\\o$te %')),
+            user="omniq",
+            group="omniq",
+            writable=(str(folder / "data"),),
+        )
     )
-    problems = [line for line in proc.stderr.splitlines() if "omniq-worker.service" in line]
-    assert proc.returncode == 0 and not problems, proc.stderr
+    lines = text.splitlines()
+    assert f"WorkingDirectory={folder}".replace("%", "%%") in lines
+    assert f'Environment="OMNIQ_HOME={folder}/data"'.replace("%", "%%") in lines
+    assert 'Environment="OMNIQ_X=q\\"u\\\\o$te %%"' in lines
+    assert f'ReadWritePaths="{folder}/data"'.replace("%", "%%") in lines
+    unit = tmp_path / "omniq-worker.service"
+    unit.write_text(text)
+    verify(unit)  # also checks that ExecStart's program path resolves to the file
+
+
+def hardened(tmp_path: Path, data: str, oneshot: bool = False) -> Path:
+    unit = tmp_path / "omniq-worker.service"
+    unit.write_text(
+        unit_file(
+            UnitSpec(
+                command=("/usr/bin/python3", "-m", "omniq.cli", "worker"),
+                shutdown_timeout=30,
+                working_directory="/",
+                environment=(("OMNIQ_HOME", data),),
+                user="omniq",
+                group="omniq",
+                writable=(data,),
+                readable=("/usr/lib/python3",),
+                oneshot=oneshot,
+            )
+        )
+    )
+    return unit
+
+
+@pytest.mark.parametrize("data", ["/var/lib/omniq", "/home/alice/.local/share/omniq"])
+def test_hardened_unit_scores_4_or_lower(tmp_path: Path, data: str) -> None:
+    unit = hardened(tmp_path, data)
+    text = unit.read_text()
+    for directive in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateDevices=yes",
+                      "ProtectKernelTunables=yes", "ProtectControlGroups=yes",
+                      "RestrictSUIDSGID=yes", "LockPersonality=yes", "UMask=0077",
+                      f"ReadWritePaths={data}", "PrivateTmp=yes"):  # fmt: skip
+        assert directive in text.splitlines(), directive
+    verify(unit)
+    assert exposure(unit) <= 4.0  # was 9.6 UNSAFE
+    # Home directories stay readable (venvs, configs) when the worker's files live there.
+    expected = "read-only" if data.startswith("/home") else "yes"
+    assert f"ProtectHome={expected}" in text.splitlines()
+
+
+def test_protect_home_and_private_tmp_follow_the_paths_the_worker_needs() -> None:
+    assert protect_home(["/srv/app", "/usr/lib/python3"]) == "yes"
+    assert protect_home(["/srv/app", "/root/.pyenv/versions/3.11/bin/python"]) == "read-only"
+    assert protect_home(["/homer"]) == "yes"
+    text = unit_file(
+        UnitSpec(command=("/bin/true",), shutdown_timeout=1, working_directory="/tmp/app")
+    )
+    assert "PrivateTmp=no" in text.splitlines()  # /tmp/app must stay the real one
+
+
+def test_burst_worker_is_a_oneshot_service_and_a_timer(tmp_path: Path) -> None:
+    unit = hardened(tmp_path, "/var/lib/omniq", oneshot=True)
+    lines = unit.read_text().splitlines()
+    assert "Type=oneshot" in lines and "TimeoutStartSec=infinity" in lines
+    assert not [line for line in lines if line.startswith(("Restart=", "WatchdogSec="))]
+    timer = tmp_path / "omniq-worker.timer"
+    timer.write_text(timer_file(600))
+    assert "OnUnitActiveSec=600s" in timer.read_text().splitlines()
+    assert "Unit=omniq-worker.service" in timer.read_text().splitlines()
+    verify(unit, timer)
+    assert exposure(unit) <= 4.0
 
 
 # --- the daemon on memory stores ------------------------------------------------------------
