@@ -165,17 +165,13 @@ def retry(task_id: str, as_json: bool) -> None:
 
 
 async def _retry(config: OmniQConfig, task_id: str) -> str:
-    from omniq.errors import OmniQError
+    from omniq.errors import TaskStateError
 
     async with common.open_client(config) as client:
         try:
             return await client.retry(task_id)
-        except OmniQError as exc:
-            # The client refuses with the base class ("has not failed"); its subclasses
-            # (not found, unreachable, ...) keep their own exit codes.
-            if type(exc) is OmniQError:
-                raise common.Refused(str(exc)) from None
-            raise
+        except TaskStateError as exc:  # it did not fail: refused (exit 5)
+            raise common.Refused(str(exc)) from None
 
 
 # --- purge ------------------------------------------------------------------------------------

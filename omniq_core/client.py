@@ -22,6 +22,7 @@ from omniq.errors import (
     TaskExpired,
     TaskFailed,
     TaskNotFound,
+    TaskStateError,
     TaskTimeout,
 )
 from omniq.models import (
@@ -531,13 +532,17 @@ class AsyncOmniQ:
         results = await self._r()
         result = await results.get(task_id) if is_valid_id(task_id) else None
         if result is not None and result.ok:
-            raise OmniQError(f"task {task_id} has not failed; only failed tasks can be retried")
+            raise TaskStateError(
+                f"task {task_id} has not failed; only failed tasks can be retried"
+            )
         found = await self._find_task(task_id)
         if found is None:
             raise TaskNotFound(f"no failed task kept for id {task_id} (only dead letters retry)")
         queue, task = found
         if task.func == serialization.UNDECODABLE_FUNC:
-            raise OmniQError(f"task {task_id} cannot run again: its stored payload is undecodable")
+            raise TaskStateError(
+                f"task {task_id} cannot run again: its stored payload is undecodable"
+            )
         if result is None:  # queued again already (or running): enqueue is a no-op then
             await queue.enqueue(task)
             return task_id

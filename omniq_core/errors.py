@@ -39,6 +39,11 @@ class ResultTimeout(OmniQError):
     """The result was not ready within the timeout."""
 
 
+class TaskStateError(OmniQError):
+    """The operation is not possible in the task's current state (retry of a task that
+    did not fail, cancel of one that started)."""
+
+
 class TaskRefused(OmniQError):
     """The worker will not run this callable (allow-list, shell disabled)."""
 

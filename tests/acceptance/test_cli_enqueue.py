@@ -96,7 +96,6 @@ def test_unique_key_prints_the_existing_id(cli_env: dict[str, str]) -> None:
     assert code == 2 and "--key-ttl needs --key" in err
 
 
-@pytest.mark.xfail(reason="needs the SQLite backend to hold keys for unique_ttl (issue 8)")
 def test_a_key_stays_held_after_its_task_finished(cli_env: dict[str, str]) -> None:
     # The cron case: a key per day runs once a day, however often cron enqueues it.
     daily = enqueue(cli_env, "omniq.examples:add", "1", "2", "--key", "report-2030-01-31")

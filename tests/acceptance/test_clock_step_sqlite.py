@@ -94,7 +94,7 @@ def test_a_killed_workers_task_is_taken_over_after_about_the_lease(
 ) -> None:
     home = deploy("sqlite", OMNIQ_WORKER_LEASE_SECONDS=str(LEASE))
     a = home.start_worker("-c", "1")
-    task_id = home.enqueue("omniq.examples:sleep", "6", "done")
+    task_id = home.enqueue("omniq.examples:sleep", "6", "done", "--retries", "1")
     home.poll(lambda: "started" in home.events(task_id), 30, "A started the task")
     b = home.start_worker("-c", "1", env=faketime(step))
     time.sleep(LEASE)  # B watches A's heartbeats for a lease: it leaves the task alone
