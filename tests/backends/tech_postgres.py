@@ -47,11 +47,16 @@ def schema_for(namespace: str) -> str:
 
 
 def drop_schemas() -> None:
+    names = sorted(_created)
+    _created.clear()
+    drop_schema(*names)
+
+
+def drop_schema(*names: str) -> None:
+    """Drop schemas of the test server; best effort (the server may be gone)."""
     import psycopg
     from psycopg import sql
 
-    names = sorted(_created)
-    _created.clear()
     if not names:
         return
     try:
@@ -68,3 +73,15 @@ async def make(role: str, tmp_path: Path, namespace: str) -> Any:
 
     settings = {"dsn": DSN, "schema": schema_for(namespace)}
     return registry.create("postgres", role, settings)
+
+
+async def corrupt_task(store: Any, task_id: str, queue: str, payload: bytes) -> None:
+    """Overwrite a stored task's payload in place, as an operator's bad write would."""
+    import psycopg
+    from psycopg import sql
+
+    query = sql.SQL("UPDATE {}.tasks SET payload = %s WHERE id = %s AND queue = %s")
+    async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+        cur = await conn.execute(query.format(sql.Identifier(store._schema)),
+                                 (payload, task_id, queue))
+        assert cur.rowcount == 1, f"task {task_id} is not stored in queue {queue}"

@@ -140,6 +140,9 @@ def test_bad_settings_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="bogus"):
         registry.create("postgres", "queue", {"dsn": "postgresql://h/db",
                                               "options": {"bogus": 1}})
+    with pytest.raises(ConfigError, match="command_timeout"):
+        registry.create("postgres", "queue", {"dsn": "postgresql://h/db",
+                                              "options": {"command_timeout": 0}})
     store = registry.create("postgres", "queue", {"dsn": "postgresql://h/db?bogus=1"})
 
     async def body() -> None:
@@ -264,6 +267,177 @@ def test_concurrent_first_opens_of_a_fresh_schema(schema: str) -> None:
 
     run(body)
     assert len(_versions(schema)) >= 1
+
+
+def _schema_v1(schema: str) -> None:
+    """A schema as OmniQ left it before migration 2, holding what it wrote then: events
+    without ids, an unfinished task with a unique key, a result."""
+    from psycopg import sql
+
+    from omniq.backends.postgres import _MIGRATIONS, _compose
+    from omniq.serialization import dumps, encode_result, encode_task, event_to_dict
+
+    def q(text: str) -> Any:
+        return sql.SQL(text).format(sql.Identifier(schema))
+
+    with psycopg.connect(DSN, autocommit=True) as conn, conn.transaction():
+        conn.execute(q("CREATE SCHEMA {}"))
+        conn.execute(q("CREATE TABLE {}.schema_version (version integer PRIMARY KEY,"
+                       " applied_at timestamptz NOT NULL DEFAULT now())"))
+        for statement in _MIGRATIONS[0]:
+            conn.execute(_compose(statement, schema))
+        conn.execute(q("INSERT INTO {}.schema_version (version) VALUES (1)"))
+        for kind in (EventType.ENQUEUED, EventType.STARTED):
+            old = event_to_dict(TaskEvent(task_id=OLD_TASK.id, event_type=kind))
+            del old["id"], old["v"]  # the old format had neither
+            conn.execute(q("INSERT INTO {}.events (task_id, ts, payload) VALUES (%s, now(), %s)"),
+                         (OLD_TASK.id, dumps(old).encode()))
+        conn.execute(q("INSERT INTO {}.tasks (id, queue, unique_key, payload)"
+                       " VALUES (%s, %s, %s, %s)"),
+                     (OLD_TASK.id, OLD_TASK.queue, OLD_TASK.unique_key, encode_task(OLD_TASK)))
+        conn.execute(q("INSERT INTO {}.results (task_id, finished_at, payload)"
+                       " VALUES (%s, now(), %s)"), (OLD_RESULT.task_id, encode_result(OLD_RESULT)))
+
+
+OLD_TASK = Task(func="m:f", queue="old", unique_key="nightly")
+OLD_RESULT = TaskResult(task_id=new_task_id(), status=TaskStatus.COMPLETED, value="kept")
+
+
+def test_a_store_of_schema_1_is_migrated_and_keeps_working(schema: str) -> None:
+    _schema_v1(schema)
+
+    async def body() -> None:
+        q, r, e = (make(role, DSN, schema) for role in ("queue", "results", "events"))
+        old = await e.get(OLD_TASK.id)
+        assert [ev.event_type for ev in old] == [EventType.ENQUEUED, EventType.STARTED]
+        assert [ev.id for ev in await e.get(OLD_TASK.id)] == [ev.id for ev in old]  # stable
+        new = TaskEvent(task_id=OLD_TASK.id, event_type=EventType.COMPLETED)
+        await e.append(new)
+        await e.append_many([new])
+        assert [ev.id for ev in await e.get(OLD_TASK.id)] == [*(ev.id for ev in old), new.id]
+        # The key of the task queued before the upgrade is still held by it.
+        assert await q.enqueue(Task(func="m:f", queue="old", unique_key="nightly")) == OLD_TASK.id
+        d = await q.dequeue(["old"], 30, 0)
+        assert d is not None and d.task == OLD_TASK and d.attempt == 1
+        assert await q.ack(d) is True
+        fresh = Task(func="m:f", queue="old", unique_key="nightly")
+        assert await q.enqueue(fresh) == fresh.id
+        assert await r.get(OLD_RESULT.task_id) == OLD_RESULT
+        assert await r.store(ok(OLD_RESULT.task_id, value="late")) is False
+        for s in (q, r, e):
+            await s.close()
+
+    run(body)
+    assert _versions(schema) == [1, 2]
+
+
+def _unique_rows(schema: str) -> list[tuple[Any, ...]]:
+    from psycopg import sql
+
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        query = sql.SQL("SELECT unique_key, task_id, held_until IS NOT NULL"
+                        " FROM {}.unique_keys ORDER BY unique_key")
+        return conn.execute(query.format(sql.Identifier(schema))).fetchall()
+
+
+def test_unique_keys_are_not_kept_longer_than_they_are_held(schema: str) -> None:
+    async def body() -> None:
+        q = make("queue", DSN, schema)
+        short = Task(func="m:f", queue="k", unique_key="short")
+        held = Task(func="m:f", queue="k", unique_key="held", unique_ttl=0.5)
+        gone = [Task(func="m:f", queue="k2", unique_key=f"gone{i}") for i in range(2)]
+        for t in (short, held, *gone):
+            await q.enqueue(t)
+        assert await q.cancel(gone[0].id) is True
+        assert await q.purge("k2") == 1
+        for _ in range(2):
+            d = await q.dequeue(["k"], 30, 0)
+            assert d is not None and await q.ack(d) is True
+        assert _unique_rows(schema) == [("held", held.id, True)]
+        await asyncio.sleep(0.7)
+        # A worker's heartbeat sweeps the keys whose hold time has passed.
+        from omniq.models import WorkerInfo, utcnow
+
+        now = utcnow()
+        await q.register_worker(WorkerInfo("w", "h", 1, ("k",), now, now), 10)
+        assert _unique_rows(schema) == []
+        await q.close()
+
+    run(body)
+
+
+def test_racing_producers_of_one_key_store_one_task(schema: str) -> None:
+    async def body() -> None:
+        producers = [make("queue", DSN, schema) for _ in range(8)]
+        await asyncio.gather(*(p.open() for p in producers))
+        for round_ in range(20):
+            key = f"race-{round_}"
+            tasks = [Task(func="m:f", queue="race", unique_key=key) for _ in producers]
+            pairs = zip(producers, tasks, strict=True)
+            ids = await asyncio.gather(*(p.enqueue(t) for p, t in pairs))
+            assert len(set(ids)) == 1 and ids[0] in {t.id for t in tasks}, ids
+        stats = {s.queue: s for s in await producers[0].stats()}
+        assert stats["race"].queued == 20
+        for p in producers:
+            await p.close()
+
+    run(body)
+
+
+def test_a_key_whose_task_was_removed_behind_our_back_is_free(schema: str) -> None:
+    """A task row deleted by an older OmniQ (which knew no unique_keys table) or by hand
+    must not hold its key for ever."""
+    from psycopg import sql
+
+    async def body() -> None:
+        q = make("queue", DSN, schema)
+        first = Task(func="m:f", unique_key="k")
+        await q.enqueue(first)
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            query = sql.SQL("DELETE FROM {}.tasks WHERE id = %s")
+            conn.execute(query.format(sql.Identifier(schema)), (first.id,))
+        second = Task(func="m:f", unique_key="k")
+        assert await q.enqueue(second) == second.id
+        assert await q.enqueue(Task(func="m:f", unique_key="k")) == second.id
+        await q.close()
+
+    run(body)
+
+
+def test_a_dead_letter_queued_again_goes_behind_the_waiting_tasks(schema: str) -> None:
+    async def body() -> None:
+        q = make("queue", DSN, schema)
+        dead, other = Task(func="m:f", queue="dl"), Task(func="m:f", queue="dl")
+        await q.enqueue(dead)
+        d = await q.dequeue(["dl"], 30, 0)
+        assert d is not None and await q.ack(d, failed=True) is True
+        await q.enqueue(other)
+        await q.enqueue(dead)
+        order = [await q.dequeue(["dl"], 30, 0) for _ in range(2)]
+        assert [(x.task.id, x.attempt) for x in order if x] == [(other.id, 1), (dead.id, 1)]
+        await q.close()
+
+    run(body)
+
+
+# --- ids PostgreSQL cannot hold ------------------------------------------------------
+
+
+def test_an_id_with_nul_is_not_found_rather_than_an_error(schema: str) -> None:
+    bad = "01a2\x00bad"
+
+    async def body() -> None:
+        q, r, e = (make(role, DSN, schema) for role in ("queue", "results", "events"))
+        assert await q.get_task(bad) is None
+        assert await q.cancel(bad) is False
+        assert await r.get(bad) is None
+        assert await r.delete(bad) is False
+        assert await asyncio.wait_for(r.wait(bad, 30), 5) is None  # at once: it never comes
+        assert await e.get(bad) == []
+        for s in (q, r, e):
+            await s.close()
+
+    run(body)
 
 
 # --- LISTEN/NOTIFY ------------------------------------------------------------------
