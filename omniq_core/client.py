@@ -461,9 +461,7 @@ class AsyncOmniQ:
         if not is_valid_id(task_id):
             return []
         events = await self._e()
-        # By time: events held through an event-store outage by several processes
-        # reach the store in the order those processes got it back.
-        return sorted(await events.get(task_id), key=lambda e: e.timestamp)
+        return await events.get(task_id)
 
     async def follow_events(
         self,
