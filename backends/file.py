@@ -1268,22 +1268,25 @@ class _Maildir:
             if owner != task.id:
                 return owner
         tmp = _write_tmp(self.dirs["tmp"], encode_task(task), self.durable)
+        queued = False
         try:
-            return self._enter(task, tmp)
+            queued = self._enter(task, tmp)
         except BaseException:
             self._unlock(task)
             raise
         finally:
-            _unlink_quiet(tmp)
+            if not queued:
+                _unlink_quiet(tmp)
+        return task.id
 
-    def _enter(self, task: Task, tmp: str) -> str:
-        """Queue the written task `tmp`, unless a task of its id is unfinished."""
+    def _enter(self, task: Task, tmp: str) -> bool:
+        """Queue the written task `tmp` (True), unless a task of its id is unfinished."""
         sid = _sid(task.id)
         known = self._register_id(sid, task.id)
         if not known.new and known.dead is None:
-            return task.id  # queued, scheduled or running: left as it is
+            return False  # queued, scheduled or running: left as it is
         if known.dead is not None and not self._remove_if(known.dead.path, lambda _: True):
-            return task.id  # a concurrent enqueue of this id queued it again first
+            return False  # a concurrent enqueue of this id queued it again first
         ready_us = _ready_time()
         if task.eta is not None:
             ready_us = max(ready_us, _us(task.eta))
@@ -1295,7 +1298,7 @@ class _Maildir:
             raise
         self._sync(folder)
         _bump(self.root)
-        return task.id
+        return True
 
     def _register_id(self, sid: str, task_id: str) -> _Known:
         """Take the id's marker; if it was taken, say where the task of that id is."""

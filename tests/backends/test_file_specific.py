@@ -325,6 +325,25 @@ def test_an_undecodable_task_file_is_delivered_with_its_real_id(tmp_path: Path) 
     run(body())
 
 
+def test_cancel_and_the_worker_list_take_undecodable_files_in_their_stride(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        q = FileQueue(tmp_path)
+        t = Task(func="m:f", unique_key="k")
+        await q.enqueue(t)
+        (path,) = (tmp_path / "queue" / "ready" / "default").iterdir()
+        path.write_bytes(b"\xff")
+        assert await q.cancel(t.id) is True
+        assert await q.stats() == []
+        (tmp_path / "queue" / "workers" / "bad.json").write_bytes(b"[")
+        os.utime(tmp_path / "queue" / "workers" / "bad.json", (time.time() + 60,) * 2)
+        assert await q.workers() == []
+        await q.close()
+
+    run(body())
+
+
 def test_files_an_older_omniq_set_aside_are_delivered_to_be_failed(tmp_path: Path) -> None:
     corrupt = tmp_path / "queue" / "corrupt"
     corrupt.mkdir(parents=True)
