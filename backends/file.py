@@ -8,7 +8,7 @@ so the same layout works on S3, GCS, Azure and memory://::
     results-index/<YYYYMMDDHH>/<exp_us>~<fin_us>~<sid>   empty marker, by expiry hour
     results-index/never/<9..9>~<fin_us>~<sid>   the marker of a result without expiry
     events/log/<YYYYMMDD>/<HHMM>/<stem>.json    the global, time-ordered index (read/tail)
-    events/tasks/<sid>/<stem>.json              the same event again, for get(task_id)
+    events/tasks/<sid>/<eid>.json               the same event again (and its stem), for get
     queue/...                                   FileQueue, local POSIX only (see below)
     .tmp/                                       local only: files being written
 
@@ -17,9 +17,18 @@ results they name; a sweep by finish time lists the whole index but reads only t
 old results. Markers a result outgrew (stored again with another expiry) are
 dropped when a sweep reaches them.
 
-`sid` is the task id when it is a plain file name, else "=" + a hash of it. An event
-`stem` is `<us>~<writer>~<seq>~<sid>`: a time in microseconds, a random id of the
-writing store handle and its counter. The stem is the cursor; stems sort as strings.
+`sid` is the task id when it is a plain file name, else "=" + a hash of it (`eid`
+likewise for an event id). An event `stem` is `<us>~<writer>~<seq>~<sid>~<eid>`: a
+time in microseconds, a random id of the writing store handle and its counter. The
+stem is the cursor; stems sort as strings. (Events stored before event ids have
+stems without `~<eid>` and per-task copies named `<stem>.json`; both still read.)
+
+Stored once: a result is created only where none is (or an expired one is), so the
+first final outcome wins; an event's per-task copy, named by its id, is created only
+where none is, and an append that finds one under another stem removes its own log
+copy. Exclusive creates are link() locally and conditional PUTs on S3 (If-None-Match,
+and If-Match to replace an expired result); on other filesystems they are atomic
+within one process only (see _RemoteFiles.create).
 
 Ordering guarantee for events: one order everywhere (read, tail and get), by stem.
 The time is the append time, taken just before the write and strictly increasing
@@ -34,9 +43,9 @@ event of writer B is already visible: that window is one local write (with fsync
 about a millisecond) or one object-store PUT. `get(task_id)` lists a per-task prefix
 and sees every stored event of that task.
 
-Atomicity: local writes go to `.tmp/`, are fsynced and renamed into place (then the
-directory is fsynced); object stores get one PUT per object, which readers see whole
-or not at all. The log copy of an event is written before the per-task copy, so
+Atomicity: local writes go to `.tmp/`, are fsynced and renamed (or linked) into place
+(then the directory is fsynced); object stores get one PUT per object, which readers
+see whole or not at all. The log copy of an event is written before the per-task copy, so
 cleanup, which walks the log, can always find both.
 """
 
@@ -52,6 +61,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -61,6 +71,7 @@ from omniq.errors import (
     BackendError,
     BackendUnavailable,
     ConfigError,
+    CorruptRecord,
     MissingDependency,
     OmniQError,
     redact,
@@ -78,12 +89,15 @@ from omniq.registry import Role, require
 from omniq.serialization import (
     decode_event,
     decode_result,
-    decode_task,
+    decode_task_or_placeholder,
     decode_worker,
+    dumps,
     encode_event,
     encode_result,
     encode_task,
     encode_worker,
+    event_to_dict,
+    loads,
 )
 from omniq.storage import BlockingRunner, LocalSignal, PollingBackoff, poll_for_result
 
@@ -93,11 +107,13 @@ _log = logging.getLogger(__name__)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
-_STEM = re.compile(r"\d{17}~[0-9a-f]{12}~\d{10}~[A-Za-z0-9_.=-]+")
+_STEM = re.compile(r"\d{17}~[0-9a-f]{12}~\d{10}~[A-Za-z0-9_.=-]+(~[A-Za-z0-9_.=-]+)?")
 _TMP_MAX_AGE = 3600.0  # seconds before a leftover temp file counts as garbage
 _DRIVER_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "azure",
                    "google", "fsspec")
 _LOCAL_PROTOCOLS = ("file", "local")
+_RACES = 8  # tries of a create or replace that keeps losing to concurrent changes
+_create_lock = threading.Lock()  # see _RemoteFiles.create
 
 
 # --- names and times ---------------------------------------------------------
@@ -138,11 +154,28 @@ def _local_path(base_dir: str | os.PathLike[str]) -> str | None:
 # --- filesystem access -------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Found:
+    """What an exclusive create found in its way: its bytes and, where the store has
+    one, a version tag to replace exactly that object (an S3 ETag)."""
+
+    data: bytes
+    tag: str | None = None
+
+
 class _Files(Protocol):
-    """The few primitives the stores need; paths are relative to the store root."""
+    """The few primitives the stores need; paths are relative to the store root.
+
+    `create` writes only where nothing is: None when it wrote (or found these very
+    bytes, its own write sent twice), else what is there. `replace` puts new bytes in
+    place of what `create` found, only if that is still there (a compare-and-swap).
+    """
 
     def write(self, rel: str, data: bytes) -> None: ...
     def write_all(self, items: Mapping[str, bytes]) -> None: ...
+    def create(self, rel: str, data: bytes) -> _Found | None: ...
+    def create_all(self, items: Mapping[str, bytes]) -> dict[str, _Found]: ...
+    def replace(self, rel: str, old: _Found, data: bytes) -> bool: ...
     def read(self, rel: str) -> bytes | None: ...
     def read_all(self, rels: Sequence[str]) -> dict[str, bytes]: ...
     def names(self, rel: str) -> list[str]: ...
@@ -156,6 +189,19 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read_quiet(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _unlink_quiet(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _write_tmp(tmp_dir: str, data: bytes, durable: bool) -> str:
@@ -210,12 +256,55 @@ class _LocalFiles:
         for rel, data in items.items():
             self.write(rel, data)
 
-    def read(self, rel: str) -> bytes | None:
+    def create(self, rel: str, data: bytes) -> _Found | None:
+        # link() of a fully written file: it appears whole, and only if the name is free.
+        tmp = _write_tmp(self.tmp, data, self.durable)
         try:
-            with open(self._path(rel), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
+            return self._link(tmp, self._path(rel), data)
+        finally:
+            _unlink_quiet(tmp)
+
+    def _link(self, tmp: str, dest: str, data: bytes) -> _Found | None:
+        for _ in range(_RACES):
+            try:
+                os.link(tmp, dest)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                continue
+            except FileExistsError:
+                there = _read_quiet(dest)
+                if there is None:
+                    continue  # removed while we looked: try again
+                return None if there == data else _Found(there)
+            if self.durable:
+                _fsync_dir(os.path.dirname(dest))
             return None
+        raise BackendError(f"file store: could not create {dest}: it keeps changing")
+
+    def create_all(self, items: Mapping[str, bytes]) -> dict[str, _Found]:
+        found = {rel: self.create(rel, data) for rel, data in items.items()}
+        return {rel: there for rel, there in found.items() if there is not None}
+
+    def replace(self, rel: str, old: _Found, data: bytes) -> bool:
+        dest = self._path(rel)
+        grave = os.path.join(self.tmp, secrets.token_hex(8))
+        try:
+            os.rename(dest, grave)  # of all processes replacing it, one gets the file
+        except FileNotFoundError:
+            return False
+        if _read_quiet(grave) != old.data:
+            # Replaced since we read it: put that one back. A third writer creating the
+            # name in the microseconds between could still win over it (a documented race
+            # that needs an expired result and three concurrent writers).
+            with contextlib.suppress(FileExistsError):
+                os.link(grave, dest)
+            os.unlink(grave)
+            return False
+        os.unlink(grave)
+        return self.create(rel, data) is None
+
+    def read(self, rel: str) -> bytes | None:
+        return _read_quiet(self._path(rel))
 
     def read_all(self, rels: Sequence[str]) -> dict[str, bytes]:
         return {rel: data for rel in rels if (data := self.read(rel)) is not None}
@@ -257,6 +346,28 @@ class _RemoteFiles:
         if items:  # async filesystems upload these concurrently
             self.fs.pipe({self._path(rel): data for rel, data in items.items()})
 
+    # A check and a write under one lock: atomic within this process, which is all of
+    # memory://. Other filesystems (GCS, Azure, ...) get no cross-process guarantee
+    # from this: two processes may both create (the later write wins). S3 does better.
+    def create(self, rel: str, data: bytes) -> _Found | None:
+        with _create_lock:
+            there = self.read(rel)
+            if there is None:
+                self.write(rel, data)
+                return None
+        return None if there == data else _Found(there)
+
+    def create_all(self, items: Mapping[str, bytes]) -> dict[str, _Found]:
+        found = {rel: self.create(rel, data) for rel, data in items.items()}
+        return {rel: there for rel, there in found.items() if there is not None}
+
+    def replace(self, rel: str, old: _Found, data: bytes) -> bool:
+        with _create_lock:
+            if self.read(rel) != old.data:
+                return False
+            self.write(rel, data)
+            return True
+
     def read(self, rel: str) -> bytes | None:
         try:
             data: bytes = self.fs.cat_file(self._path(rel), **self._get_options)
@@ -297,6 +408,75 @@ class _RemoteFiles:
         return None  # object stores have no directories to remove
 
 
+class _S3Files(_RemoteFiles):
+    """S3's conditional writes: PUT If-None-Match: * creates, If-Match: <ETag> replaces.
+
+    Both are atomic on the server, so they hold across processes and hosts. A PUT the
+    client library sends again (its reply was lost) fails its condition against our own
+    first copy: `create` then finds its own bytes and reports success.
+    """
+
+    def create(self, rel: str, data: bytes) -> _Found | None:
+        path = self._path(rel)
+        for _ in range(_RACES):
+            try:
+                self.fs.pipe_file(path, data, IfNoneMatch="*")
+                return None
+            except OSError as exc:
+                if not _condition_failed(exc):
+                    raise
+            found = self._found(path)
+            if found is not None:
+                return None if found.data == data else found
+        raise BackendError(f"file store: could not create {path}: it keeps changing")
+
+    def create_all(self, items: Mapping[str, bytes]) -> dict[str, _Found]:
+        if not items:
+            return {}
+        paths = {self._path(rel): data for rel, data in items.items()}
+        try:
+            self.fs.pipe(paths, IfNoneMatch="*")  # concurrently; the usual case
+            return {}
+        except OSError as exc:
+            if not _condition_failed(exc):
+                raise
+        # Some were there: one by one (ours from the batch read back as ours).
+        return super().create_all(items)
+
+    def _found(self, path: str) -> _Found | None:
+        # The tag first: if the object changes before the read, a replace by this tag fails.
+        try:
+            tag = self.fs.info(path).get("ETag")
+            data: bytes = self.fs.cat_file(path, **self._get_options)
+        except FileNotFoundError:
+            return None
+        return _Found(data, tag)
+
+    def replace(self, rel: str, old: _Found, data: bytes) -> bool:
+        if old.tag is None:
+            return False
+        try:
+            self.fs.pipe_file(self._path(rel), data, IfMatch=old.tag)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if not _condition_failed(exc):
+                raise
+            return False
+        return True
+
+
+def _condition_failed(exc: BaseException) -> bool:
+    """S3 refused a conditional write: 412 (the condition is false) or 409 (another
+    conditional write of the key is in flight)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    response = getattr(exc.__cause__, "response", None) or {}
+    code = response.get("Error", {}).get("Code")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+
 def _connect(base_dir: str, storage_options: Mapping[str, Any], durable: bool) -> _Files:
     local = _local_path(base_dir)
     if local is not None:
@@ -312,6 +492,8 @@ def _connect(base_dir: str, storage_options: Mapping[str, Any], durable: bool) -
         ) from exc
     if type(fs).__name__ == "LocalFileSystem":
         return _LocalFiles(os.path.abspath(root), durable)
+    if type(fs).__name__ == "S3FileSystem":
+        return _S3Files(fs, root)
     return _RemoteFiles(fs, root)
 
 
@@ -428,10 +610,38 @@ def _index_rel(result: TaskResult) -> str:
     return f"results-index/{bucket}/{expires:017d}~{finished}~{_sid(result.task_id)}"
 
 
-def _store_result(files: _Files, result: TaskResult) -> None:
+def _replaceable(found: _Found) -> bool:
+    """An expired result does not block a new one; nor does one that does not decode
+    (an operator's bad write), which no reader could use."""
+    try:
+        return decode_result(found.data).is_expired()
+    except CorruptRecord:
+        return True
+
+
+def _store_result(files: _Files, result: TaskResult) -> bool:
+    """Create the result unless an unexpired one is there: the first outcome wins."""
+    rel, data, marker = _result_rel(_sid(result.task_id)), encode_result(result), _index_rel(result)
     # The marker first: every stored result is findable by cleanup.
-    files.write(_index_rel(result), b"")
-    files.write(_result_rel(_sid(result.task_id)), encode_result(result))
+    files.write(marker, b"")
+    for _ in range(_RACES):
+        found = files.create(rel, data)
+        if found is None:
+            return True
+        if not _replaceable(found):
+            _drop_marker(files, marker, found)
+            return False
+        if files.replace(rel, found, data):
+            return True
+    raise BackendError(f"file store: could not store the result of {result.task_id}")
+
+
+def _drop_marker(files: _Files, marker: str, kept: _Found) -> None:
+    """Remove the marker of a result that lost, unless the winner's has the same name."""
+    with contextlib.suppress(CorruptRecord):
+        if _index_rel(decode_result(kept.data)) == marker:
+            return
+    files.delete([marker])
 
 
 def _get_result(files: _Files, task_id: str) -> TaskResult | None:
@@ -516,9 +726,11 @@ class FileResultStorage(_FileStore):
     ) -> None:
         super().__init__(base_dir, storage_options, durable, "results")
 
-    async def store(self, result: TaskResult) -> None:
-        await self._call(_store_result, result)
-        self._signal.notify(result.task_id)
+    async def store(self, result: TaskResult) -> bool:
+        stored = await self._call(_store_result, result)
+        if stored:
+            self._signal.notify(result.task_id)
+        return stored
 
     async def get(self, task_id: str) -> TaskResult | None:
         result = await self._call(_get_result, task_id)
@@ -541,6 +753,7 @@ class FileResultStorage(_FileStore):
 
 _LOG = "events/log"
 _STAMP_SLACK_US = 60_000_000  # events stamped within a minute of their append sort by append
+_RECENT_IDS = 4096  # event ids whose name a writer remembers for appends sent again
 
 
 def _log_rel(stem: str) -> str:
@@ -549,7 +762,29 @@ def _log_rel(stem: str) -> str:
 
 
 def _task_rel(stem: str) -> str:
-    return f"events/tasks/{stem.rsplit('~', 1)[1]}/{stem}.json"
+    """The per-task copy: named by the event id, so there is one per id (events stored
+    before ids were named by their cursor, which has no id part)."""
+    parts = stem.split("~")
+    if len(parts) == 5:
+        return f"events/tasks/{parts[3]}/{parts[4]}.json"
+    return f"events/tasks/{parts[3]}/{stem}.json"
+
+
+def _task_copy(event: TaskEvent, stem: str) -> bytes:
+    # The cursor rides along: get() orders by it, and a second append of the id tells
+    # by it whether the copy there is its own.
+    return dumps({**event_to_dict(event), "cursor": stem}).encode()
+
+
+def _copy_cursor(rel: str, data: bytes) -> str:
+    name = rel.rsplit("/", 1)[1][: -len(".json")]
+    if _STEM.fullmatch(name):
+        return name  # stored before event ids: named by its cursor
+    with contextlib.suppress(ValueError, AttributeError):
+        cursor = loads(data).get("cursor")
+        if isinstance(cursor, str):
+            return cursor
+    return ""
 
 
 def _check_cursor(cursor: str) -> None:
@@ -634,16 +869,22 @@ def _task_events(files: _Files, task_id: str) -> list[TaskEvent]:
     prefix = f"events/tasks/{_sid(task_id)}"
     rels = [f"{prefix}/{n}" for n in files.names(prefix) if n.endswith(".json")]
     data = files.read_all(rels)
-    events = [decode_event(data[rel]) for rel in rels if rel in data]
+    ordered = sorted((_copy_cursor(rel, data[rel]), rel) for rel in rels if rel in data)
+    events = [decode_event(data[rel]) for _, rel in ordered]
     return [e for e in events if e.task_id == task_id]
 
 
 def _append_events(files: _Files, writer: _Writer, events: Sequence[TaskEvent]) -> None:
     # Named here, on the store's thread, right before the write: see _Writer.
-    items = [(writer.stem(e), encode_event(e)) for e in events]
+    named = [(writer.stem(e), e) for e in events]
     # The log first: cleanup walks the log, so a per-task copy never outlives it.
-    files.write_all({_log_rel(stem): data for stem, data in items})
-    files.write_all({_task_rel(stem): data for stem, data in items})
+    files.write_all({_log_rel(stem): encode_event(e) for stem, e in named})
+    # The per-task copy is the one-per-id gate. Found under another cursor, the event
+    # was stored before (sent again through another handle): that copy stands and our
+    # log copy goes. A follower reading in between may see it twice.
+    kept = files.create_all({_task_rel(stem): _task_copy(e, stem) for stem, e in named})
+    if kept:
+        files.delete([_log_rel(stem) for stem, _ in named if _task_rel(stem) in kept])
 
 
 def _expired_stems(files: _Files, before_us: int) -> Iterator[tuple[str, list[str]]]:
@@ -668,7 +909,10 @@ def _cleanup_events(files: _Files, before_us: int) -> int:
 
 
 class _Writer:
-    """Names this handle's events: when, a random writer id and a counter (new after a fork)."""
+    """Names this handle's events: when, a random writer id, a counter (new after a fork),
+    the task and the event id. An event appended again through this handle (its first
+    append failed, or its reply was lost) gets the name it got the first time, so its
+    log copy is written over itself rather than twice."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -676,19 +920,30 @@ class _Writer:
         self._token = ""
         self._seq = 0
         self._last_us = 0
+        self._recent: OrderedDict[str, str] = OrderedDict()  # event id -> its stem
 
     def stem(self, event: TaskEvent) -> str:
-        stamped = _us(event.timestamp)
         with self._lock:
             if self._pid != os.getpid():
                 self._pid, self._token, self._seq = os.getpid(), secrets.token_hex(6), 0
-            self._seq += 1
-            # Append time, strictly increasing per writer, keeps append order and leaves
-            # followers only the instant of the write itself to miss; an event stamped
-            # far from now (back-dated) keeps its own time so cleanup by age finds it.
-            self._last_us = max(_now_us(), self._last_us + 1)
-            when = self._last_us if abs(self._last_us - stamped) <= _STAMP_SLACK_US else stamped
-            return f"{when:017d}~{self._token}~{self._seq:010d}~{_sid(event.task_id)}"
+                self._recent.clear()
+            stem = self._recent.get(event.id)
+            if stem is None:
+                stem = self._recent[event.id] = self._new_stem(event)
+                if len(self._recent) > _RECENT_IDS:
+                    self._recent.popitem(last=False)
+            return stem
+
+    def _new_stem(self, event: TaskEvent) -> str:
+        self._seq += 1
+        # Append time, strictly increasing per writer, keeps append order and leaves
+        # followers only the instant of the write itself to miss; an event stamped
+        # far from now (back-dated) keeps its own time so cleanup by age finds it.
+        self._last_us = max(_now_us(), self._last_us + 1)
+        stamped = _us(event.timestamp)
+        when = self._last_us if abs(self._last_us - stamped) <= _STAMP_SLACK_US else stamped
+        ids = f"{_sid(event.task_id)}~{_sid(event.id)}"
+        return f"{when:017d}~{self._token}~{self._seq:010d}~{ids}"
 
 
 class FileEventStorage(_FileStore):
@@ -758,11 +1013,12 @@ class FileEventStorage(_FileStore):
 #
 #   queue/tmp/<random>                          being written; never visible
 #   queue/ready/<queue>/<P>~<T>~<sid>~<n>       waiting; T in the future = scheduled
-#   queue/leased/<deadline>~<token>~<queue>~<ready name>   held by one worker
+#   queue/leased/<ms>~<beat>~<token>~<queue>~<ready name>   held by one worker
 #   queue/failed/<queue>/<ready name>           dead letters
-#   queue/unique/<sha256(key)>                  holds the owning task id
+#   queue/ids/<sid>                             the task id, while it is unfinished or dead
+#   queue/unique/<sha256(key)>                  the id of the unfinished task holding the key
+#   queue/held/<sha256(key)>                    a finished task's id; mtime = held until
 #   queue/workers/<sid>.json                    mtime = the worker's expiry
-#   queue/corrupt/                              files that did not decode, set aside
 #
 # P = 10**9 - priority (so higher runs first), T = ready time in microseconds
 # (enqueue time, ETA or retry time), n = attempts already made. Names sort as
@@ -770,20 +1026,29 @@ class FileEventStorage(_FileStore):
 #
 # Enqueue writes tmp/, fsyncs, renames into ready/ and fsyncs the directory, so
 # an enqueue that returned survives a crash and a killed producer leaves only a
-# temp file. A claim renames ready/ -> leased/ with a fresh receipt token and the
-# deadline in the name; extend renames the leased file to a later deadline; an
-# expired lease is renamed back to ready/ (attempt + 1) by whichever process sees
-# it first. Claims, extends and plain acks skip the directory fsync: after a power
+# temp file. ids/<sid>, made with O_EXCL first, makes enqueue idempotent by id.
+# A claim renames ready/ -> leased/ with a fresh receipt token, the lease length
+# (ms) and a beat counter in the name; extend renames it with the beat raised.
+#
+# Lease expiry compares no clocks across processes (a clock step on one host must
+# neither hand a live lease to another worker nor keep a dead one): every process
+# that claims also reaps, remembering each leased name with its own monotonic time
+# when it first saw it, and renames back to ready/ (attempt + 1) a name unchanged
+# for its lease length. A reaper that starts late, or sees a name change, waits a
+# full lease. Claims, extends and plain acks skip the directory fsync: after a power
 # loss they can only undo themselves, which redelivers the task (at-least-once).
 # ack, retry and release of a lost lease change nothing: the task's new holder,
 # or its next delivery, settles it. Unique keys are lock files made with link(),
 # which creates them atomically with their content (O_EXCL without a window in
-# which the file is empty).
+# which the file is empty); a finished task keeps its key in held/ for unique_ttl.
 
 _PRIO_LIMIT = 10**9 - 1
 _STALE_LOCK = 30.0  # seconds before a unique lock without a task counts as abandoned
 _REAP_EVERY = 0.25  # seconds between scans of leased/ for expired leases
+_SWEEP_EVERY = 60.0  # seconds between sweeps of held/ for unique keys past their time
 _LISTING_TTL = 0.05  # seconds a ready-dir listing is trusted (more if listing is slow)
+_IN_FLIGHT = 0.05  # seconds to look again for a task whose id is taken but not yet queued
+_LEGACY_LEASE_MS = 30_000  # a lease named by an older OmniQ (with a deadline): the default
 
 _clock_lock = threading.Lock()
 _clock_last = 0
@@ -824,23 +1089,50 @@ class _Ready:
         return f"{self.prio}~{ready:017d}~{self.sid}~{attempts}"
 
 
+def _lease_ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
 @dataclass(frozen=True)
 class _Lease:
-    """A parsed leased name."""
+    """A parsed leased name: <lease ms>~<beat>~<token>~<queue>~<ready name>."""
 
     name: str
-    deadline_us: int
+    lease_ms: int
+    beat: int
     token: str
     queue: str
     ready: _Ready
 
     @classmethod
     def parse(cls, name: str) -> _Lease | None:
-        parts = name.split("~", 3)
-        ready = _Ready.parse(parts[3]) if len(parts) == 4 else None
-        if ready is None or not parts[0].isdigit():
+        parts = name.split("~")  # queue names and sids hold no "~"
+        head, ready = parts[:-4], _Ready.parse("~".join(parts[-4:]))
+        if len(head) == 3:  # <deadline>~<token>~<queue>, named by an older OmniQ
+            head = [str(_LEGACY_LEASE_MS), head[0], head[1], head[2]]
+        if ready is None or len(head) != 4 or not (head[0].isdigit() and head[1].isdigit()):
             return None
-        return cls(name, int(parts[0]), parts[1], parts[2], ready)
+        return cls(name, int(head[0]), int(head[1]), head[2], head[3], ready)
+
+    def renamed(self, lease_ms: int, beat: int) -> str:
+        return f"{lease_ms}~{beat}~{self.token}~{self.queue}~{self.ready.name}"
+
+
+@dataclass(frozen=True)
+class _Spot:
+    """Where a task's file is: its area (ready, leased, failed), queue and path."""
+
+    area: str
+    queue: str
+    path: str
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What enqueue found of an id: new, still unfinished, or a dead letter (its spot)."""
+
+    new: bool
+    dead: _Spot | None = None
 
 
 @dataclass
@@ -874,23 +1166,21 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
-def _read_quiet(path: str) -> bytes | None:
+def _key_name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _mtime(path: str) -> float | None:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return os.stat(path).st_mtime
     except FileNotFoundError:
         return None
-
-
-def _unlink_quiet(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 class _Maildir:
     """The queue's blocking half: every method runs on the store's own thread."""
 
-    AREAS = ("tmp", "ready", "leased", "failed", "unique", "workers", "corrupt")
+    AREAS = ("tmp", "ready", "leased", "failed", "ids", "unique", "held", "workers")
 
     def __init__(self, root: str, durable: bool) -> None:
         self.root = root
@@ -902,7 +1192,10 @@ class _Maildir:
         self._made: set[str] = set()
         self._listings: dict[str, _Listing] = {}
         self._held: dict[str, str] = {}  # receipt token -> current leased name
+        self._seen: dict[str, float] = {}  # leased name -> monotonic time first seen
         self._reaped_at = 0.0
+        self._swept_at = time.monotonic()
+        self._restore_set_aside()
 
     # -- small helpers --
 
@@ -917,29 +1210,56 @@ class _Maildir:
         if self.durable:
             _fsync_dir(path)
 
-    def _publish(self, data: bytes, dest_dir: str, name: str) -> None:
-        tmp = _write_tmp(self.dirs["tmp"], data, self.durable)
-        os.rename(tmp, os.path.join(dest_dir, name))
-        self._sync(dest_dir)
-
     def _leased(self, name: str) -> str:
         return os.path.join(self.dirs["leased"], name)
 
-    def _find(self, sid: str) -> Iterator[str]:
-        """Paths of the task's file wherever it is: ready, leased or failed."""
+    def _id_path(self, sid: str) -> str:
+        return os.path.join(self.dirs["ids"], sid)
+
+    def _find(self, sid: str) -> Iterator[_Spot]:
+        """The task's file wherever it is: ready, failed or leased."""
         for area in ("ready", "failed"):
             for queue in _listdir(self.dirs[area]):
                 folder = os.path.join(self.dirs[area], queue)
                 for name in _listdir(folder):
                     ready = _Ready.parse(name)
                     if ready is not None and ready.sid == sid:
-                        yield os.path.join(folder, name)
+                        yield _Spot(area, queue, os.path.join(folder, name))
         for name in _listdir(self.dirs["leased"]):
             lease = _Lease.parse(name)
             if lease is not None and lease.ready.sid == sid:
-                yield self._leased(name)
+                yield _Spot("leased", lease.queue, self._leased(name))
 
-    # -- enqueue and unique keys --
+    def _remove_if(self, path: str, doomed: Callable[[str], bool]) -> bool:
+        """Remove `path` if `doomed(its moved-aside copy)`, else put it back. Of processes
+        racing to remove it, only one can move it aside."""
+        grave = os.path.join(self.dirs["tmp"], secrets.token_hex(8))
+        try:
+            os.rename(path, grave)
+        except FileNotFoundError:
+            return False
+        try:
+            if doomed(grave):
+                return True
+            with contextlib.suppress(FileExistsError):  # a newer one is there: it stands
+                os.link(grave, path)
+            return False
+        finally:
+            os.unlink(grave)
+
+    def _restore_set_aside(self) -> None:
+        """Put back the files an older OmniQ moved to queue/corrupt when they did not
+        decode (their tasks then stayed pending forever): now they are delivered with
+        their problem and end as failed outcomes."""
+        corrupt = os.path.join(self.root, "corrupt")
+        for name in _listdir(corrupt):
+            lease = _Lease.parse(name)
+            if lease is not None:
+                dest = os.path.join(self._dir("ready", lease.queue), lease.ready.name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(os.path.join(corrupt, name), dest)
+
+    # -- enqueue --
 
     def enqueue(self, task: Task) -> str:
         check_queue_name(task.queue)
@@ -947,31 +1267,82 @@ class _Maildir:
             owner = self._lock(task.unique_key, task.id)
             if owner != task.id:
                 return owner
-        ready_us = _ready_time()
-        if task.eta is not None:
-            ready_us = max(ready_us, _us(task.eta))
-        name = _ready_name(task.priority, ready_us, _sid(task.id), 0)
+        tmp = _write_tmp(self.dirs["tmp"], encode_task(task), self.durable)
+        queued = False
         try:
-            self._publish(encode_task(task), self._dir("ready", task.queue), name)
+            queued = self._enter(task, tmp)
         except BaseException:
             self._unlock(task)
             raise
-        _bump(self.root)
+        finally:
+            if not queued:
+                _unlink_quiet(tmp)
         return task.id
 
+    def _enter(self, task: Task, tmp: str) -> bool:
+        """Queue the written task `tmp` (True), unless a task of its id is unfinished."""
+        sid = _sid(task.id)
+        known = self._register_id(sid, task.id)
+        if not known.new and known.dead is None:
+            return False  # queued, scheduled or running: left as it is
+        if known.dead is not None and not self._remove_if(known.dead.path, lambda _: True):
+            return False  # a concurrent enqueue of this id queued it again first
+        ready_us = _ready_time()
+        if task.eta is not None:
+            ready_us = max(ready_us, _us(task.eta))
+        folder = self._dir("ready", task.queue)
+        try:
+            os.rename(tmp, os.path.join(folder, _ready_name(task.priority, ready_us, sid, 0)))
+        except BaseException:
+            _unlink_quiet(self._id_path(sid))
+            raise
+        self._sync(folder)
+        _bump(self.root)
+        return True
+
+    def _register_id(self, sid: str, task_id: str) -> _Known:
+        """Take the id's marker; if it was taken, say where the task of that id is."""
+        path = self._id_path(sid)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            for pause in (0.0, _IN_FLIGHT):
+                # An enqueue of this id may be between its marker and its rename: look twice.
+                time.sleep(pause)
+                spot = next(self._find(sid), None)
+                if spot is not None:
+                    return _Known(new=False, dead=spot if spot.area == "failed" else None)
+            return _Known(new=True)  # a marker its task outlived (or a crash left): reuse it
+        try:
+            os.write(fd, task_id.encode())  # the real id, for a task whose sid is a hash
+        finally:
+            os.close(fd)
+        return _Known(new=True)
+
+    def _task_id(self, sid: str) -> str:
+        """The task id a file name's sid stands for (a hash for ids that are no file name)."""
+        if not sid.startswith("="):
+            return sid
+        data = _read_quiet(self._id_path(sid))
+        return data.decode(errors="replace") if data else sid
+
+    # -- unique keys --
+
     def _lock_path(self, key: str) -> str:
-        return os.path.join(self.dirs["unique"], hashlib.sha256(key.encode()).hexdigest())
+        return os.path.join(self.dirs["unique"], _key_name(key))
+
+    def _hold_path(self, key: str) -> str:
+        return os.path.join(self.dirs["held"], _key_name(key))
 
     def _lock(self, key: str, task_id: str) -> str:
-        """Take the key for `task_id`, or return the id of the unfinished task holding it."""
+        """Take the key for `task_id`, or return the id of the task holding it."""
         path = self._lock_path(key)
         for _ in range(5):
             # link() creates the lock with its content in one step: nobody reads it empty.
             tmp = _write_tmp(self.dirs["tmp"], task_id.encode(), self.durable)
             try:
                 os.link(tmp, path)
-                self._sync(self.dirs["unique"])
-                return task_id
+                return self._check_hold(key, task_id)
             except FileExistsError:
                 pass
             finally:
@@ -980,6 +1351,32 @@ class _Maildir:
             if owner is not None:
                 return owner
         raise BackendError(f"file queue: could not take the lock of unique key {key!r}")
+
+    def _check_hold(self, key: str, task_id: str) -> str:
+        """We took the lock; a finished task may still hold the key for its unique_ttl.
+        (A finisher writes its hold before it drops its lock, so none is missed.)"""
+        holder = self._hold_owner(key)
+        if holder is not None and holder != task_id:
+            _unlink_quiet(self._lock_path(key))  # young and ours: nobody else removes it
+            return holder
+        if holder == task_id:  # its dead letter is queued again: the key is its own again
+            self._remove_if(self._hold_path(key), lambda g: _read_quiet(g) == task_id.encode())
+        self._sync(self.dirs["unique"])
+        return task_id
+
+    def _hold_owner(self, key: str) -> str | None:
+        path = self._hold_path(key)
+        until = _mtime(path)
+        if until is None:
+            return None
+        if until > time.time():
+            data = _read_quiet(path)
+            return data.decode() if data else None
+        self._drop_expired_hold(path)
+        return None
+
+    def _drop_expired_hold(self, path: str) -> None:
+        self._remove_if(path, lambda grave: (_mtime(grave) or 0.0) <= time.time())
 
     def _lock_owner(self, path: str) -> str | None:
         """The lock's task id; None when it is gone or was abandoned (then it is removed)."""
@@ -994,31 +1391,38 @@ class _Maildir:
         if age < _STALE_LOCK or next(self._find(_sid(owner)), None) is not None:
             return owner
         # Its producer died between locking and publishing: only one stealer wins the rename.
-        grave = os.path.join(self.dirs["tmp"], secrets.token_hex(8))
-        try:
-            os.rename(path, grave)
-        except FileNotFoundError:
-            return None
-        if _read_quiet(grave) != data:  # took a fresh lock by mistake: put it back
-            with contextlib.suppress(FileExistsError):
-                os.link(grave, path)
-        os.unlink(grave)
+        self._remove_if(path, lambda grave: _read_quiet(grave) == data)
         return None
 
+    def _settle_key(self, task: Task) -> None:
+        """The task finished (either way): hold its key for unique_ttl more, or free it."""
+        key = task.unique_key
+        if key is None:
+            return
+        mine = task.id.encode()
+        if task.unique_ttl and _read_quiet(self._lock_path(key)) == mine:
+            tmp = _write_tmp(self.dirs["tmp"], mine, self.durable)
+            until = time.time() + task.unique_ttl
+            os.utime(tmp, (until, until))  # the mtime is the end of the hold; rename keeps it
+            os.replace(tmp, self._hold_path(key))
+        self._remove_if(self._lock_path(key), lambda grave: _read_quiet(grave) == mine)
+
     def _unlock(self, task: Task) -> None:
+        """Cancel and purge free the key at once, held or not."""
         if task.unique_key is None:
             return
-        path = self._lock_path(task.unique_key)
-        if _read_quiet(path) == task.id.encode():
-            _unlink_quiet(path)
+        mine = task.id.encode()
+        for path in (self._lock_path(task.unique_key), self._hold_path(task.unique_key)):
+            if _read_quiet(path) == mine:
+                self._remove_if(path, lambda grave: _read_quiet(grave) == mine)
 
     # -- claiming --
 
     def claim(self, queues: Sequence[str], lease: float) -> Delivery | None:
         for queue in queues:
             check_queue_name(queue)
+        self._reap()
         now = _now_us()
-        self._reap(now)
         for queue in queues:
             delivery = self._claim_queue(queue, lease, now)
             if delivery is not None:
@@ -1055,16 +1459,16 @@ class _Maildir:
             if ready is None or ready.ready_us > now:
                 keep.append(name)
                 continue
-            found = self._take(queue, ready, lease, now)
+            found = self._take(queue, ready, lease)
             if found is not None:
                 keep.extend(listing.names[i + 1 :])
                 break
         listing.names = keep
         return found
 
-    def _take(self, queue: str, ready: _Ready, lease: float, now: int) -> Delivery | None:
+    def _take(self, queue: str, ready: _Ready, lease: float) -> Delivery | None:
         token = secrets.token_hex(6)
-        name = f"{now + int(lease * 1e6):017d}~{token}~{queue}~{ready.name}"
+        name = f"{_lease_ms(lease)}~0~{token}~{queue}~{ready.name}"
         try:
             # The claim: of all processes renaming this file, exactly one succeeds.
             os.rename(os.path.join(self.dirs["ready"], queue, ready.name), self._leased(name))
@@ -1073,31 +1477,53 @@ class _Maildir:
         data = _read_quiet(self._leased(name))
         if data is None:
             return None
-        try:
-            task = decode_task(data)
-        except (ValueError, KeyError, TypeError):
-            _bury(self._leased(name), self.dirs["corrupt"])
-            return None
+        # A payload that does not decode is still delivered, so the worker fails it.
+        task, problem = decode_task_or_placeholder(data, self._task_id(ready.sid), queue)
         self._held[token] = name
-        return Delivery(task=task, attempt=ready.attempts + 1, receipt=token)
+        return Delivery(task=task, attempt=ready.attempts + 1, receipt=token, problem=problem)
 
-    def _reap(self, now: int) -> None:
-        """Move expired leases back to ready with the attempt counted (any process may)."""
-        if time.monotonic() - self._reaped_at < _REAP_EVERY:
+    def _reap(self) -> None:
+        """Move leases unchanged for their length back to ready, attempt counted (any
+        process may). Judged by this process's monotonic clock alone: see above."""
+        now = time.monotonic()
+        if now - self._reaped_at < _REAP_EVERY:
             return
-        self._reaped_at = time.monotonic()
+        self._reaped_at = now
+        seen: dict[str, float] = {}
         moved = False
         for name in _listdir(self.dirs["leased"]):
             lease = _Lease.parse(name)
-            if lease is None or lease.deadline_us > now:
+            if lease is None:
                 continue
-            dest = os.path.join(self._dir("ready", lease.queue), lease.ready.again(
-                lease.ready.attempts + 1))
-            with contextlib.suppress(FileNotFoundError):  # extended, finished or reaped already
-                os.rename(self._leased(name), dest)
-                moved = True
+            first = seen[name] = self._seen.get(name, now)
+            if now - first >= lease.lease_ms / 1000:
+                moved = self._reclaim(lease) or moved
+        self._seen = seen
         if moved:
             _bump(self.root)
+        if now - self._swept_at >= _SWEEP_EVERY:
+            self._swept_at = now
+            self._sweep_holds()
+
+    def _reclaim(self, lease: _Lease) -> bool:
+        ready = lease.ready
+        # Due at once, even for a reaper whose clock is behind the claimer's.
+        name = ready.again(ready.attempts + 1, min(ready.ready_us, _now_us()))
+        dest = os.path.join(self._dir("ready", lease.queue), name)
+        try:
+            os.rename(self._leased(lease.name), dest)
+        except FileNotFoundError:  # extended, finished or reaped already
+            return False
+        return True
+
+    def _sweep_holds(self) -> None:
+        """Remove unique-key holds past their time (else only a later enqueue of the same
+        key would notice them)."""
+        now = time.time()
+        for name in _listdir(self.dirs["held"]):
+            path = os.path.join(self.dirs["held"], name)
+            if (_mtime(path) or now + 1) <= now:
+                self._drop_expired_hold(path)
 
     # -- settling a delivery --
 
@@ -1129,21 +1555,24 @@ class _Maildir:
                 return name
         return None
 
-    def ack(self, token: str, task: Task, failed: bool) -> None:
+    def ack(self, token: str, task: Task, failed: bool) -> bool:
         def finish(lease: _Lease) -> None:
-            if failed:
+            if failed:  # a dead letter keeps its id marker: enqueue of its id revives it
                 folder = self._dir("failed", lease.queue)
                 dead = lease.ready.again(lease.ready.attempts + 1)
                 os.rename(self._leased(lease.name), os.path.join(folder, dead))
                 self._sync(folder)
             else:
                 os.unlink(self._leased(lease.name))
+                _unlink_quiet(self._id_path(lease.ready.sid))
 
         # A lost lease is left alone: its new holder, or the next delivery, settles it.
-        if self._on_lease(token, finish):
-            self._unlock(task)
+        if not self._on_lease(token, finish):
+            return False
+        self._settle_key(task)
+        return True
 
-    def retry(self, token: str, delay: float) -> None:
+    def retry(self, token: str, delay: float) -> bool:
         def requeue(lease: _Lease) -> None:
             ready_us = _now_us() + int(delay * 1e6)
             folder = self._dir("ready", lease.queue)
@@ -1151,8 +1580,10 @@ class _Maildir:
             os.rename(self._leased(lease.name), os.path.join(folder, name))
             self._sync(folder)
 
-        if self._on_lease(token, requeue):
-            _bump(self.root)
+        if not self._on_lease(token, requeue):
+            return False
+        _bump(self.root)
+        return True
 
     def release(self, token: str) -> None:
         def hand_back(lease: _Lease) -> None:
@@ -1165,8 +1596,8 @@ class _Maildir:
 
     def extend(self, token: str, lease_seconds: float) -> bool:
         def renew(lease: _Lease) -> str:
-            deadline = _now_us() + int(lease_seconds * 1e6)
-            name = f"{deadline:017d}~{lease.token}~{lease.queue}~{lease.ready.name}"
+            # A new name is the heartbeat every reaper watches for.
+            name = lease.renamed(_lease_ms(lease_seconds), lease.beat + 1)
             os.rename(self._leased(lease.name), self._leased(name))
             return name
 
@@ -1175,7 +1606,7 @@ class _Maildir:
     # -- inspection and removal --
 
     def _discard(self, folder: str, name: str) -> bool:
-        """Remove a waiting or dead task (and free its unique key); False if it moved."""
+        """Remove a waiting or dead task (its id and unique key go too); False if it moved."""
         grave = os.path.join(self.dirs["tmp"], secrets.token_hex(8))
         try:
             os.rename(os.path.join(folder, name), grave)
@@ -1184,9 +1615,12 @@ class _Maildir:
         data = _read_quiet(grave)
         os.unlink(grave)
         self._sync(folder)
-        with contextlib.suppress(ValueError, KeyError, TypeError):
+        ready = _Ready.parse(name)
+        if ready is not None:
+            _unlink_quiet(self._id_path(ready.sid))
             if data is not None:
-                self._unlock(decode_task(data))
+                task, _ = decode_task_or_placeholder(data, self._task_id(ready.sid))
+                self._unlock(task)
         return True
 
     def cancel(self, task_id: str) -> bool:
@@ -1202,13 +1636,13 @@ class _Maildir:
 
     def get_task(self, task_id: str) -> Task | None:
         for _ in range(3):
-            paths = list(self._find(_sid(task_id)))
-            if not paths:
+            spots = list(self._find(_sid(task_id)))
+            if not spots:
                 return None
-            for path in paths:
-                data = _read_quiet(path)
+            for spot in spots:
+                data = _read_quiet(spot.path)
                 if data is not None:
-                    return decode_task(data)
+                    return decode_task_or_placeholder(data, task_id, spot.queue)[0]
             # Every copy moved while we looked (claimed, reaped): look again.
         return None
 
@@ -1267,24 +1701,16 @@ class _Maildir:
         found = []
         for name in _listdir(self.dirs["workers"]):
             path = os.path.join(self.dirs["workers"], name)
-            try:
-                until = os.stat(path).st_mtime
-            except FileNotFoundError:
+            until = _mtime(path)
+            if until is None:
                 continue
             if until <= now - _TMP_MAX_AGE:
                 _unlink_quiet(path)  # long dead; a live worker would have refreshed it
             data = _read_quiet(path) if until > now else None
             if data is not None:
-                found.append(decode_worker(data))
+                with contextlib.suppress(CorruptRecord):  # a bad file hides one worker only
+                    found.append(decode_worker(data))
         return sorted(found, key=lambda w: w.worker_id)
-
-
-def _bury(path: str, corrupt_dir: str) -> None:
-    """Set aside a task file that does not decode, so it cannot block the queue."""
-    _log.error("file queue: %s does not decode; moved to %s",
-                                      path, corrupt_dir)
-    with contextlib.suppress(FileNotFoundError):
-        os.rename(path, os.path.join(corrupt_dir, os.path.basename(path)))
 
 
 class FileQueue:
@@ -1351,12 +1777,14 @@ class FileQueue:
             if await self._signal.wait("ready", min(backoff.next(), remaining)):
                 backoff.reset()
 
-    async def ack(self, delivery: Delivery, *, failed: bool = False) -> None:
-        await self._call(_Maildir.ack, delivery.receipt, delivery.task, failed)
+    async def ack(self, delivery: Delivery, *, failed: bool = False) -> bool:
+        return await self._call(_Maildir.ack, delivery.receipt, delivery.task, failed)
 
-    async def retry(self, delivery: Delivery, delay: float) -> None:
-        await self._call(_Maildir.retry, delivery.receipt, delay)
-        self._signal.notify("ready")
+    async def retry(self, delivery: Delivery, delay: float) -> bool:
+        retried = await self._call(_Maildir.retry, delivery.receipt, delay)
+        if retried:
+            self._signal.notify("ready")
+        return retried
 
     async def release(self, delivery: Delivery) -> None:
         await self._call(_Maildir.release, delivery.receipt)

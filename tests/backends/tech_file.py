@@ -18,3 +18,12 @@ async def make(role: str, tmp_path: Path, namespace: str) -> Any:
 
     base = tmp_path / "file" / namespace
     return registry.create("file", role, {"base_dir": str(base)})  # type: ignore[arg-type]
+
+
+async def corrupt_task(store: Any, task_id: str, queue: str, payload: bytes) -> None:
+    """Overwrite a waiting task's file in place, as an operator's bad write would."""
+    folder = Path(store._root) / "ready" / queue
+    (path,) = folder.glob(f"*~{task_id}~*")  # our ids are plain file names (their own sid)
+    with open(path, "r+b") as f:
+        f.truncate(0)
+        f.write(payload)

@@ -7,6 +7,7 @@ thread of this process; every namespace is a prefix of one bucket.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import logging
 import threading
@@ -55,7 +56,8 @@ def _make_bucket(url: str) -> None:
     import s3fs
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **storage_options(url))
-    fs.mkdir(BUCKET)
+    with contextlib.suppress(FileExistsError):  # moto keeps buckets per process, not server
+        fs.mkdir(BUCKET)
 
 
 async def make(role: str, tmp_path: Path, namespace: str) -> Any:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -18,9 +20,11 @@ from typing import Any
 import pytest
 
 from omniq import registry
+from omniq.backends import file as file_backend
 from omniq.backends.file import FileEventStorage, FileQueue, FileResultStorage
-from omniq.errors import ConfigError
+from omniq.errors import BackendUnavailable, ConfigError
 from omniq.models import (
+    Delivery,
     EventType,
     Task,
     TaskEvent,
@@ -30,6 +34,9 @@ from omniq.models import (
     seconds_from_now,
     utcnow,
 )
+from omniq.serialization import UNDECODABLE_FUNC, encode_task
+
+from .conftest import TECHS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,7 +85,10 @@ def test_reader_never_sees_a_partial_result(base: str) -> None:
 
         async def write() -> None:
             for i in range(24):
-                await writer.store(TaskResult(task_id, TaskStatus.COMPLETED, value=values[i % 3]))
+                stored = TaskResult(task_id, TaskStatus.COMPLETED, value=values[i % 3])
+                assert await writer.store(stored) is True
+                await asyncio.sleep(0.01)
+                assert await writer.delete(task_id) is True  # clears the way for the next
             done.set()
 
         async def read() -> None:
@@ -184,7 +194,8 @@ def test_killed_producer_leaves_no_partial_task(tmp_path: Path) -> None:
     got = run(drain())
     assert reported <= got, "an enqueue that returned was lost"
     assert len(got - reported) <= kills  # at most the one in flight at each kill
-    assert os.listdir(os.path.join(qdir, "queue", "corrupt")) == []
+    # Only an id marker of a task killed between its marker and its rename may be left.
+    assert len(os.listdir(os.path.join(qdir, "queue", "ids"))) <= kills
 
 
 CONSUMER = """
@@ -282,25 +293,302 @@ def test_abandoned_unique_lock_is_taken_over(tmp_path: Path) -> None:
     run(body())
 
 
-def test_a_file_that_does_not_decode_is_set_aside(tmp_path: Path) -> None:
+def test_an_undecodable_task_file_is_delivered_with_its_real_id(tmp_path: Path) -> None:
+    """Once moved to queue/corrupt, leaving its task pending forever (issue 8, item 3)."""
+
     async def body() -> None:
         q = FileQueue(tmp_path)
-        good = await q.enqueue(Task(func="m:f"))
-        ready = tmp_path / "queue" / "ready" / "default"
-        (ready / "0000000000~00000000000000001~bogus~0").write_text("{not json")
-        d = await q.dequeue(["default"], 30, 0)
-        assert d is not None and d.task.id == good
-        assert len(list((tmp_path / "queue" / "corrupt").iterdir())) == 1
+        odd = Task(func="m:f", id="nightly:2030-01-31=1", queue="cq")  # no file name: hashed
+        good = Task(func="m:f", queue="cq", priority=-1)
+        await q.enqueue(odd)
+        await q.enqueue(good)
+        (path,) = [p for p in (tmp_path / "queue" / "ready" / "cq").iterdir()
+                   if odd.id not in p.name and good.id not in p.name]
+        path.write_bytes(b"{not json")
+        placeholder = await q.get_task(odd.id)
+        assert placeholder is not None and placeholder.id == odd.id
+        assert placeholder.func == UNDECODABLE_FUNC and placeholder.queue == "cq"
+        assert {s.queue: s.queued for s in await q.stats()} == {"cq": 2}
+        d = await q.dequeue(["cq"], 30, 0)
+        assert d is not None and d.task.id == odd.id and d.problem
+        assert await q.ack(d, failed=True) is True
+        after = await q.dequeue(["cq"], 30, 0)
+        assert after is not None and after.task == good and after.problem is None
+        assert await q.ack(after) is True
+        assert [(s.queue, s.failed) for s in await q.stats()] == [("cq", 1)]
+        dead = await q.get_task(odd.id)  # a dead letter now
+        assert dead is not None and (dead.id, dead.func) == (odd.id, UNDECODABLE_FUNC)
+        assert await q.purge() == 1
+        assert not (tmp_path / "queue" / "corrupt").exists()
         await q.close()
 
     run(body())
+
+
+def test_cancel_and_the_worker_list_take_undecodable_files_in_their_stride(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        q = FileQueue(tmp_path)
+        t = Task(func="m:f", unique_key="k")
+        await q.enqueue(t)
+        (path,) = (tmp_path / "queue" / "ready" / "default").iterdir()
+        path.write_bytes(b"\xff")
+        assert await q.cancel(t.id) is True
+        assert await q.stats() == []
+        (tmp_path / "queue" / "workers" / "bad.json").write_bytes(b"[")
+        os.utime(tmp_path / "queue" / "workers" / "bad.json", (time.time() + 60,) * 2)
+        assert await q.workers() == []
+        await q.close()
+
+    run(body())
+
+
+def test_files_an_older_omniq_set_aside_are_delivered_to_be_failed(tmp_path: Path) -> None:
+    corrupt = tmp_path / "queue" / "corrupt"
+    corrupt.mkdir(parents=True)
+    tid = new_task_id()
+    ready = f"1000000000~{time.time_ns() // 1000:017d}~{tid}~0"
+    (corrupt / f"{time.time_ns() // 1000:017d}~a1b2c3d4e5f6~default~{ready}").write_text("{bad")
+
+    async def body() -> None:
+        q = FileQueue(tmp_path)
+        d = await q.dequeue(["default"], 30, 0)
+        assert d is not None and d.task.id == tid and d.problem and d.attempt == 1
+        assert await q.ack(d, failed=True) is True
+        await q.close()
+
+    run(body())
+    assert list(corrupt.iterdir()) == []
+
+
+# --- leases: heartbeats, not clocks -----------------------------------------------------
+
+
+def test_a_lease_is_judged_by_its_heartbeats_not_by_wall_clocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's clock an hour off must neither take a live lease nor keep a dead one
+    (issue 8, item 5: the old names held a wall-clock deadline that other processes compared)."""
+    real = file_backend._now_us
+    offsets: dict[int, int] = {}  # thread ident -> microseconds its clock is off
+    monkeypatch.setattr(
+        file_backend, "_now_us", lambda: real() + offsets.get(threading.get_ident(), 0)
+    )
+
+    async def clock_of(q: FileQueue, hours: int) -> None:
+        ident = await q._call(lambda box: threading.get_ident())  # the store's own thread
+        offsets[ident] = hours * 3_600_000_000
+
+    async def beat(q: FileQueue, d: Delivery, seconds: float) -> None:
+        for _ in range(int(seconds / 0.25)):
+            await asyncio.sleep(0.25)
+            assert await q.extend(d, 1.0) is True
+
+    async def body() -> None:
+        holder, ahead, behind = FileQueue(tmp_path), FileQueue(tmp_path), FileQueue(tmp_path)
+        await clock_of(ahead, +1)
+        await clock_of(behind, -1)
+        t = await holder.enqueue(Task(func="m:f"))
+        d = await holder.dequeue(["default"], 1.0, 0)
+        assert d is not None
+        beating = asyncio.create_task(beat(holder, d, 2.5))
+        assert await ahead.dequeue(["default"], 1.0, 2.0) is None  # two lease lengths
+        await beating
+        # The holder stops beating, as if killed: taken over after about one lease,
+        # by a process whose clock is an hour behind.
+        start = time.monotonic()
+        again = await behind.dequeue(["default"], 1.0, 6)
+        assert again is not None and again.task.id == t and again.attempt == 2
+        assert time.monotonic() - start >= 0.5
+        assert await holder.ack(d) is False
+        assert await behind.ack(again) is True
+        for q in (holder, ahead, behind):
+            await q.close()
+
+    run(body())
+
+
+def test_leases_named_by_an_older_omniq_are_still_reclaimed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_backend, "_LEGACY_LEASE_MS", 300)
+    t = Task(func="m:f")
+    leased = tmp_path / "queue" / "leased"
+    leased.mkdir(parents=True)
+    ready = f"1000000000~{time.time_ns() // 1000:017d}~{t.id}~0"
+    deadline = time.time_ns() // 1000 + 3_600_000_000  # far ahead: never compared now
+    (leased / f"{deadline:017d}~a1b2c3d4e5f6~default~{ready}").write_bytes(encode_task(t))
+
+    async def body() -> None:
+        q = FileQueue(tmp_path)
+        assert [(s.queue, s.running) for s in await q.stats()] == [("default", 1)]
+        d = await q.dequeue(["default"], 30, 5)
+        assert d is not None and d.task == t and d.attempt == 2
+        assert await q.ack(d) is True
+        await q.close()
+
+    run(body())
+
+
+# --- ids and unique keys -------------------------------------------------------------------
+
+
+def test_an_id_marker_a_crash_left_does_not_block_its_task(tmp_path: Path) -> None:
+    t = Task(func="m:f")
+    ids = tmp_path / "queue" / "ids"
+    ids.mkdir(parents=True)
+    (ids / t.id).write_text(t.id)  # its producer died between marker and rename
+
+    async def body() -> None:
+        q = FileQueue(tmp_path)
+        assert await q.enqueue(t) == t.id
+        d = await q.dequeue(["default"], 30, 0)
+        assert d is not None and d.task == t
+        assert await q.ack(d) is True
+        await q.close()
+
+    run(body())
+    assert list(ids.iterdir()) == []
+
+
+def test_unique_key_holds_outlive_the_process_and_are_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body() -> None:
+        q = FileQueue(tmp_path)
+        first = await q.enqueue(Task(func="m:f", unique_key="daily", unique_ttl=0.6))
+        d = await q.dequeue(["default"], 30, 0)
+        assert d is not None and await q.ack(d) is True
+        await q.close()
+        again = FileQueue(tmp_path)  # another process, later
+        assert await again.enqueue(Task(func="m:f", unique_key="daily")) == first
+        assert len(list((tmp_path / "queue" / "held").iterdir())) == 1
+        await asyncio.sleep(0.8)
+        monkeypatch.setattr(file_backend, "_SWEEP_EVERY", 0.0)
+        assert await again.dequeue(["default"], 30, 0) is None  # a claim sweeps now and then
+        assert list((tmp_path / "queue" / "held").iterdir()) == []
+        fresh = Task(func="m:f", unique_key="daily")
+        assert await again.enqueue(fresh) == fresh.id
+        await again.close()
+
+    run(body())
+
+
+# --- results and events stored once -------------------------------------------------------
+
+
+def test_a_result_store_sent_again_is_not_a_lost_race(base: str) -> None:
+    async def body() -> None:
+        s = FileResultStorage(base)
+        r = result()
+        assert await s.store(r) is True
+        assert await s.store(r) is True  # the same bytes: our own write, sent again
+        assert await s.store(TaskResult(r.task_id, TaskStatus.FAILED)) is False
+        assert await s.get(r.task_id) == r
+        assert len([f for f in stored_files(base) if f.startswith("results-index/")]) == 1
+        await s.close()
+
+    run(body())
+
+
+def test_an_append_retried_through_the_same_handle_is_stored_once(
+    base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first append wrote the log copy, then failed: the retry must not add another."""
+    s = FileEventStorage(base)
+    event = TaskEvent(new_task_id(), EventType.STARTED, attempt=1)
+    files = run(s._call(lambda files: files))
+    create_all = files.create_all
+
+    def broken(items: Any) -> Any:
+        monkeypatch.setattr(files, "create_all", create_all)
+        raise ConnectionError("the store went away")
+
+    monkeypatch.setattr(files, "create_all", broken)
+    with pytest.raises(BackendUnavailable):
+        run(s.append(event))
+    run(s.append(event))
+    assert [e for _, e in run(s.read(None, 10))] == [event]
+    assert run(s.get(event.task_id)) == [event]
+    run(s.close())
+
+
+def test_events_stored_before_ids_still_read_and_clean_up(base: str) -> None:
+    """The layout before event ids: per-task copies named by their cursor, no ids inside."""
+    import fsspec
+
+    tid = new_task_id()
+    stamp = utcnow() - timedelta(minutes=5)
+    old = [f"{file_backend._us(stamp) + i:017d}~a1b2c3d4e5f6~{i + 1:010d}~{tid}" for i in (0, 1)]
+    fs, root = fsspec.core.url_to_fs(base)
+    for i, stem in enumerate(old):
+        record = {"task_id": tid, "event_type": ["enqueued", "started"][i],
+                  "timestamp": stamp.timestamp() + i / 1e6, "attempt": i}
+        data = json.dumps(record).encode()
+        for rel in (file_backend._log_rel(stem), f"events/tasks/{tid}/{stem}.json"):
+            fs.makedirs(f"{root}/{rel.rsplit('/', 1)[0]}", exist_ok=True)
+            fs.pipe_file(f"{root}/{rel}", data)
+
+    async def body() -> None:
+        s = FileEventStorage(base)
+        before = await s.get(tid)
+        assert [e.event_type for e in before] == [EventType.ENQUEUED, EventType.STARTED]
+        assert all(e.id.startswith("legacy-") for e in before)
+        done = TaskEvent(tid, EventType.COMPLETED, attempt=1)
+        await s.append(done)
+        assert await s.get(tid) == [*before, done]
+        rows = await s.read(None, 10)
+        assert [e for _, e in rows] == [*before, done]
+        assert [e for _, e in await s.read(rows[0][0], 10)] == [before[1], done]
+        assert await s.cleanup(utcnow() + timedelta(seconds=1)) == 3
+        assert await s.get(tid) == []
+        assert [f for f in stored_files(base) if not f.startswith(".tmp")] == []
+        await s.close()
+
+    run(body())
+
+
+def test_s3_writes_whose_replies_were_lost_are_stored_once() -> None:
+    """The client library sends a PUT again when its reply is lost: a conditional create
+    then fails against our own first copy, which must count as ours."""
+    from tests.faultproxy import FaultProxy
+
+    s3 = TECHS["file-s3"]  # the plug-in the conformance suite loaded: one moto server
+    if s3.unavailable():
+        pytest.skip(str(s3.unavailable()))
+    host, port = s3.endpoint().rsplit("//", 1)[1].split(":")
+    prefix = f"lost-{uuid.uuid4().hex[:8]}"
+    with FaultProxy(host, int(port)) as proxy:
+        options = s3.storage_options(f"http://127.0.0.1:{proxy.port}")
+        base = f"s3://{s3.BUCKET}/{prefix}"
+
+        async def body() -> None:
+            results, events = FileResultStorage(base, options), FileEventStorage(base, options)
+            r = result()
+            proxy.lose_reply(match=f"/{prefix}/results/".encode())
+            assert await results.store(r) is True
+            assert await results.get(r.task_id) == r
+            assert await results.store(result(task_id=r.task_id)) is False
+            event = TaskEvent(r.task_id, EventType.COMPLETED)
+            proxy.lose_reply(match=f"/{prefix}/events/tasks/".encode())
+            proxy.lose_reply(match=f"/{prefix}/events/log/".encode())
+            await events.append(event)
+            assert await events.get(r.task_id) == [event]
+            assert [e for _, e in await events.read(None, 10)] == [event]
+            assert proxy.injected["lose_reply"] == 3
+            await results.close()
+            await events.close()
+
+        run(body())
 
 
 # --- TTL cleanup ------------------------------------------------------------------------
 
 
 def result(**kw: Any) -> TaskResult:
-    return TaskResult(task_id=new_task_id(), status=TaskStatus.COMPLETED, value=1, **kw)
+    kw.setdefault("task_id", new_task_id())
+    return TaskResult(status=TaskStatus.COMPLETED, value=1, **kw)
 
 
 def test_result_cleanup_reads_only_due_markers_and_leaves_no_garbage(base: str) -> None:
