@@ -196,8 +196,10 @@ class FaultProxy:
             self._conns.discard(task)
 
     async def _drop_all(self) -> None:
-        for task in list(self._conns):
+        tasks = list(self._conns)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _shutdown(self) -> None:
         if self._server is not None:

@@ -55,7 +55,7 @@ def test_a_worker_an_hour_ahead_waits_for_the_heartbeats_to_stop(deploy: Deploy)
     ahead = faketime_env("+1h")
     home = deploy("file", OMNIQ_WORKER_LEASE_SECONDS=str(LEASE))
     first = home.start_worker("-c", "1")
-    task_id = home.enqueue("omniq.examples:sleep", "10", "done")
+    task_id = home.enqueue("omniq.examples:sleep", "10", "done", "--retries", "1")
     home.poll(lambda: started_attempts(home, task_id) == [1], 30, "the first STARTED")
 
     stepped = home.start_worker("-c", "1", env=ahead)
@@ -80,7 +80,7 @@ def test_a_worker_an_hour_behind_does_not_keep_a_dead_lease(deploy: Deploy) -> N
     behind = faketime_env("-1h")
     home = deploy("file", OMNIQ_WORKER_LEASE_SECONDS=str(LEASE))
     first = home.start_worker("-c", "1")
-    task_id = home.enqueue("omniq.examples:sleep", "3", "done")
+    task_id = home.enqueue("omniq.examples:sleep", "3", "done", "--retries", "1")
     home.poll(lambda: started_attempts(home, task_id) == [1], 30, "the first STARTED")
     stepped = home.start_worker("-c", "1", env=behind)
 
