@@ -80,9 +80,21 @@ def _worker_record(w: WorkerInfo) -> dict[str, Any]:
         "current_tasks": list(w.current_tasks),
         "concurrency": w.concurrency,
         "tasks_done": w.tasks_done,
+        "events_buffered": w.events_buffered,
+        "events_dropped": w.events_dropped,
         "started_at": console.iso(w.started_at),
         "heartbeat_at": console.iso(w.heartbeat_at),
     }
+
+
+def _event_trouble(w: WorkerInfo) -> str:
+    """What an event-store outage costs this worker, when it costs anything."""
+    parts = []
+    if w.events_buffered:
+        parts.append(f"{w.events_buffered} events held")
+    if w.events_dropped:
+        parts.append(f"{w.events_dropped} events dropped")
+    return ", ".join(parts)
 
 
 def _status_lines(stats: list[QueueStats], workers: list[WorkerInfo]) -> None:
@@ -94,7 +106,8 @@ def _status_lines(stats: list[QueueStats], workers: list[WorkerInfo]) -> None:
         current = ",".join(w.current_tasks) or "-"
         console.line(
             f"worker {w.worker_id} host={w.host} pid={w.pid} queues={','.join(w.queues)} "
-            f"current={current} heartbeat={console.iso(w.heartbeat_at)}"
+            f"current={current} heartbeat={console.iso(w.heartbeat_at)} "
+            f"events_held={w.events_buffered} events_dropped={w.events_dropped}"
         )
 
 
@@ -114,11 +127,13 @@ def _status_tables(stats: list[QueueStats], workers: list[WorkerInfo]) -> None:
             ", ".join(w.queues),
             "\n".join(w.current_tasks) or "-",
             f"{console.iso(w.heartbeat_at)} ({console.ago(w.heartbeat_at)})",
+            _event_trouble(w) or "-",
         ]
         for w in workers
     ]
     console.table(
-        ["HOST", "PID", "QUEUES", "CURRENT TASK", "LAST HEARTBEAT"], rows, title="Workers"
+        ["HOST", "PID", "QUEUES", "CURRENT TASK", "LAST HEARTBEAT", "EVENTS"], rows,
+        title="Workers",
     )
 
 
