@@ -1666,7 +1666,9 @@ class _Maildir:
         for queue in _listdir(self.dirs["failed"]):
             add(queue, "failed", len(_listdir(os.path.join(self.dirs["failed"], queue))))
         return [
-            QueueStats(queue=queue, **per)
+            QueueStats(queue=queue, queued=per.get("queued", 0),
+                       scheduled=per.get("scheduled", 0), running=per.get("running", 0),
+                       failed=per.get("failed", 0))
             for queue, per in sorted(counts.items())
             if any(per.values())
         ]

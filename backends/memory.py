@@ -12,9 +12,24 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from omniq.models import Delivery, QueueStats, Task, TaskEvent, TaskResult, WorkerInfo
+from omniq.models import (
+    Delivery,
+    QueueStats,
+    Task,
+    TaskEvent,
+    TaskResult,
+    WorkerInfo,
+    from_timestamp,
+)
 from omniq.registry import Role
-from omniq.storage import LocalSignal
+from omniq.storage import (
+    EventStorage,
+    LocalSignal,
+    ResultStorage,
+    TaskQueue,
+    runs_now,
+    started_event,
+)
 
 
 @dataclass
@@ -40,6 +55,8 @@ class MemoryQueue:
     `any_lane=True`: a dequeue also takes tasks of queues it did not name (after the
     named ones): the private queue of an embedded worker runs whatever it is given.
     """
+
+    backend: Any = None  # the MemoryBackend holding it, if any
 
     def __init__(self, *, any_lane: bool = False) -> None:
         self._any_lane = any_lane
@@ -153,6 +170,17 @@ class MemoryQueue:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(cond.wait(), min(remaining, 0.05))
 
+    async def dequeue_many(
+        self, queues: Sequence[str], lease: float, timeout: float, limit: int
+    ) -> list[Delivery]:
+        first = await self.dequeue(queues, lease, timeout)
+        if first is None:
+            return []
+        got = [first]
+        while len(got) < limit and (more := self._claim(queues, lease)) is not None:
+            got.append(more)
+        return got
+
     def _held(self, delivery: Delivery) -> _Entry | None:
         entry = self._entries.get(delivery.task_id)
         if entry is None or entry.state != "running" or entry.token != delivery.receipt:
@@ -241,11 +269,15 @@ class MemoryQueue:
     async def stats(self) -> list[QueueStats]:
         now = time.time()
         counts: dict[str, dict[str, int]] = {}
+        oldest: dict[str, float] = {}
         for entry in self._entries.values():
             c = counts.setdefault(entry.task.queue, {})
             state = entry.state
             if state == "waiting":
                 state = "scheduled" if entry.ready_at > now else "queued"
+            if state == "queued":
+                since = entry.ready_at or entry.task.created_at.timestamp()
+                oldest[entry.task.queue] = min(oldest.get(entry.task.queue, since), since)
             c[state] = c.get(state, 0) + 1
         return [
             QueueStats(
@@ -254,6 +286,7 @@ class MemoryQueue:
                 scheduled=c.get("scheduled", 0),
                 running=c.get("running", 0),
                 failed=c.get("failed", 0),
+                oldest_ready_at=from_timestamp(oldest.get(name)),
             )
             for name, c in sorted(counts.items())
         ]
@@ -281,6 +314,8 @@ class MemoryQueue:
 
 class MemoryResultStorage:
     """Results in a dict; waiters in this process are woken at once."""
+
+    backend: Any = None
 
     def __init__(self) -> None:
         self._results: dict[str, TaskResult] = {}
@@ -333,6 +368,8 @@ class MemoryResultStorage:
 
 class MemoryEventStorage:
     """An append-only list; the cursor is the position, zero-padded so it sorts."""
+
+    backend: Any = None
 
     def __init__(self) -> None:
         self._events: list[TaskEvent | None] = []
@@ -403,7 +440,62 @@ class MemoryEventStorage:
         return count
 
 
-def create(role: Role, settings: Mapping[str, Any]) -> Any:
+class MemoryBackend:
+    """All three roles in one process, with the fused operations: the reference for
+    what the other technologies do in one round trip (omniq.storage.FusedOps)."""
+
+    def __init__(self) -> None:
+        self._queue = MemoryQueue()
+        self._results = MemoryResultStorage()
+        self._events = MemoryEventStorage()
+        for store in (self._queue, self._results, self._events):
+            store.backend = self
+
+    def queue(self) -> TaskQueue:
+        return self._queue
+
+    def results(self) -> ResultStorage:
+        return self._results
+
+    def events(self) -> EventStorage:
+        return self._events
+
+    async def submit(self, task: Task, event: TaskEvent) -> str:
+        queue = self._queue
+        holder = queue._key_holder(task.unique_key) if task.unique_key else None
+        if holder is not None and holder != task.id:
+            return holder
+        await self._events.append(event)
+        return await queue.enqueue(task)
+
+    async def claim(
+        self, queues: Sequence[str], lease: float, timeout: float, limit: int, worker_id: str
+    ) -> list[Delivery]:
+        got = []
+        for delivery in await self._queue.dequeue_many(queues, lease, timeout, limit):
+            existing = await self._results.get(delivery.task_id)
+            if existing is not None and delivery.problem is None:
+                await self._queue.ack(delivery, failed=not existing.ok)
+                continue
+            if runs_now(delivery):
+                await self._events.append(started_event(delivery, worker_id))
+            got.append(delivery)
+        return got
+
+    async def finish(
+        self, delivery: Delivery, result: TaskResult, event: TaskEvent, *, failed: bool
+    ) -> bool:
+        stored = await self._results.store(result)
+        if stored or await self._results.get(result.task_id) == result:
+            await self._events.append(event)
+            stored = True
+        await self._queue.ack(delivery, failed=failed)
+        return stored
+
+
+def create(role: Role, settings: Mapping[str, Any]) -> TaskQueue | ResultStorage | EventStorage:
+    """Stores of their own: two memory configs never share data (tests rely on it).
+    `MemoryBackend` puts the three roles on one Backend."""
     if role == "queue":
         return MemoryQueue()
     if role == "results":

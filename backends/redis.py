@@ -1092,9 +1092,10 @@ class RedisQueue(_RedisStore):
         flat = await self._script("stats")
         out = []
         for i in range(0, len(flat), 5):
-            counts = [int(n) for n in flat[i + 1 : i + 5]]
-            if any(counts):
-                out.append(QueueStats(_text(flat[i]), *counts))
+            queued, scheduled, running, failed = (int(n) for n in flat[i + 1 : i + 5])
+            if queued or scheduled or running or failed:
+                out.append(QueueStats(_text(flat[i]), queued=queued, scheduled=scheduled,
+                                      running=running, failed=failed))
         return sorted(out, key=lambda s: s.queue)
 
     @_guarded

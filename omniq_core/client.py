@@ -40,7 +40,7 @@ from omniq.models import (
     new_task_id,
     utcnow,
 )
-from omniq.storage import EventStorage, ResultStorage, TaskQueue, follow_events
+from omniq.storage import EventStorage, ResultStorage, TaskQueue, follow_events, fused_ops
 
 if TYPE_CHECKING:
     from omniq.config import OmniQConfig
@@ -398,25 +398,40 @@ class AsyncOmniQ:
         return task.is_local or self._run_own_here
 
     async def submit(self, task: Task) -> str:
-        """Write the task and its ENQUEUED event (the event first, so it sorts first)."""
+        """Write the task and its ENQUEUED event (which sorts before anything else of
+        the task): one round trip when one Backend holds both stores."""
         queue = await self._local() if self._runs_here(task) else await self._q()
         events = await self._e()
         event = _enqueued_event(task)
-        if task.unique_key is None:
+        fused = fused_ops(queue, events)
+        if fused is not None:
+            return await fused.submit(task, event)
+        if task.unique_key is not None:  # a duplicate must not leave an event behind
+            task_id = await queue.enqueue(task)
+            if task_id == task.id:
+                await events.append(event)
+            return task_id
+        if self.config.event_policy == "strict":  # an event write that fails stops it
             await events.append(event)
             return await queue.enqueue(task)
-        task_id = await queue.enqueue(task)
-        if task_id == task.id:
-            await events.append(event)
-        return task_id
+        # The event goes out first, the task right behind it without waiting: a worker
+        # can only write STARTED after claiming the task, a round trip later.
+        sent = asyncio.ensure_future(events.append(event))
+        await asyncio.sleep(0)
+        try:
+            return await queue.enqueue(task)
+        finally:
+            await sent
 
     async def submit_many(self, tasks: Sequence[Task]) -> list[str]:
-        """Like `submit` for many tasks: their ENQUEUED events go out in one write."""
+        """Like `submit` for many tasks: their ENQUEUED events go out in one write
+        (or, on one Backend, the fused writes go out together)."""
+        queue, events = await self._q(), await self._e()
+        if fused_ops(queue, events) is not None:
+            return list(await asyncio.gather(*(self.submit(t) for t in tasks)))
         plain = {t.id for t in tasks if t.unique_key is None and not self._runs_here(t)}
         if plain:
-            events = await self._e()
             await events.append_many([_enqueued_event(t) for t in tasks if t.id in plain])
-        queue = await self._q()
         return [
             await queue.enqueue(t) if t.id in plain else await self.submit(t) for t in tasks
         ]

@@ -227,6 +227,9 @@ class QueueStats:
     scheduled: int = 0  # waiting for an ETA or a retry delay
     running: int = 0  # leased to a worker
     failed: int = 0  # kept after the last attempt failed (dead letters)
+    # Since when the longest-waiting ready task has been ready (its enqueue, ETA or
+    # retry time); None when nothing is ready. What an "oldest wait" alert reads.
+    oldest_ready_at: datetime | None = None
 
 
 @dataclass(frozen=True)

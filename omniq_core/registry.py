@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union, overload
 
 from omniq.errors import ConfigError, MissingDependency
 
+if TYPE_CHECKING:
+    from omniq.storage import EventStorage, ResultStorage, TaskQueue
+
 Role = Literal["queue", "results", "events"]
+Store = Union["TaskQueue", "ResultStorage", "EventStorage"]
 ROLES: tuple[Role, ...] = ("queue", "results", "events")
 
 # type name -> (module, pip extra that brings its driver, driver module)
@@ -54,8 +58,19 @@ def require(driver: str, extra: str) -> Any:
         ) from exc
 
 
-def create(kind: str, role: Role, settings: Mapping[str, Any]) -> Any:
-    """Build (but do not open) the store of `role` on backend `kind`."""
+@overload
+def create(kind: str, role: Literal["queue"], settings: Mapping[str, Any]) -> TaskQueue: ...
+@overload
+def create(kind: str, role: Literal["results"], settings: Mapping[str, Any]) -> ResultStorage: ...
+@overload
+def create(kind: str, role: Literal["events"], settings: Mapping[str, Any]) -> EventStorage: ...
+@overload
+def create(kind: str, role: Role, settings: Mapping[str, Any]) -> Store: ...
+
+
+def create(kind: str, role: Role, settings: Mapping[str, Any]) -> Store:
+    """Build (but do not open) the store of `role` on backend `kind`: a role of the
+    process's one Backend for those settings (see omniq.backend)."""
     key = canonical(kind)
     module_name, extra, driver = BACKENDS[key]
     if driver is not None:
@@ -67,4 +82,5 @@ def create(kind: str, role: Role, settings: Mapping[str, Any]) -> Any:
             f"backend {key!r} could not be loaded ({exc}); try: {install_hint(key)}"
         ) from exc
     clean = {k: v for k, v in settings.items() if v is not None}
-    return module.create(role, clean)
+    store: Store = module.create(role, clean)
+    return store

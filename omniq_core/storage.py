@@ -18,11 +18,13 @@ from omniq.errors import BackendError
 from omniq.models import (
     Delivery,
     EventFilter,
+    EventType,
     QueueStats,
     Task,
     TaskEvent,
     TaskResult,
     WorkerInfo,
+    utcnow,
 )
 
 T = TypeVar("T")
@@ -58,6 +60,14 @@ class TaskQueue(Protocol):
 
         A claim whose reply was lost (connection dropped after the server did it) must
         not strand its task: server backends re-find such a claim on their next call."""
+
+    async def dequeue_many(
+        self, queues: Sequence[str], lease: float, timeout: float, limit: int
+    ) -> list[Delivery]:
+        """Claim up to `limit` tasks in one call (in `dequeue` order), waiting up to
+        `timeout` for the first one only: what a worker with several free slots asks
+        for. Same leases, attempts and problem deliveries as `dequeue`. Stores without
+        a batch primitive use `dequeue_some`."""
 
     async def ack(self, delivery: Delivery, *, failed: bool = False) -> bool:
         """Finish the task if this delivery still holds its lease; False (and nothing
@@ -154,6 +164,101 @@ class EventStorage(Protocol):
 
     async def cleanup(self, before: datetime) -> int:
         """Delete events with timestamp < before; return how many."""
+
+
+@runtime_checkable
+class FusedOps(Protocol):
+    """One-round-trip writes of a Backend that holds all three roles of a worker or
+    client (one Redis, one PostgreSQL database, one NATS account, one SQLite file set).
+    The worker and client use them when `fused_ops()` finds them; otherwise they write
+    to the three stores one by one (mixed setups). Same guarantees as the generic path:
+    ENQUEUED sorts before anything else of the task, STARTED is stored before the task
+    runs, the result is stored before the ack, and an outcome event is written only by
+    the writer whose result was stored (the first final outcome wins)."""
+
+    async def submit(self, task: Task, event: TaskEvent) -> str:
+        """`enqueue(task)` and append its ENQUEUED `event`, at once. A held unique key
+        stores nothing (no event either) and returns the holder's id."""
+
+    async def claim(
+        self,
+        queues: Sequence[str],
+        lease: float,
+        timeout: float,
+        limit: int,
+        worker_id: str,
+    ) -> list[Delivery]:
+        """`dequeue_many`, plus, for each delivery, its STARTED event
+        (`started_event(delivery, worker_id)`), stored in the same round trip. No
+        STARTED is written for a problem delivery, a task whose `expires_at` passed, or
+        an attempt beyond `max_retries + 1` (the worker fails those without running
+        them). A claimed task whose result is already stored (its worker died between
+        the result and the ack) is acked (dead-lettered when that result is not ok) and
+        not returned."""
+
+    async def finish(
+        self, delivery: Delivery, result: TaskResult, event: TaskEvent, *, failed: bool
+    ) -> bool:
+        """Store `result` unless one is stored (as `ResultStorage.store`); only if this
+        call stored it (or the stored one is identical: a re-sent write), append the
+        outcome `event`; then `ack(delivery, failed=failed)` (fenced by the lease). One
+        round trip; returns whether `result` is the stored outcome."""
+
+
+def fused_ops(*stores: Any) -> FusedOps | None:
+    """The fused operations when one Backend holds all of `stores`, else None."""
+    backend = getattr(stores[0], "backend", None)
+    if backend is None or not isinstance(backend, FusedOps):
+        return None
+    if any(getattr(store, "backend", None) is not backend for store in stores[1:]):
+        return None
+    return backend
+
+
+def started_event(
+    delivery: Delivery, worker_id: str, timestamp: datetime | None = None
+) -> TaskEvent:
+    """The STARTED event of a delivery. Its id names the claim, so the same claim can
+    never store two, while a later claim of the same attempt number (after a release)
+    gets its own."""
+    task = delivery.task
+    return TaskEvent(
+        task_id=task.id,
+        event_type=EventType.STARTED,
+        timestamp=timestamp or utcnow(),
+        attempt=delivery.attempt,
+        worker_id=worker_id,
+        queue=task.queue,
+        id=f"started:{task.id}:{delivery.attempt}:{delivery.receipt}",
+    )
+
+
+def runs_now(delivery: Delivery, now: datetime | None = None) -> bool:
+    """Whether a worker will run this delivery (so its STARTED is due): not a problem
+    delivery, not expired, and within its attempts (else the worker fails it)."""
+    task = delivery.task
+    if delivery.problem is not None:
+        return False
+    if task.expires_at is not None and task.expires_at <= (now or utcnow()):
+        return False
+    return delivery.attempt <= task.max_retries + 1
+
+
+async def dequeue_some(
+    queue: TaskQueue, queues: Sequence[str], lease: float, timeout: float, limit: int
+) -> list[Delivery]:
+    """`dequeue_many` for a store without a batch primitive: one waiting dequeue, then
+    non-waiting ones while tasks are there."""
+    first = await queue.dequeue(queues, lease, timeout)
+    if first is None:
+        return []
+    got = [first]
+    while len(got) < limit:
+        more = await queue.dequeue(queues, lease, 0)
+        if more is None:
+            break
+        got.append(more)
+    return got
 
 
 # --- shared helpers -------------------------------------------------------

@@ -49,7 +49,14 @@ from omniq.models import (
     WorkerInfo,
     utcnow,
 )
-from omniq.storage import EventStorage, ResultStorage, TaskQueue
+from omniq.storage import (
+    EventStorage,
+    FusedOps,
+    ResultStorage,
+    TaskQueue,
+    fused_ops,
+    started_event,
+)
 from omniq.threads import TaskThreads
 
 log = logging.getLogger("omniq.worker")
@@ -175,7 +182,8 @@ class Worker:
         self._handlers: set[asyncio.Task[None]] = set()
         self._resolved: dict[str, Callable[..., Any]] = {}
         self._writer = EventWriter(events, self._resilient)
-        self._fetching = 0  # dequeue calls in flight
+        self._reserved = 0  # slots promised to claims in flight
+        self._fused: FusedOps | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nudge = asyncio.Event()  # set when a slot frees up or a stop is requested
         self._running_changed = asyncio.Event()  # a task started or ended: re-register
@@ -205,17 +213,19 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._nudge = asyncio.Event()
         self._threads = TaskThreads(self._loop, s.concurrency)
-        slots = asyncio.Semaphore(s.concurrency)
         self._running_changed = asyncio.Event()
+        # One Backend holding all three stores: claim + STARTED and result + outcome
+        # event + ack each take one round trip.
+        self._fused = fused_ops(self.queue, self.results, self.events)
         background = [
             asyncio.create_task(self._heartbeat_loop()),
             asyncio.create_task(self._announce_loop()),
         ]
         try:
-            # Several claims in flight hide the store's round trip (or let a
-            # batching store thread commit them together).
-            fetchers = s.fetchers or min(s.concurrency, 4)
-            await asyncio.gather(*(self._fetch_loop(slots) for _ in range(fetchers)))
+            # A batch claim fills every free slot; a store that claims one task per
+            # call gets several calls in flight instead, to hide its round trip.
+            fetchers = s.fetchers or (1 if self._batching else min(s.concurrency, 4))
+            await asyncio.gather(*(self._fetch_loop() for _ in range(fetchers)))
             await self._finish_running()
             await self._drain()
         finally:
@@ -226,51 +236,72 @@ class Worker:
             self._threads.shutdown()
         return self.tasks_done
 
-    async def _fetch_loop(self, slots: asyncio.Semaphore) -> None:
+    @property
+    def _batching(self) -> bool:
+        return self._fused is not None or hasattr(self.queue, "dequeue_many")
+
+    async def _fetch_loop(self) -> None:
         s = self.settings
         backoff = 0.5
         while not self._stopping and not self._reached_max():
-            if not await self._acquire_slot(slots):
+            free = await self._wait_for_free_slots()
+            if not free:
                 break
+            limit = free if self._batching else 1
             wait = 0.05 if s.burst and not self.running else s.poll_interval
-            self._fetching += 1
+            self._reserved += limit
             began = time.monotonic()
             try:
-                delivery = await self.queue.dequeue(s.queues, s.lease, wait)
+                deliveries = await self._claim(limit, wait)
             except BackendUnavailable as exc:
-                slots.release()
                 self._log_outage(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
             finally:
-                self._fetching -= 1
+                self._reserved -= limit
             backoff = 0.5
             self._outage_over(began)
-            if delivery is None:
-                slots.release()
+            if not deliveries:
                 if s.burst and not self.running:
                     break
                 continue
             if self._stopping:
-                await self._release(delivery)
-                slots.release()
+                for delivery in deliveries:
+                    await self._release(delivery)
                 break
-            self._start_handler(delivery, slots)
+            for delivery in deliveries:
+                self._start_handler(delivery)
 
-    async def _acquire_slot(self, slots: asyncio.Semaphore) -> bool:
-        """A free slot, or False once a stop is requested while every slot is busy."""
-        # Not a bare `await slots.acquire()`: that would not see request_stop() until a
-        # running task ended, so the shutdown timeout would never start.
-        while slots.locked():
-            if self._stopping:
-                return False
+    async def _claim(self, limit: int, wait: float) -> list[Delivery]:
+        s = self.settings
+        if self._fused is not None:
+            return await self._fused.claim(s.queues, s.lease, wait, limit, self.worker_id)
+        if limit > 1:
+            return await self.queue.dequeue_many(s.queues, s.lease, wait, limit)
+        delivery = await self.queue.dequeue(s.queues, s.lease, wait)
+        return [] if delivery is None else [delivery]
+
+    def _free_slots(self) -> int:
+        s = self.settings
+        free = s.concurrency - len(self.running) - self._reserved
+        if s.max_tasks is not None:
+            free = min(free, s.max_tasks - self.tasks_done - len(self.running) - self._reserved)
+        return max(0, free)
+
+    async def _wait_for_free_slots(self) -> int:
+        """How many slots are free (waiting for one), or 0 once a stop is requested."""
+        # Woken by request_stop() too: with every slot busy, a stop must still start
+        # the shutdown timeout at once.
+        while not self._stopping and not self._reached_max():
+            free = self._free_slots()
+            if free:
+                return free
             self._nudge.clear()
             await self._nudge.wait()
-        await slots.acquire()  # free now: returns at once
-        return True
+        return 0
 
-    def _start_handler(self, delivery: Delivery, slots: asyncio.Semaphore) -> None:
+    def _start_handler(self, delivery: Delivery) -> None:
         handler = asyncio.create_task(self._handle(delivery))
         self.running[delivery.task_id] = _Running(delivery, handler)
         self._handlers.add(handler)
@@ -279,7 +310,6 @@ class Worker:
         def done(t: asyncio.Task[None]) -> None:
             self._handlers.discard(t)
             self.running.pop(delivery.task_id, None)
-            slots.release()
             self._nudge.set()
             self._running_changed.set()
 
@@ -287,7 +317,7 @@ class Worker:
 
     def _reached_max(self) -> bool:
         m = self.settings.max_tasks
-        return m is not None and self.tasks_done + len(self.running) + self._fetching >= m
+        return m is not None and self.tasks_done + len(self.running) + self._reserved >= m
 
     async def _finish_running(self) -> None:
         """After max_tasks the last tasks run to their end, unless a stop is requested."""
@@ -331,9 +361,10 @@ class Worker:
         if await self._skip_if_settled(delivery):
             return
         started_at = utcnow()
-        # Stored before the task's code runs: an attempt that began leaves its trace
-        # even when the task then kills its worker.
-        await self._emit(task, EventType.STARTED, delivery.attempt)
+        if self._fused is None:  # (a fused claim stored it with the lease)
+            # Stored before the task's code runs: an attempt that began leaves its
+            # trace even when the task then kills its worker.
+            await self._writer.submit(started_event(delivery, self.worker_id))
         kind, payload = await self._run_task(task)
         if kind == "ok":
             await self._success(delivery, started_at, payload)
@@ -366,7 +397,7 @@ class Worker:
                 error=TaskRefused("task expired before a worker started it"),
             )
             return True
-        if delivery.attempt > 1:
+        if delivery.attempt > 1 and self._fused is None:  # (a fused claim checked)
             existing = await self._resilient(lambda: self.results.get(task.id))
             if existing is not None:
                 await self._resilient(lambda: self.queue.ack(delivery, failed=not existing.ok))
@@ -433,31 +464,52 @@ class Worker:
         task = delivery.task
         self._mark_finishing(task.id)
         result = self._make_result(delivery, started_at, status, value, error, attempts)
-        stored = await self._resilient(lambda: self.results.store(result))
-        if not stored and not await self._is_own(result):
-            await self._lost_race(delivery, result)
-            return
         details: dict[str, Any] = {}
         if started_at is not None:
             details["duration"] = round((result.finished_at - started_at).total_seconds(), 6)
         if error is not None:
             details["error"] = f"{result.error_type}: {result.error_message}"[:500]
-        await self._emit(task, _EVENT_OF[status], result.attempts, details)
-        await self._resilient(lambda: self.queue.ack(delivery, failed=not result.ok))
+        event = self._event(task, _EVENT_OF[status], result.attempts, details)
+        if not await self._settle(delivery, result, event):
+            return
         self.tasks_done += 1
         self._log_outcome(delivery, result, details.get("duration"))
+
+    async def _settle(self, delivery: Delivery, result: TaskResult, event: TaskEvent) -> bool:
+        """Store the outcome, its event and the ack; False when another outcome was
+        stored first (then it stands, and nothing of ours is written)."""
+        failed = not result.ok
+        fused = self._fused
+        if fused is not None:
+            stored = await self._resilient(
+                lambda: fused.finish(delivery, result, event, failed=failed)
+            )
+            if not stored:
+                await self._lost_race(delivery, result, acked=True)
+            return stored
+        stored = await self._resilient(lambda: self.results.store(result))
+        if not stored and not await self._is_own(result):
+            await self._lost_race(delivery, result, acked=False)
+            return False
+        # Independent once the result is stored: the event and the ack go out together.
+        await asyncio.gather(
+            self._writer.submit(event),
+            self._resilient(lambda: self.queue.ack(delivery, failed=failed)),
+        )
+        return True
 
     async def _is_own(self, result: TaskResult) -> bool:
         """The stored result is this very one: an earlier write whose reply was lost."""
         existing = await self._resilient(lambda: self.results.get(result.task_id))
         return existing == result
 
-    async def _lost_race(self, delivery: Delivery, mine: TaskResult) -> None:
+    async def _lost_race(self, delivery: Delivery, mine: TaskResult, *, acked: bool) -> None:
         """Another outcome was stored first: it stands. No event; ack only if we still
         hold the task (the fenced ack changes nothing otherwise)."""
         first = await self._resilient(lambda: self.results.get(mine.task_id))
         ok = first.ok if first is not None else mine.ok
-        await self._resilient(lambda: self.queue.ack(delivery, failed=not ok))
+        if not acked:
+            await self._resilient(lambda: self.queue.ack(delivery, failed=not ok))
         self.tasks_done += 1
         kept = "expired since" if first is None else (
             f"{first.status.value} by {first.worker_id or 'another worker'} "

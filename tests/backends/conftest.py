@@ -5,6 +5,9 @@ A tech module defines:
     ROLES: tuple[str, ...]         # which of "queue", "results", "events" it provides
     def unavailable() -> str | None        # None when usable, else why (server down)
     async def make(role, tmp_path, namespace) -> store   # a new, unopened store
+    async def make_backend(tmp_path, namespace) -> Backend   # optional: the three roles
+                                           # on one Backend (backend.queue() etc.), with
+                                           # its fused operations (omniq.storage.FusedOps)
 Stores made with the same (tmp_path, namespace) must see the same data, like two
 processes would; different namespaces must be isolated from each other.
 """
@@ -52,7 +55,14 @@ class Harness:
         return str(self.tech.NAME)
 
     async def another(self) -> Any:
-        """A second handle on the same store, as another process would have."""
+        """A second handle on the same store, as another process would have (for the
+        "backend" role: a Backend whose three stores are open)."""
+        if self.role == "backend":
+            backend = await self.tech.make_backend(self.tmp_path, self.namespace)
+            for store in (backend.queue(), backend.results(), backend.events()):
+                await store.open()
+                self._opened.append(store)
+            return backend
         store = await self.tech.make(self.role, self.tmp_path, self.namespace)
         await store.open()
         self._opened.append(store)
@@ -98,3 +108,9 @@ def results_h(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
 @pytest.fixture(params=_ids("events"))
 def events_h(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     return _harness(request, tmp_path, "events")
+
+
+@pytest.fixture(params=[name for name, t in TECHS.items() if hasattr(t, "make_backend")])
+def backend_h(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+    """A harness whose `run(body)` gets a Backend holding all three roles."""
+    return _harness(request, tmp_path, "backend")

@@ -24,3 +24,13 @@ async def make(role: str, tmp_path: Path, namespace: str) -> Any:
 
 # The memory queue keeps Task objects, not bytes: there is nothing to corrupt.
 corrupt_task = None
+
+
+async def make_backend(tmp_path: Path, namespace: str) -> Any:
+    """The three roles on one Backend, with its fused operations (one per namespace)."""
+    from omniq.backends.memory import MemoryBackend
+
+    key = ("backend", namespace)
+    if key not in _shared:
+        _shared[key] = MemoryBackend()
+    return _shared[key]

@@ -392,6 +392,59 @@ def test_an_undecodable_task_is_delivered_with_its_problem(
     queue_h.run(body)
 
 
+def test_dequeue_many_takes_a_batch_in_order(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        tasks = [task("dm") for _ in range(5)]
+        for t in tasks:
+            await q.enqueue(t)
+        urgent = task("dm", priority=5)
+        await q.enqueue(urgent)
+        got = await q.dequeue_many(["dm"], LEASE, 0, 4)
+        assert [d.task.id for d in got] == [urgent.id, *(t.id for t in tasks[:3])]
+        assert all(d.attempt == 1 for d in got)
+        assert len({d.receipt for d in got}) == 4
+        rest = await q.dequeue_many(["dm"], LEASE, 0, 10)
+        assert [d.task.id for d in rest] == [t.id for t in tasks[3:]]
+        for d in [*got, *rest]:
+            assert await q.ack(d) is True
+
+    queue_h.run(body)
+
+
+def test_dequeue_many_waits_for_the_first_task_only(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await q.dequeue_many(["dw"], LEASE, 0.3, 5) == []
+        assert loop.time() - start >= 0.25
+        waiting = asyncio.create_task(q.dequeue_many(["dw"], LEASE, 5, 5))
+        await asyncio.sleep(0.2)
+        other = await queue_h.another()
+        t = task("dw")
+        await other.enqueue(t)
+        got = await asyncio.wait_for(waiting, 5)
+        assert [d.task.id for d in got] == [t.id]
+
+    queue_h.run(body)
+
+
+def test_stats_tell_since_when_the_oldest_ready_task_waits(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        before = utcnow()
+        await q.enqueue(task("ow"))
+        await asyncio.sleep(0.05)
+        await q.enqueue(task("ow"))
+        await q.enqueue(task("ow", eta=seconds_from_now(3600)))  # scheduled: not waiting
+        await q.enqueue(task("ow2", eta=seconds_from_now(3600)))
+        stats = {s.queue: s for s in await q.stats()}
+        oldest = stats["ow"].oldest_ready_at
+        assert oldest is not None
+        assert before - timedelta(seconds=2) <= oldest <= before + timedelta(seconds=2)
+        assert stats["ow2"].oldest_ready_at is None
+
+    queue_h.run(body)
+
+
 def test_stats_per_queue_and_state(queue_h: Harness) -> None:
     async def body(q: Any) -> None:
         await q.enqueue(task("s1"))
