@@ -157,7 +157,7 @@ class Worker:
         local_functions: Mapping[str, Callable[..., Any]] | None = None,
         worker_id: str | None = None,
         runner: Any = None,
-        on_event: Callable[[str], None] | None = None,
+        observer: Callable[[TaskEvent, Task], None] | None = None,
         also_allowed: Collection[str] | None = None,
     ) -> None:
         self.queue = queue
@@ -170,7 +170,8 @@ class Worker:
         self.tasks_done = 0
         self.running: dict[str, _Running] = {}
         self._runner = runner
-        self._on_event = on_event
+        # Told of every lifecycle event this worker records (metrics); never blocks.
+        self._observer = observer
         # Modules allowed besides the allow-list (a live set: an embedded worker with no
         # task_modules runs the modules its own process enqueued from).
         self._also_allowed = also_allowed if also_allowed is not None else ()
@@ -364,7 +365,9 @@ class Worker:
         if self._fused is None:  # (a fused claim stored it with the lease)
             # Stored before the task's code runs: an attempt that began leaves its
             # trace even when the task then kills its worker.
-            await self._writer.submit(started_event(delivery, self.worker_id))
+            await self._record(started_event(delivery, self.worker_id), task)
+        else:
+            self._observe(started_event(delivery, self.worker_id), task)
         kind, payload = await self._run_task(task)
         if kind == "ok":
             await self._success(delivery, started_at, payload)
@@ -486,6 +489,8 @@ class Worker:
             )
             if not stored:
                 await self._lost_race(delivery, result, acked=True)
+            else:
+                self._observe(event, delivery.task)
             return stored
         stored = await self._resilient(lambda: self.results.store(result))
         if not stored and not await self._is_own(result):
@@ -493,7 +498,7 @@ class Worker:
             return False
         # Independent once the result is stored: the event and the ack go out together.
         await asyncio.gather(
-            self._writer.submit(event),
+            self._record(event, delivery.task),
             self._resilient(lambda: self.queue.ack(delivery, failed=failed)),
         )
         return True
@@ -610,7 +615,19 @@ class Worker:
     async def _emit(
         self, task: Task, kind: EventType, attempt: int, details: dict[str, Any] | None = None
     ) -> None:
-        await self._writer.submit(self._event(task, kind, attempt, details))
+        await self._record(self._event(task, kind, attempt, details), task)
+
+    async def _record(self, event: TaskEvent, task: Task) -> None:
+        """Write one event (group-committed with those of other tasks)."""
+        self._observe(event, task)
+        await self._writer.submit(event)
+
+    def _observe(self, event: TaskEvent, task: Task) -> None:
+        if self._observer is not None:
+            try:
+                self._observer(event, task)
+            except Exception:  # metrics must never cost a task
+                log.exception("the worker's observer failed")
 
     # --- running the callable -------------------------------------------
     async def _execute(self, task: Task) -> Any:

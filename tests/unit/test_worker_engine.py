@@ -353,6 +353,28 @@ async def test_a_stalled_workers_late_outcome_does_not_replace_the_real_one(s: S
 
 
 @with_stores
+async def test_the_observer_sees_each_event_the_worker_records(s: Stores, tmp_path: Path) -> None:
+    seen: list[tuple[str, str, int]] = []
+    marker = tmp_path / "count"
+    ok = Task(func="omniq.examples:add", args=(1, 1))
+    flaky = Task(func="omniq.examples:flaky", args=(str(marker), 1), max_retries=1,
+                 retry_delay=0.01)
+    await s.submit(ok, flaky)
+    worker = Worker(s.queue, s.results, s.events, replace(FAST),
+                    observer=lambda e, t: seen.append((t.func, e.event_type.value, e.attempt)))
+    running = asyncio.create_task(worker.run())
+    await until(lambda: _stored(s, flaky.id))
+    worker.request_stop()
+    await running
+
+    def of(func: str) -> list[tuple[str, int]]:
+        return [(kind, attempt) for f, kind, attempt in seen if f == func]
+
+    assert of(ok.func) == [("started", 1), ("completed", 1)]
+    assert of(flaky.func) == [("started", 1), ("retried", 1), ("started", 2), ("completed", 2)]
+
+
+@with_stores
 async def test_started_is_stored_before_the_task_code_runs(s: Stores) -> None:
     seen: list[list[str]] = []
 
