@@ -84,7 +84,12 @@ CONNECT_TIMEOUT = 2.0  # per attempt; nats-py tries each server twice on open
 OPEN_BUDGET = 6.0  # a failed open gives up after this, whatever nats-py would do
 RECONNECT_WAIT = 1.0  # between reconnect attempts once a connection was up
 REQUEST_TIMEOUT = 5.0
-ACK_WAIT = 30.0  # consumer AckWait: the lease of the default worker, and the fallback
+# Consumer AckWait: how long a pulled message stays away when nobody settles it: one that
+# a process fetched and then died before claiming it or handing it back, or one whose
+# lease NAK was lost. Short, so a worker killed by a task does not hold the tasks it had
+# prefetched for long (issue 8, item 2); a claimed task's lease is set on its message with
+# a delayed NAK instead (one fire-and-forget publish per claim, no round trip).
+ACK_WAIT = 5.0
 HOLD = 1.0  # pulled messages nobody claimed go back to the stream after this
 FRESH = 0.1  # a lane the server just called empty is skipped this long, unless woken
 MAX_BATCH = 64
@@ -835,19 +840,22 @@ class _Dispatcher:
 
     async def _create_lane(self, queue: str, priority: int, lane: _Lane | None) -> _Lane:
         consumer = f"{_qtok(queue)}-{_ptok(priority)}"
-        await self._conn.js.add_consumer(
-            self._stream,
-            api.ConsumerConfig(
-                durable_name=consumer,
-                filter_subject=self.subject(queue, priority),
-                ack_policy=api.AckPolicy.EXPLICIT,
-                ack_wait=ACK_WAIT,
-                # Scheduled and retried tasks wait as pending acks: never cap them.
-                max_ack_pending=-1,
-                max_deliver=-1,
-                max_waiting=4096,
-            ),
+        config = api.ConsumerConfig(
+            durable_name=consumer,
+            filter_subject=self.subject(queue, priority),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT,
+            # Scheduled and retried tasks wait as pending acks: never cap them.
+            max_ack_pending=-1,
+            max_deliver=-1,
+            max_waiting=4096,
         )
+        try:
+            # Also updates the AckWait of a consumer made by an older omniq (30 s).
+            await self._conn.js.add_consumer(self._stream, config)
+        except nats.js.errors.BadRequestError:
+            # A server that will not update it: use the consumer as it is.
+            await self._conn.js.consumer_info(self._stream, consumer)
         if lane is None:
             lane = _Lane(queue, priority, consumer, self._conn.nc.new_inbox())
             lane.sub = await self._conn.nc.subscribe(
@@ -1268,9 +1276,12 @@ class NATSQueue(_Store):
         must not sit out its lease and come back with an attempt that never ran), else
         hand its message back at once. Costs a read only after such a failure."""
         while self._unsettled:
-            lost = self._unsettled[0]
-            entry = await self._state.get(lost.key)  # may fail again: kept for next time
-            self._unsettled.popleft()
+            lost = self._unsettled.popleft()  # taken: concurrent dequeues share the list
+            try:
+                entry = await self._state.get(lost.key)
+            except BaseException:
+                self._unsettled.append(lost)  # ask again next time
+                raise
             if entry is not None and entry.state == RUNNING and entry.text(H_CLAIM) == lost.token:
                 r = _Receipt(lost.reply, lost.key, entry.rev, entry.data, entry.attempts,
                              lost.token, _pick_meta(entry.headers))
