@@ -1129,9 +1129,26 @@ class NATSQueue(_Store):
             self._dispatcher = _Dispatcher(self._conn, self.prefix, self._stream)
 
     async def _teardown(self, same_connection: bool) -> None:
+        if same_connection:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._hand_back_unsettled(), self._conn.timeout)
+        self._unsettled.clear()
         dispatcher, self._dispatcher = self._dispatcher, None
         if dispatcher is not None:
             await dispatcher.close(same_connection)
+
+    async def _hand_back_unsettled(self) -> None:
+        """Closing with claims whose reply never came: release those the server took, so
+        they run again now without an attempt counted against them."""
+        while self._unsettled:
+            lost = self._unsettled.popleft()
+            entry = await self._state.get(lost.key)
+            if entry is not None and entry.state == RUNNING and entry.text(H_CLAIM) == lost.token:
+                r = _Receipt(lost.reply, lost.key, entry.rev, entry.data, entry.attempts,
+                             lost.token, _pick_meta(entry.headers))
+                waiting = _state_headers(r.meta, WAITING, max(0, r.attempts - 1), claim=r.token)
+                await self._fenced(r, waiting)
+            await self._conn.nc.publish(lost.reply, b"-NAK")
 
     async def _lanes(self) -> _Dispatcher:
         await self._ready()

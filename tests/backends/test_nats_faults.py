@@ -117,6 +117,31 @@ def test_a_claim_whose_reply_never_came_is_delivered_by_the_next_dequeue(
     asyncio.run(body())
 
 
+@pytest.mark.parametrize("kind", ["lose_reply", "delay_reply"])
+def test_a_store_closed_after_a_lost_claim_hands_the_task_back(net: Net, kind: str) -> None:
+    async def body() -> None:
+        q = net.store(nats_backend.NATSQueue)
+        t = _task()
+        await q.enqueue(t)
+        net.inject(kind, b"Omniq-State: running")
+        with pytest.raises(BackendUnavailable):
+            await q.dequeue(["default"], 30, 2)
+        deadline = time.monotonic() + 10
+        while not q._conn.nc.is_connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(TIMEOUT * 2)  # the late reply (if any) has come and gone
+        await q.close()  # the worker stops: the claim it never saw is handed back
+        other = net.direct(nats_backend.NATSQueue)
+        began = time.monotonic()
+        d = await other.dequeue(["default"], 30, 20)
+        assert d is not None and d.task == t and d.attempt == 1
+        assert time.monotonic() - began < 10  # not after the 30 s lease
+        assert await other.ack(d) is True
+        await other.close()
+
+    asyncio.run(body())
+
+
 @pytest.mark.parametrize("kind", FAULTS)
 def test_a_result_sent_again_is_stored_once_and_still_wins(net: Net, kind: str) -> None:
     async def body() -> None:
