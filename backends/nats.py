@@ -28,6 +28,7 @@ import os
 import re
 import ssl
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,14 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
-from omniq.errors import BackendError, BackendUnavailable, ConfigError, OmniQError, redact
+from omniq.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    CorruptRecord,
+    OmniQError,
+    redact,
+)
 from omniq.models import (
     Delivery,
     QueueStats,
@@ -57,6 +65,7 @@ from omniq.serialization import (
     decode_event,
     decode_result,
     decode_task,
+    decode_task_or_placeholder,
     decode_worker,
     encode_event,
     encode_result,
@@ -75,7 +84,12 @@ CONNECT_TIMEOUT = 2.0  # per attempt; nats-py tries each server twice on open
 OPEN_BUDGET = 6.0  # a failed open gives up after this, whatever nats-py would do
 RECONNECT_WAIT = 1.0  # between reconnect attempts once a connection was up
 REQUEST_TIMEOUT = 5.0
-ACK_WAIT = 30.0  # consumer AckWait: the lease of the default worker, and the fallback
+# Consumer AckWait: how long a pulled message stays away when nobody settles it: one that
+# a process fetched and then died before claiming it or handing it back, or one whose
+# lease NAK was lost. Short, so a worker killed by a task does not hold the tasks it had
+# prefetched for long (issue 8, item 2); a claimed task's lease is set on its message with
+# a delayed NAK instead (one fire-and-forget publish per claim, no round trip).
+ACK_WAIT = 5.0
 HOLD = 1.0  # pulled messages nobody claimed go back to the stream after this
 FRESH = 0.1  # a lane the server just called empty is skipped this long, unless woken
 MAX_BATCH = 64
@@ -86,6 +100,12 @@ SCAN_BATCH = 256
 SCAN_IDLE = 30.0
 RESULT_RECHECK = 2.0  # a result wait re-reads its key this often (covers reconnect gaps)
 CHUNK = 32  # concurrent requests in bulk maintenance (purge, cleanup)
+# How long the events stream remembers event ids (Nats-Msg-Id) to drop a copy sent again.
+# A write whose reply was lost is sent again within seconds (the worker's retries back off
+# to 10 s), or once the server is reachable again; after this window a second copy would
+# be stored. The server keeps the ids of the window in memory (~100 bytes each), so 5
+# minutes at 1,000 events/s is ~30 MB: longer is not free.
+EVENT_DEDUPE_WINDOW = 300.0
 
 # Headers on task-state and result entries, so scans can read them headers-only.
 H_STATE = "Omniq-State"
@@ -98,6 +118,10 @@ H_UNTIL = "Omniq-Until"
 H_EXPIRES = "Omniq-Expires"
 H_FINISHED = "Omniq-Finished"
 H_TS = "Omniq-Ts"
+H_ID = "Omniq-Id"
+H_PRIORITY = "Omniq-Priority"
+H_UNIQUE_TTL = "Omniq-Unique-Ttl"
+H_CLAIM = "Omniq-Claim"  # the token of the lease holder that wrote the entry
 # Headers on task messages.
 H_REV = "Omniq-Rev"
 H_ETA = "Omniq-Eta"
@@ -181,7 +205,7 @@ _UNAVAILABLE = (
 )
 
 
-def _translate(exc: Exception, where: str) -> OmniQError | None:
+def _translate(exc: Exception, where: str, timeout: float) -> OmniQError | None:
     """The omniq error for a driver exception, or None for a bug of ours."""
     if isinstance(exc, nats.js.errors.ServiceUnavailableError):
         return BackendUnavailable(
@@ -194,7 +218,7 @@ def _translate(exc: Exception, where: str) -> OmniQError | None:
             f"JetStream at {where} refused the request: {exc.description} (code {exc.err_code})"
         )
     if isinstance(exc, TimeoutError):
-        return BackendUnavailable(f"NATS at {where} did not answer within {REQUEST_TIMEOUT:g}s")
+        return BackendUnavailable(f"NATS at {where} did not answer within {timeout:g}s")
     if isinstance(exc, _UNAVAILABLE):
         return BackendUnavailable(f"NATS at {where} is unavailable: {_describe(exc)}")
     if isinstance(exc, nats.errors.Error):
@@ -231,7 +255,7 @@ def _boundary(fn: Method[S, P, R]) -> Method[S, P, R]:
         except Exception as exc:
             if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.js.errors.NotFoundError):
                 self._needs_setup = True  # an admin deleted a stream: recreate it on next use
-            translated = _translate(exc, self._conn.where)
+            translated = _translate(exc, self._conn.where, self._conn.timeout)
             if translated is None:
                 raise
             raise translated from exc
@@ -245,8 +269,11 @@ def _boundary(fn: Method[S, P, R]) -> Method[S, P, R]:
 class _Connection:
     """One NATS connection: bounded first connect, endless reconnects once up, fork-aware."""
 
-    def __init__(self, servers: list[str], options: dict[str, Any]) -> None:
+    def __init__(
+        self, servers: list[str], options: dict[str, Any], timeout: float = REQUEST_TIMEOUT
+    ) -> None:
         self.servers = servers
+        self.timeout = timeout  # per request: a reply later than this counts as lost
         self.where = redact(", ".join(servers))
         self._options = options
         self._nc: NATS | None = None
@@ -306,7 +333,7 @@ class _Connection:
         # Bounded while opening; once up, ride out server restarts in the background.
         nc.options["max_reconnect_attempts"] = -1
         nc.options["reconnect_time_wait"] = RECONNECT_WAIT
-        self._nc, self._js = nc, nc.jetstream(timeout=REQUEST_TIMEOUT)
+        self._nc, self._js = nc, nc.jetstream(timeout=self.timeout)
         self._pid, self._loop = os.getpid(), asyncio.get_running_loop()
 
     def _connect_args(self) -> dict[str, Any]:
@@ -389,10 +416,10 @@ def _server_list(servers: Sequence[str] | str) -> list[str]:
 # --- JetStream primitives ---------------------------------------------------
 
 
-async def _api(nc: NATS, subject: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+async def _api(conn: _Connection, subject: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     """One JetStream API request; errors raised as nats-py's APIError family."""
     try:
-        msg = await nc.request(subject, json.dumps(payload).encode(), timeout=REQUEST_TIMEOUT)
+        msg = await conn.nc.request(subject, json.dumps(payload).encode(), timeout=conn.timeout)
     except nats.errors.NoRespondersError:
         raise nats.js.errors.ServiceUnavailableError from None
     data: dict[str, Any] = json.loads(msg.data)
@@ -408,6 +435,17 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None
     except nats.js.errors.BadRequestError as exc:
         await _created_by_someone_else(js, config.name or "", exc)
         # Exists with other settings (an admin's edits, an older omniq): use it as it is.
+
+
+async def _widen_dedupe_window(js: JetStreamContext, stream: str, window: float) -> None:
+    """Give a stream made by an older omniq (the server's 2 minute default) our window."""
+    info = await js.stream_info(stream)
+    config = info.config
+    if config.duplicate_window is not None and config.duplicate_window >= window:
+        return
+    config.duplicate_window = window
+    with contextlib.suppress(nats.js.errors.BadRequestError):  # an admin's limits: keep them
+        await js.update_stream(config)
 
 
 async def _ensure_bucket(js: JetStreamContext, name: str) -> None:
@@ -433,14 +471,16 @@ async def _created_by_someone_else(
     raise exc
 
 
-async def _purge(nc: NATS, stream: str, subject: str | None, below: int | None = None) -> int:
+async def _purge(
+    conn: _Connection, stream: str, subject: str | None, below: int | None = None
+) -> int:
     """Remove every message of `subject` (optionally only below a sequence); no markers left."""
     req: dict[str, Any] = {}
     if subject is not None:
         req["filter"] = subject
     if below is not None:
         req["seq"] = below
-    data = await _api(nc, f"$JS.API.STREAM.PURGE.{stream}", req)
+    data = await _api(conn, f"$JS.API.STREAM.PURGE.{stream}", req)
     return int(data.get("purged", 0))
 
 
@@ -473,7 +513,8 @@ async def _scan(
     sub = await nc.subscribe(inbox)
     info = await js.add_consumer(stream, config)
     try:
-        async for msg in _drain(nc, sub, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{info.name}", limit):
+        next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{info.name}"
+        async for msg in _drain(conn, sub, next_subject, limit):
             yield msg
     finally:
         with contextlib.suppress(Exception):
@@ -483,8 +524,9 @@ async def _scan(
 
 
 async def _drain(
-    nc: NATS, sub: Subscription, next_subject: str, limit: int | None
+    conn: _Connection, sub: Subscription, next_subject: str, limit: int | None
 ) -> AsyncIterator[Msg]:
+    nc = conn.nc
     left = math.inf if limit is None else limit
     while left > 0:
         size = int(min(SCAN_BATCH, left))
@@ -492,7 +534,7 @@ async def _drain(
                          reply=sub.subject)
         got = 0
         while got < size:
-            msg = await sub.next_msg(timeout=REQUEST_TIMEOUT)
+            msg = await sub.next_msg(timeout=conn.timeout)
             status = _status(msg)
             if status == "100":
                 continue
@@ -552,7 +594,7 @@ class _Bucket:
 
     async def get(self, key: str) -> _Entry | None:
         msg = await self._conn.nc.request(
-            f"$JS.API.DIRECT.GET.{self.stream}.{self.pre}{key}", b"", timeout=REQUEST_TIMEOUT
+            f"$JS.API.DIRECT.GET.{self.stream}.{self.pre}{key}", b"", timeout=self._conn.timeout
         )
         headers = msg.headers or {}
         status = headers.get("Status")
@@ -582,7 +624,13 @@ class _Bucket:
         return int(ack.seq)
 
     async def purge(self, key: str) -> bool:
-        return await _purge(self._conn.nc, self.stream, self.pre + key) > 0
+        return await _purge(self._conn, self.stream, self.pre + key) > 0
+
+    async def purge_at(self, key: str, rev: int) -> bool:
+        """Remove the key only while it is still at revision `rev`: a fenced delete in one
+        request. With history 1 a newer write has already replaced `rev`, so purging the
+        subject's messages up to `rev` finds nothing then."""
+        return await _purge(self._conn, self.stream, self.pre + key, below=rev + 1) > 0
 
     async def scan(self, pattern: str, *, headers_only: bool) -> AsyncIterator[_Entry]:
         async for msg in _scan(
@@ -618,10 +666,13 @@ class _Store:
         token: str | None = None,
         tls: bool | ssl.SSLContext | None = None,
         options: Mapping[str, Any] | None = None,
+        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self.prefix = _check_prefix(prefix)
         self._conn = _Connection(
-            _server_list(servers), _connect_options(username, password, token, tls, options)
+            _server_list(servers),
+            _connect_options(username, password, token, tls, options),
+            request_timeout,
         )
         self._needs_setup = True
         self._name_things()
@@ -789,19 +840,22 @@ class _Dispatcher:
 
     async def _create_lane(self, queue: str, priority: int, lane: _Lane | None) -> _Lane:
         consumer = f"{_qtok(queue)}-{_ptok(priority)}"
-        await self._conn.js.add_consumer(
-            self._stream,
-            api.ConsumerConfig(
-                durable_name=consumer,
-                filter_subject=self.subject(queue, priority),
-                ack_policy=api.AckPolicy.EXPLICIT,
-                ack_wait=ACK_WAIT,
-                # Scheduled and retried tasks wait as pending acks: never cap them.
-                max_ack_pending=-1,
-                max_deliver=-1,
-                max_waiting=4096,
-            ),
+        config = api.ConsumerConfig(
+            durable_name=consumer,
+            filter_subject=self.subject(queue, priority),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT,
+            # Scheduled and retried tasks wait as pending acks: never cap them.
+            max_ack_pending=-1,
+            max_deliver=-1,
+            max_waiting=4096,
         )
+        try:
+            # Also updates the AckWait of a consumer made by an older omniq (30 s).
+            await self._conn.js.add_consumer(self._stream, config)
+        except nats.js.errors.BadRequestError:
+            # A server that will not update it: use the consumer as it is.
+            await self._conn.js.consumer_info(self._stream, consumer)
         if lane is None:
             lane = _Lane(queue, priority, consumer, self._conn.nc.new_inbox())
             lane.sub = await self._conn.nc.subscribe(
@@ -902,7 +956,7 @@ class _Dispatcher:
             req["expires"] = int(expires * 1e9)
         else:
             req["no_wait"] = True
-        pull = _Pull(size, expires > 0, self._now() + expires + REQUEST_TIMEOUT)
+        pull = _Pull(size, expires > 0, self._now() + expires + self._conn.timeout)
         lane.pull = pull
         lane.hint = False
         await self._conn.nc.publish(
@@ -942,35 +996,101 @@ class _Dispatcher:
 
 # --- queue --------------------------------------------------------------------
 
+# What identifies a task. Its state entry and its dispatch message both carry these
+# headers, so claims, scans, unique-key checks and problem deliveries never need to
+# decode a payload (which may be corrupt).
+_META = (H_ID, H_QUEUE, H_PRIORITY, H_UNIQUE, H_UNIQUE_TTL)
+
+
+def _meta_of(task: Task) -> dict[str, str]:
+    meta = {H_ID: task.id, H_QUEUE: task.queue, H_PRIORITY: str(task.priority)}
+    if task.unique_key is not None:
+        meta[H_UNIQUE] = _unique_key(task.unique_key)
+        if task.unique_ttl:
+            meta[H_UNIQUE_TTL] = repr(float(task.unique_ttl))
+    return meta
+
+
+def _pick_meta(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: headers[k] for k in _META if headers.get(k)}
+
+
+def _state_headers(
+    meta: Mapping[str, str],
+    state: str,
+    attempts: int,
+    *,
+    ready: float = 0.0,
+    lease: float = 0.0,
+    claim: str | None = None,
+) -> dict[str, str]:
+    headers = {**meta, H_STATE: state, H_ATTEMPTS: str(attempts)}
+    if ready:
+        headers[H_READY] = repr(ready)
+    if lease:
+        headers[H_LEASE] = repr(lease)
+    if claim:
+        headers[H_CLAIM] = claim
+    return headers
+
 
 @dataclass
 class _Receipt:
-    """What a delivery needs to settle: the message's ack subject and the claim's revision."""
+    """What a delivery needs to settle: the message's ack subject, the claim's revision,
+    and the claim token that every write of this lease holder carries (so a write of
+    ours whose reply was lost is recognised when it is sent again)."""
 
     reply: str
     key: str
     rev: int
     data: bytes
     attempts: int
+    token: str
+    meta: dict[str, str]
+    acked: bool = False  # a finishing purge was sent (its reply may have been lost)
 
 
-def _state_headers(
-    task: Task, state: str, attempts: int, *, ready: float = 0.0, lease: float = 0.0
-) -> dict[str, str]:
-    headers = {H_STATE: state, H_QUEUE: task.queue, H_ATTEMPTS: str(attempts)}
-    if ready:
-        headers[H_READY] = repr(ready)
-    if lease:
-        headers[H_LEASE] = repr(lease)
-    if task.unique_key is not None:
-        headers[H_UNIQUE] = _unique_key(task.unique_key)
-    return headers
+@dataclass(frozen=True)
+class _Unsettled:
+    """A claim whose reply never came: the server may have taken it for us."""
+
+    reply: str
+    key: str
+    token: str
 
 
 def _own_headers(entry: _Entry, state: str) -> dict[str, str]:
     out = {k: v for k, v in entry.headers.items() if k.startswith("Omniq-")}
     out[H_STATE] = state
     return out
+
+
+def _task_id_of(entry: _Entry) -> str:
+    # Entries of an older omniq lack the id header; their key is the id when it is plain.
+    return entry.text(H_ID) or entry.key[2:]
+
+
+def _holder(entry: _Entry) -> str:
+    return entry.data.decode(errors="replace")
+
+
+def _message_meta(lane: _Lane, msg: Msg) -> dict[str, str] | None:
+    """The identity of the task a message dispatches, or None when it names no task."""
+    headers = msg.headers or {}
+    meta = _pick_meta(headers)
+    if H_ID not in meta:
+        # A message of an older omniq: the task's id was its Nats-Msg-Id.
+        try:
+            meta = _meta_of(decode_task(msg.data))
+        except CorruptRecord:
+            task_id = headers.get("Nats-Msg-Id")
+            if not task_id:
+                return None
+            meta = {H_ID: task_id}
+    # The lane knows where the message was published, whatever its payload says.
+    meta.setdefault(H_QUEUE, lane.queue)
+    meta.setdefault(H_PRIORITY, str(lane.priority))
+    return meta
 
 
 def _stat_of(entry: _Entry, now: float) -> str | None:
@@ -990,6 +1110,7 @@ class NATSQueue(_Store):
         self._stream = f"{self.prefix}_tasks"
         self._state = _Bucket(self._conn, f"{self.prefix}_queue")
         self._dispatcher: _Dispatcher | None = None
+        self._unsettled: deque[_Unsettled] = deque()  # claims whose reply was lost
 
     async def _setup(self) -> None:
         js = self._conn.js
@@ -1008,9 +1129,26 @@ class NATSQueue(_Store):
             self._dispatcher = _Dispatcher(self._conn, self.prefix, self._stream)
 
     async def _teardown(self, same_connection: bool) -> None:
+        if same_connection:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._hand_back_unsettled(), self._conn.timeout)
+        self._unsettled.clear()
         dispatcher, self._dispatcher = self._dispatcher, None
         if dispatcher is not None:
             await dispatcher.close(same_connection)
+
+    async def _hand_back_unsettled(self) -> None:
+        """Closing with claims whose reply never came: release those the server took, so
+        they run again now without an attempt counted against them."""
+        while self._unsettled:
+            lost = self._unsettled.popleft()
+            entry = await self._state.get(lost.key)
+            if entry is not None and entry.state == RUNNING and entry.text(H_CLAIM) == lost.token:
+                r = _Receipt(lost.reply, lost.key, entry.rev, entry.data, entry.attempts,
+                             lost.token, _pick_meta(entry.headers))
+                waiting = _state_headers(r.meta, WAITING, max(0, r.attempts - 1), claim=r.token)
+                await self._fenced(r, waiting)
+            await self._conn.nc.publish(lost.reply, b"-NAK")
 
     async def _lanes(self) -> _Dispatcher:
         await self._ready()
@@ -1025,43 +1163,82 @@ class NATSQueue(_Store):
     @_boundary
     async def enqueue(self, task: Task) -> str:
         dispatcher = await self._lanes()
-        data = encode_task(task)
-        eta = task.eta.timestamp() if task.eta else 0.0
         key = _task_key(task.id)
         # State first: the worker that fetches the message, and an enqueuer checking
         # who holds a unique key, must find it.
-        rev = await self._state.put(key, data, _state_headers(task, WAITING, 0, ready=eta))
-        if task.unique_key is not None:
-            holder = await self._hold_unique(task)
+        entry = await self._put_waiting(task, key)
+        if entry.state != WAITING or entry.text(H_CLAIM) or not entry.text(H_ID):
+            return task.id  # claimed at least once (or an older omniq's): left alone
+        # Ours, or an earlier enqueue of this id whose reply was lost: finish its work.
+        ukey = entry.text(H_UNIQUE)
+        if ukey:
+            holder = await self._hold_unique(ukey, task.id)
             if holder != task.id:
-                await self._state.purge(key)
+                await self._state.purge_at(key, entry.rev)
                 return holder
-        headers = {H_REV: str(rev), "Nats-Msg-Id": task.id}
-        if eta:
-            headers[H_ETA] = repr(eta)
-        await self._conn.js.publish(
-            dispatcher.subject(task.queue, task.priority), data, headers=headers
-        )
-        await self._conn.nc.publish(dispatcher.wake_subject(task.queue), b"%d" % task.priority)
-        dispatcher.note(task.queue, task.priority)
+        await self._dispatch(dispatcher, entry)
         return task.id
 
-    async def _hold_unique(self, task: Task) -> str:
-        """Take the unique key for `task`, or return the unfinished task holding it."""
-        key = _unique_key(task.unique_key or "")
+    async def _put_waiting(self, task: Task, key: str) -> _Entry:
+        """Create the task's state; or the unfinished entry of its id, left as it is;
+        a dead letter of its id is replaced (queued again from scratch)."""
+        data = encode_task(task)
+        eta = task.eta.timestamp() if task.eta else 0.0
+        headers = _state_headers(_meta_of(task), WAITING, 0, ready=eta)
+        last = 0
         for _ in range(5):
-            if await self._state.put(key, task.id.encode(), {}, last=0) is not None:
-                return task.id
+            rev = await self._state.put(key, data, headers, last=last)
+            if rev is not None:
+                return _Entry(key, rev, data, headers)
             entry = await self._state.get(key)
+            if entry is not None and entry.state in (WAITING, RUNNING):
+                return entry
+            last = 0 if entry is None else entry.rev  # gone, dead, or being cancelled
+        raise BackendError(f"task {task.id} is being changed by others; try again")
+
+    async def _dispatch(self, dispatcher: _Dispatcher, entry: _Entry) -> None:
+        """Publish the message that hands the task (this state revision) to a worker."""
+        queue, priority = entry.queue, int(entry.number(H_PRIORITY))
+        # The message id names this enqueue: a publish sent again (its reply was lost, or
+        # the enqueue was repeated) is dropped within the stream's duplicate window, while
+        # a dead letter queued again gets a new revision and so goes through. A copy after
+        # the window is harmless: the state key, not the message, decides who runs it.
+        headers = {
+            **_pick_meta(entry.headers),
+            H_REV: str(entry.rev),
+            "Nats-Msg-Id": f"{entry.text(H_ID)}:{entry.rev}",
+        }
+        ready = entry.number(H_READY)
+        if ready:
+            headers[H_ETA] = repr(ready)
+        subject = dispatcher.subject(queue, priority)
+        await self._conn.js.publish(subject, entry.data, headers=headers)
+        await self._conn.nc.publish(dispatcher.wake_subject(queue), b"%d" % priority)
+        dispatcher.note(queue, priority)
+
+    async def _hold_unique(self, ukey: str, task_id: str) -> str:
+        """Take the unique key for `task_id`, or return the task holding it."""
+        for _ in range(5):
+            if await self._state.put(ukey, task_id.encode(), {}, last=0) is not None:
+                return task_id
+            entry = await self._state.get(ukey)
             if entry is None:
                 continue  # freed meanwhile
-            holder = entry.data.decode()
-            if await self._unfinished(holder):
+            holder = _holder(entry)
+            if holder == task_id and not entry.text(H_UNTIL):
+                return task_id  # ours already (an enqueue sent again)
+            if holder != task_id and await self._key_held(entry, holder):
                 return holder
-            # The holder ended without freeing the key (a crash in between): take it over.
-            if await self._state.put(key, task.id.encode(), {}, last=entry.rev) is not None:
-                return task.id
-        raise BackendError(f"unique key {task.unique_key!r} is contended; try again")
+            # Free: its holder finished and its time ran out, or it ended without freeing
+            # the key (a crash in between); or ours from a dead letter queued again.
+            if await self._state.put(ukey, task_id.encode(), {}, last=entry.rev) is not None:
+                return task_id
+        raise BackendError(f"unique key {ukey!r} is contended; try again")
+
+    async def _key_held(self, entry: _Entry, holder: str) -> bool:
+        if entry.text(H_UNTIL):  # finished: held for its unique_ttl
+            return entry.number(H_UNTIL) > time.time()
+        return await self._unfinished(holder)
 
     async def _unfinished(self, task_id: str) -> bool:
         entry = await self._state.get(_task_key(task_id))
@@ -1071,8 +1248,20 @@ class NATSQueue(_Store):
         if not ukey:
             return
         entry = await self._state.get(ukey)
-        if entry is not None and entry.data.decode() == task_id:
-            await self._state.purge(ukey)
+        if entry is not None and _holder(entry) == task_id:
+            await self._state.purge_at(ukey, entry.rev)
+
+    async def _settle_unique(self, meta: Mapping[str, str]) -> None:
+        """The task finished: hold its key for its unique_ttl more, or free it now."""
+        ukey = meta.get(H_UNIQUE)
+        ttl = float(meta.get(H_UNIQUE_TTL) or 0)
+        if not ukey or not ttl:
+            await self._free_unique(ukey or "", meta.get(H_ID, ""))
+            return
+        entry = await self._state.get(ukey)
+        if entry is not None and _holder(entry) == meta.get(H_ID):
+            until = {H_UNTIL: repr(time.time() + ttl)}
+            await self._state.put(ukey, entry.data, until, last=entry.rev)
 
     # --- dequeue -------------------------------------------------------------
 
@@ -1081,6 +1270,9 @@ class NATSQueue(_Store):
         self, queues: Sequence[str], lease: float, timeout: float
     ) -> Delivery | None:
         dispatcher = await self._lanes()
+        refound = await self._refind(lease)
+        if refound is not None:
+            return refound
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
         while True:
@@ -1096,17 +1288,41 @@ class NATSQueue(_Store):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), budget)
 
+    async def _refind(self, lease: float) -> Delivery | None:
+        """A claim of ours whose reply never came: deliver it if the server took it (it
+        must not sit out its lease and come back with an attempt that never ran), else
+        hand its message back at once. Costs a read only after such a failure."""
+        while self._unsettled:
+            lost = self._unsettled.popleft()  # taken: concurrent dequeues share the list
+            try:
+                entry = await self._state.get(lost.key)
+            except BaseException:
+                self._unsettled.append(lost)  # ask again next time
+                raise
+            if entry is not None and entry.state == RUNNING and entry.text(H_CLAIM) == lost.token:
+                r = _Receipt(lost.reply, lost.key, entry.rev, entry.data, entry.attempts,
+                             lost.token, _pick_meta(entry.headers))
+                # Renewed: the lease has been running while we did not know we held it.
+                if await self._fenced(r, self._running(r, lease)):
+                    await self._set_lease(r.reply, lease, -math.inf)
+                    return self._delivery(r)
+            await self._conn.nc.publish(lost.reply, b"-NAK")
+        return None
+
     async def _claim_first(
         self, dispatcher: _Dispatcher, lanes: Sequence[_Lane], lease: float
     ) -> Delivery | None:
+        # A message that cannot be claimed now (held by a live lease, not due, already
+        # settled) is parked server-side and the next one is tried: one task redelivered
+        # over and over never blocks its lane.
         for lane in lanes:
             while (item := await dispatcher.next_message(lane)) is not None:
-                delivery = await self._claim(item[0], item[1], lease)
+                delivery = await self._claim(lane, item[0], item[1], lease)
                 if delivery is not None:
                     return delivery
         return None
 
-    async def _claim(self, msg: Msg, arrived: float, lease: float) -> Delivery | None:
+    async def _claim(self, lane: _Lane, msg: Msg, arrived: float, lease: float) -> Delivery | None:
         headers = msg.headers or {}
         now = time.time()
         eta = float(headers.get(H_ETA) or 0)
@@ -1114,58 +1330,74 @@ class NATSQueue(_Store):
             # Fetched early: park it server-side until its ETA; no attempt is counted.
             await self._conn.nc.publish(msg.reply, _nak_payload(eta - now))
             return None
-        try:
-            task = decode_task(msg.data)
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error("dropping a message on %s that is not an omniq task: %s", msg.subject, exc)
+        meta = _message_meta(lane, msg)
+        if meta is None:
+            # No id anywhere: not written by omniq, so no task state waits for it.
+            log.error("dropping a message on %s that is not an omniq task", msg.subject)
             await self._conn.nc.publish(msg.reply, b"+TERM")
             return None
-        key = _task_key(task.id)
-        claimed = await self._claim_fresh(task, key, msg, headers, now + lease)
-        if claimed is None:
-            claimed = await self._claim_again(task, key, msg, lease)
-        if claimed is None:
+        # A client-chosen claim token: if the reply of the claim is lost, the next
+        # dequeue finds the claim by it (see _refind).
+        r = _Receipt(msg.reply, _task_key(meta[H_ID]), 0, msg.data, 0, uuid.uuid4().hex, meta)
+        try:
+            claimed = await self._claim_fresh(r, headers, now + lease)
+            if not claimed:
+                claimed = await self._claim_again(r, lease)
+        except BaseException:
+            self._unsettled.append(_Unsettled(r.reply, r.key, r.token))
+            raise
+        if not claimed:
             return None
-        rev, attempt = claimed
         await self._set_lease(msg.reply, lease, arrived)
-        return Delivery(task=task, attempt=attempt,
-                        receipt=_Receipt(msg.reply, key, rev, msg.data, attempt))
+        return self._delivery(r)
 
-    async def _claim_fresh(
-        self, task: Task, key: str, msg: Msg, headers: Mapping[str, str], until: float
-    ) -> tuple[int, int] | None:
+    def _delivery(self, r: _Receipt) -> Delivery:
+        task, problem = decode_task_or_placeholder(
+            r.data, r.meta[H_ID], r.meta.get(H_QUEUE) or "default"
+        )
+        if problem is not None:
+            log.warning("task %s cannot be decoded: %s", r.meta[H_ID], problem)
+        return Delivery(task=task, attempt=r.attempts, receipt=r, problem=problem)
+
+    def _running(self, r: _Receipt, lease: float, attempts: int | None = None) -> dict[str, str]:
+        attempts = r.attempts if attempts is None else attempts
+        until = time.time() + lease
+        return _state_headers(r.meta, RUNNING, attempts, lease=until, claim=r.token)
+
+    async def _claim_fresh(self, r: _Receipt, headers: Mapping[str, str], until: float) -> bool:
         """First delivery: the key is still at the revision the enqueuer wrote. One write."""
         rev0 = int(headers.get(H_REV) or 0)
         if not rev0:
-            return None
-        rev = await self._state.put(
-            key, msg.data, _state_headers(task, RUNNING, 1, lease=until), last=rev0
-        )
-        return None if rev is None else (rev, 1)
+            return False
+        state = _state_headers(r.meta, RUNNING, 1, lease=until, claim=r.token)
+        rev = await self._state.put(r.key, r.data, state, last=rev0)
+        if rev is None:
+            return False
+        r.rev, r.attempts = rev, 1
+        return True
 
-    async def _claim_again(
-        self, task: Task, key: str, msg: Msg, lease: float
-    ) -> tuple[int, int] | None:
+    async def _claim_again(self, r: _Receipt, lease: float) -> bool:
         """Redelivery (lease expired, retry due, released): read the state, then claim."""
         for _ in range(3):
-            entry = await self._state.get(key)
+            entry = await self._state.get(r.key)
             if entry is None or entry.state not in (WAITING, RUNNING):
-                await self._conn.nc.publish(msg.reply, b"+ACK")  # cancelled, purged or done
-                return None
+                await self._conn.nc.publish(r.reply, b"+ACK")  # cancelled, purged or done
+                return False
             now = time.time()
             busy = entry.number(H_LEASE if entry.state == RUNNING else H_READY) - now
             if busy > ETA_SLACK:
                 # Held by a live lease or not due yet: re-park the message until then.
-                await self._conn.nc.publish(msg.reply, _nak_payload(busy))
-                return None
-            attempts = entry.attempts + 1
-            rev = await self._state.put(
-                key, msg.data, _state_headers(task, RUNNING, attempts, lease=now + lease),
-                last=entry.rev,
-            )
+                await self._conn.nc.publish(r.reply, _nak_payload(busy))
+                return False
+            # The stored entry is the truth (an operator may have rewritten it).
+            r.meta = {**r.meta, **_pick_meta(entry.headers)}
+            r.data = entry.data
+            state = self._running(r, lease, entry.attempts + 1)
+            rev = await self._state.put(r.key, entry.data, state, last=entry.rev)
             if rev is not None:
-                return rev, attempts
-        return None
+                r.rev, r.attempts = rev, entry.attempts + 1
+                return True
+        return False
 
     async def _set_lease(self, reply: str, lease: float, arrived: float) -> None:
         """Make the server redeliver after `lease` s, unless AckWait already means that."""
@@ -1176,62 +1408,84 @@ class NATSQueue(_Store):
 
     # --- settle ------------------------------------------------------------------
 
+    async def _fenced(self, r: _Receipt, headers: dict[str, str]) -> bool:
+        """Write the lease holder's next state while it still holds the lease (a
+        compare-and-set on the claim's revision). When that fails, an entry carrying
+        our claim token can only be a write of ours whose reply was lost: adopt it."""
+        for _ in range(3):
+            rev = await self._state.put(r.key, r.data, headers, last=r.rev)
+            if rev is not None:
+                r.rev = rev
+                return True
+            entry = await self._state.get(r.key)
+            if entry is None or entry.text(H_CLAIM) != r.token:
+                return False  # the lease was lost: whoever holds the task now settles it
+            r.rev = entry.rev
+            if entry.state == headers[H_STATE] != RUNNING:
+                return True  # this very write landed before
+        return False
+
+    async def _finish(self, r: _Receipt) -> bool:
+        """Remove a finished task's state while this lease holds it: one fenced purge."""
+        for _ in range(3):
+            sent_before, r.acked = r.acked, True
+            if await self._state.purge_at(r.key, r.rev):
+                return True
+            entry = await self._state.get(r.key)
+            if entry is None:
+                # Our earlier purge whose reply was lost (if we sent one); else another
+                # holder finished it after our lease ran out.
+                return sent_before
+            if entry.text(H_CLAIM) != r.token:
+                return False
+            r.rev = entry.rev  # an extend of ours landed unseen: still ours
+        return False
+
     @_boundary
-    async def ack(self, delivery: Delivery, *, failed: bool = False) -> None:
+    async def ack(self, delivery: Delivery, *, failed: bool = False) -> bool:
         await self._ready()
         r = _receipt(delivery)
-        task = delivery.task
         # State before the message: if we die in between, the redelivery finds no
         # state (or a dead letter) and is dropped.
         if failed:
-            await self._state.put(r.key, r.data, _state_headers(task, FAILED, r.attempts))
+            done = await self._fenced(r, _state_headers(r.meta, FAILED, r.attempts, claim=r.token))
         else:
-            await self._state.purge(r.key)
-        if task.unique_key is not None:
-            await self._free_unique(_unique_key(task.unique_key), task.id)
+            done = await self._finish(r)
+        if not done:
+            return False
+        await self._settle_unique(r.meta)
         await self._conn.nc.publish(r.reply, b"+ACK")
+        return True
 
     @_boundary
-    async def retry(self, delivery: Delivery, delay: float) -> None:
+    async def retry(self, delivery: Delivery, delay: float) -> bool:
         await self._ready()
         r = _receipt(delivery)
         ready = time.time() + max(0.0, delay)
-        rev = await self._state.put(
-            r.key, r.data, _state_headers(delivery.task, WAITING, r.attempts, ready=ready),
-            last=r.rev,
-        )
-        if rev is None:
-            return  # the lease was lost: whoever holds the task now settles it
-        r.rev = rev
+        headers = _state_headers(r.meta, WAITING, r.attempts, ready=ready, claim=r.token)
+        if not await self._fenced(r, headers):
+            return False  # the lease was lost: whoever holds the task now settles it
         await self._conn.nc.publish(r.reply, _nak_payload(delay))
+        return True
 
     @_boundary
     async def release(self, delivery: Delivery) -> None:
         dispatcher = await self._lanes()
         r = _receipt(delivery)
-        task = delivery.task
-        rev = await self._state.put(
-            r.key, r.data, _state_headers(task, WAITING, max(0, r.attempts - 1)), last=r.rev
-        )
-        if rev is None:
+        headers = _state_headers(r.meta, WAITING, max(0, r.attempts - 1), claim=r.token)
+        if not await self._fenced(r, headers):
             return
-        r.rev = rev
         await self._conn.nc.publish(r.reply, b"-NAK")
-        await self._conn.nc.publish(dispatcher.wake_subject(task.queue), b"%d" % task.priority)
-        dispatcher.note(task.queue, task.priority)
+        queue, priority = r.meta.get(H_QUEUE) or "default", int(r.meta.get(H_PRIORITY) or 0)
+        await self._conn.nc.publish(dispatcher.wake_subject(queue), b"%d" % priority)
+        dispatcher.note(queue, priority)
 
     @_boundary
     async def extend(self, delivery: Delivery, lease: float) -> bool:
         await self._ready()
         r = _receipt(delivery)
-        rev = await self._state.put(
-            r.key, r.data,
-            _state_headers(delivery.task, RUNNING, r.attempts, lease=time.time() + lease),
-            last=r.rev,
-        )
-        if rev is None:
+        if not await self._fenced(r, self._running(r, lease)):
             return False  # another delivery claimed it, or it was settled
-        r.rev = rev
         if abs(lease - ACK_WAIT) <= 1.0:
             await self._conn.nc.publish(r.reply, b"+WPI")
         else:
@@ -1248,9 +1502,10 @@ class NATSQueue(_Store):
         if entry is None or entry.state != WAITING:
             return False
         # The message stays in the stream; the worker that fetches it finds no state and drops it.
-        if await self._state.put(key, b"", _own_headers(entry, CANCELLED), last=entry.rev) is None:
+        rev = await self._state.put(key, b"", _own_headers(entry, CANCELLED), last=entry.rev)
+        if rev is None:
             return False  # claimed meanwhile
-        await self._state.purge(key)
+        await self._state.purge_at(key, rev)
         await self._free_unique(entry.text(H_UNIQUE), task_id)
         return True
 
@@ -1260,7 +1515,8 @@ class NATSQueue(_Store):
         entry = await self._state.get(_task_key(task_id))
         if entry is None or entry.state not in (WAITING, RUNNING, FAILED):
             return None
-        return decode_task(entry.data)
+        task, _ = decode_task_or_placeholder(entry.data, task_id, entry.queue or "default")
+        return task
 
     @_boundary
     async def stats(self) -> list[QueueStats]:
@@ -1290,22 +1546,23 @@ class NATSQueue(_Store):
             # Nothing of these queues is running: drop their messages too, instead of
             # leaving them for workers to skip. Newer messages (above floor) stay.
             subject = f"{self.prefix}.tasks.{_qtok(queue)}.*" if queue else f"{self.prefix}.tasks.>"
-            await _purge(self._conn.nc, self._stream, subject, below=floor + 1)
+            await _purge(self._conn, self._stream, subject, below=floor + 1)
         return sum(1 for o in outcomes if o)
 
     async def _drop(self, entry: _Entry) -> bool | None:
         """Drop one waiting/dead task: True if counted, False if silently, None if running."""
         if entry.state == RUNNING:
             return None
+        rev: int | None = entry.rev
         if entry.state == WAITING:
-            cancelled = await self._state.put(
+            rev = await self._state.put(
                 entry.key, b"", _own_headers(entry, CANCELLED), last=entry.rev
             )
-            if cancelled is None:
+            if rev is None:
                 return None  # claimed meanwhile
-        await self._state.purge(entry.key)
-        task_id = entry.key[2:]
-        await self._free_unique(entry.text(H_UNIQUE), task_id)
+        if not await self._state.purge_at(entry.key, rev or entry.rev):
+            return None if entry.state == FAILED else False  # queued again meanwhile
+        await self._free_unique(entry.text(H_UNIQUE), _task_id_of(entry))
         return entry.state in (WAITING, FAILED)
 
     # --- workers -------------------------------------------------------------------
@@ -1345,6 +1602,11 @@ def _receipt(delivery: Delivery) -> _Receipt:
 # --- results --------------------------------------------------------------------
 
 
+def _expired(entry: _Entry) -> bool:
+    """Whether a stored result has expired, from its header (no decoding)."""
+    return bool(entry.text(H_EXPIRES)) and entry.number(H_EXPIRES) <= time.time()
+
+
 def _result_of(data: bytes) -> TaskResult | None:
     result = decode_result(data)
     return None if result.is_expired() else result
@@ -1360,12 +1622,28 @@ class NATSResultStorage(_Store):
         await _ensure_bucket(self._conn.js, self._bucket.name)
 
     @_boundary
-    async def store(self, result: TaskResult) -> None:
+    async def store(self, result: TaskResult) -> bool:
         await self._ready()
         headers = {H_FINISHED: repr(result.finished_at.timestamp())}
         if result.expires_at is not None:
             headers[H_EXPIRES] = repr(result.expires_at.timestamp())
-        await self._bucket.put(_tok(result.task_id), encode_result(result), headers)
+        key, data = _tok(result.task_id), encode_result(result)
+        last = 0  # a KV create: the first final outcome wins
+        for _ in range(5):
+            if await self._bucket.put(key, data, headers, last=last) is not None:
+                return True
+            entry = await self._bucket.get(key)
+            if entry is None:
+                last = 0  # deleted meanwhile
+            elif entry.data == data:
+                # This very result: our earlier write whose reply was lost (the bytes hold
+                # the worker id and finish time to the microsecond, so no one else's).
+                return True
+            elif _expired(entry):
+                last = entry.rev  # an expired result does not block a new one
+            else:
+                return False
+        raise BackendError(f"the result of task {result.task_id} is contended; try again")
 
     @_boundary
     async def get(self, task_id: str) -> TaskResult | None:
@@ -1450,19 +1728,21 @@ class NATSEventStorage(_Store):
         return f"{self.prefix}.events.{_tok(task_id)}"
 
     async def _setup(self) -> None:
-        await _ensure_stream(
-            self._conn.js,
-            api.StreamConfig(
-                name=self._stream,
-                subjects=[self._all],
-                retention=api.RetentionPolicy.LIMITS,
-                storage=api.StorageType.FILE,
-                allow_direct=True,
-            ),
+        config = api.StreamConfig(
+            name=self._stream,
+            subjects=[self._all],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            allow_direct=True,
+            duplicate_window=EVENT_DEDUPE_WINDOW,
         )
+        await _ensure_stream(self._conn.js, config)
+        await _widen_dedupe_window(self._conn.js, self._stream, EVENT_DEDUPE_WINDOW)
 
     def _headers(self, event: TaskEvent) -> dict[str, str]:
-        return {H_TS: repr(event.timestamp.timestamp())}
+        # The server drops a second message with the same Nats-Msg-Id that arrives within
+        # the stream's duplicate window (EVENT_DEDUPE_WINDOW), answering it like the first.
+        return {H_TS: repr(event.timestamp.timestamp()), "Nats-Msg-Id": event.id}
 
     @_boundary
     async def append(self, event: TaskEvent) -> None:
@@ -1482,7 +1762,7 @@ class NATSEventStorage(_Store):
             )
             for e in events
         ]
-        await asyncio.wait_for(asyncio.gather(*futures), REQUEST_TIMEOUT)
+        await asyncio.wait_for(asyncio.gather(*futures), self._conn.timeout)
 
     @_boundary
     async def get(self, task_id: str) -> list[TaskEvent]:
@@ -1494,7 +1774,7 @@ class NATSEventStorage(_Store):
             msg = await nc.request(
                 f"$JS.API.DIRECT.GET.{self._stream}",
                 json.dumps({"seq": seq, "next_by_subj": subject}).encode(),
-                timeout=REQUEST_TIMEOUT,
+                timeout=self._conn.timeout,
             )
             status = _status(msg)
             if status == "404":
@@ -1589,12 +1869,11 @@ class NATSEventStorage(_Store):
         head = 0
         while head < len(old) and old[head] == seqs[head]:
             head += 1
-        nc = self._conn.nc
         if head:
-            await _purge(nc, self._stream, None, below=old[head - 1] + 1)
+            await _purge(self._conn, self._stream, None, below=old[head - 1] + 1)
 
         async def delete(seq: int) -> None:
-            await _api(nc, f"$JS.API.STREAM.MSG.DELETE.{self._stream}", {"seq": seq})
+            await _api(self._conn, f"$JS.API.STREAM.MSG.DELETE.{self._stream}", {"seq": seq})
 
         await _in_chunks(old[head:], delete)
         return len(old)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import multiprocessing
 import time
 import uuid
@@ -302,6 +303,123 @@ def test_a_message_that_is_not_a_task_is_dropped(shared_prefix: str) -> None:
         good = await q.enqueue(_task())
         d = await q.dequeue(["default"], 30, 2)
         assert d is not None and d.task.id == good
+        await q.close()
+
+    asyncio.run(body())
+
+
+# --- issue 8: bad data, data of an older omniq, a worker that died with messages -------
+
+
+def _h(name: str) -> str:
+    return str(getattr(nats_backend, name))
+
+
+async def _plant(q: Any, task_id: str, payload: bytes, queue: str, *, legacy: bool) -> None:
+    """Write a task as a producer would, with `payload` as its stored bytes. `legacy`:
+    as an omniq before issue 8 wrote it (no id headers; the message id is the task id)."""
+    await q.open()
+    meta = {} if legacy else {_h("H_ID"): task_id, _h("H_PRIORITY"): "0"}
+    state = {**meta, _h("H_STATE"): "waiting", _h("H_QUEUE"): queue, _h("H_ATTEMPTS"): "0"}
+    rev = await q._state.put(nats_backend._task_key(task_id), payload, state)
+    headers = {**meta, _h("H_REV"): str(rev), "Nats-Msg-Id": task_id}
+    await q._conn.js.publish(f"{q.prefix}.tasks.{queue}.p0", payload, headers=headers)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["current", "older-omniq"])
+def test_a_task_stored_undecodable_is_delivered_as_a_problem(
+    shared_prefix: str, legacy: bool
+) -> None:
+    # Before issue 8 such a message was dropped with +TERM and its task stayed pending.
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        tid = _task().id
+        await _plant(q, tid, b"\xff\xfe not json", "cq", legacy=legacy)
+        d = await q.dequeue(["cq"], 30, 2)
+        assert d is not None and d.problem and (d.task.id, d.task.queue) == (tid, "cq")
+        assert d.attempt == 1
+        assert await q.ack(d, failed=True) is True
+        assert [(s.queue, s.failed, s.queued) for s in await q.stats()] == [("cq", 1, 0)]
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_a_task_enqueued_by_an_older_omniq_is_still_run(shared_prefix: str) -> None:
+    from omniq.serialization import encode_task
+
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        t = _task("lg")
+        await _plant(q, t.id, encode_task(t), "lg", legacy=True)
+        d = await q.dequeue(["lg"], 30, 2)
+        assert d is not None and d.task == t and d.problem is None and d.attempt == 1
+        assert await q.ack(d) is True
+        assert await q.get_task(t.id) is None
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_an_events_stream_of_an_older_omniq_gets_the_dedupe_window(shared_prefix: str) -> None:
+    import nats
+    from nats.js import api
+
+    from omniq.serialization import event_to_dict
+
+    async def body() -> None:
+        old = TaskEvent(task_id=_task().id, event_type=EventType.ENQUEUED)
+        record = event_to_dict(old)
+        del record["id"], record["v"]  # as stored before events had ids
+        nc = await nats.connect(SHARED)
+        js = nc.jetstream()
+        await js.add_stream(api.StreamConfig(  # the server's default window: 2 minutes
+            name=f"{shared_prefix}_events", subjects=[f"{shared_prefix}.events.>"],
+            allow_direct=True,
+        ))
+        await js.publish(f"{shared_prefix}.events.{old.task_id}", json.dumps(record).encode())
+        events = nats_backend.NATSEventStorage(SHARED, prefix=shared_prefix)
+        await events.open()
+        info = await js.stream_info(f"{shared_prefix}_events")
+        assert info.config.duplicate_window == nats_backend.EVENT_DEDUPE_WINDOW
+        new = TaskEvent(task_id=old.task_id, event_type=EventType.STARTED, attempt=1)
+        await events.append(new)
+        await events.append(new)
+        got = await events.get(old.task_id)
+        assert [e.event_type for e in got] == [EventType.ENQUEUED, EventType.STARTED]
+        assert got[0].id.startswith("legacy-") and got[1] == new
+        await events.close()
+        await nc.close()
+
+    asyncio.run(body())
+
+
+def test_messages_a_dead_worker_had_fetched_come_back_soon(shared_prefix: str) -> None:
+    # Issue 8 item 2: a worker killed by one task must not hold the tasks it had pulled
+    # for the consumer's old AckWait (30 s) while the killer comes back with them.
+    import nats
+
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        ids = {await q.enqueue(_task()) for _ in range(5)}
+        lane = (await (await q._lanes()).lanes(["default"]))[0]
+        dead = await nats.connect(SHARED)  # another process: pulls all, then dies
+        inbox = dead.new_inbox()
+        sub = await dead.subscribe(inbox)
+        await dead.publish(f"$JS.API.CONSUMER.MSG.NEXT.{shared_prefix}_tasks.{lane.consumer}",
+                           b'{"batch": 5, "no_wait": true}', reply=inbox)
+        for _ in range(5):
+            await sub.next_msg(timeout=5)
+        await dead.close()
+        began = time.monotonic()
+        got = set()
+        while len(got) < 5 and time.monotonic() - began < 40:
+            d = await q.dequeue(["default"], 30, 1)
+            if d is not None:
+                got.add(d.task.id)
+                assert d.attempt == 1 and await q.ack(d) is True
+        assert got == ids
+        assert time.monotonic() - began < nats_backend.ACK_WAIT + 3
         await q.close()
 
     asyncio.run(body())
