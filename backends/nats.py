@@ -1355,8 +1355,7 @@ class NATSQueue(_Store):
         task, problem = decode_task_or_placeholder(
             r.data, r.meta[H_ID], r.meta.get(H_QUEUE) or "default"
         )
-        if problem is not None:
-            log.warning("task %s cannot be decoded: %s", r.meta[H_ID], problem)
+        # (The worker records it failed and logs that one line.)
         return Delivery(task=task, attempt=r.attempts, receipt=r, problem=problem)
 
     def _running(self, r: _Receipt, lease: float, attempts: int | None = None) -> dict[str, str]:
