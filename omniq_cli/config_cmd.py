@@ -53,10 +53,27 @@ def show(as_json: bool, show_all: bool) -> None:
                 "values": {k: {"value": values[k], "source": config.source_of(k)} for k in keys},
             }
         )
+        _check_store_settings(config)
         return
     rows = [[k, _shown(values[k]), config.source_of(k)] for k in keys]
     title = f"config file: {config.config_file or 'none'}"
     console.table(["KEY", "VALUE", "SOURCE"], rows, title=title)
+    _check_store_settings(config)
+
+
+def _check_store_settings(config: OmniQConfig) -> None:
+    """Shown, but not usable: a store whose settings are incomplete is a configuration
+    error (exit 78) here as for every other command."""
+    import contextlib
+
+    from omniq import registry
+    from omniq.errors import MissingDependency
+
+    for role, prefix in STORES:
+        kind, settings = config.store(prefix)
+        # A driver not installed is `config check`'s business (exit 69).
+        with contextlib.suppress(MissingDependency):
+            registry.create(kind, role, settings)  # builds it; nothing connects
 
 
 @common.command("check", epilog=CHECK_EPILOG)

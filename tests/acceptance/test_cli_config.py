@@ -134,6 +134,16 @@ def test_check_reports_a_bad_store_setting_as_configuration_error(tmp_path: Path
     assert "prefix" in err and "Traceback" not in err
 
 
+def test_a_store_without_its_dsn_is_a_configuration_error_for_show_too(
+    cli_env: dict[str, str],
+) -> None:
+    env = {**cli_env, "OMNIQ_TASK_QUEUE_TYPE": "postgres"}
+    for args in (["config", "show"], ["config", "show", "--json"], ["status"]):
+        code, out, err = run_omniq(args, env)
+        assert code == 78, (args, out, err)
+        assert "needs a DSN" in err and "Traceback" not in err
+
+
 def test_task_modules_that_cannot_be_imported_are_reported(tmp_path: Path) -> None:
     (tmp_path / "goodmod.py").write_text("def f():\n    return 1\n")
     env = clean_env(tmp_path / "home", OMNIQ_TASK_MODULES="goodmod,myapp.tasks,nopkg.*")
