@@ -11,9 +11,12 @@ from omniq.cli.exit_codes import ExitCode
 
 if TYPE_CHECKING:
     from omniq.config import OmniQConfig
+    from omniq.registry import Role
 
 # Config key prefix of each store, in the order of omniq.registry.ROLES.
-STORES = (("queue", "task_queue"), ("results", "result_storage"), ("events", "event_storage"))
+STORES: tuple[tuple[Role, str], ...] = (
+    ("queue", "task_queue"), ("results", "result_storage"), ("events", "event_storage")
+)
 
 SHOW_EPILOG = (
     common.examples(
