@@ -17,11 +17,13 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "__version__",
+    "current_task",
 ]
 
 if TYPE_CHECKING:
     from omniq.client import AsyncOmniQ, OmniQ, TaskOptions
     from omniq.config import OmniQConfig
+    from omniq.context import current_task
     from omniq.models import EventType, Task, TaskEvent, TaskResult, TaskStatus
 
 _LAZY = {
@@ -34,6 +36,7 @@ _LAZY = {
     "TaskEvent": "omniq.models",
     "TaskResult": "omniq.models",
     "TaskStatus": "omniq.models",
+    "current_task": "omniq.context",
 }
 
 

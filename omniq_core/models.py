@@ -46,6 +46,7 @@ class EventType(StrEnum):
     TIMEOUT = "timeout"
     EXPIRED = "expired"
     RELEASED = "released"  # handed back unfinished at shutdown; it will run again
+    PROGRESS = "progress"  # the task said how far it got (omniq.current_task().progress)
 
 
 class TaskKind(StrEnum):
@@ -151,6 +152,10 @@ class Task:
     result_ttl: float | None = None  # seconds; None = store default
     kind: TaskKind = TaskKind.PYTHON
     created_at: datetime = field(default_factory=utcnow)
+    schedule: str | None = None  # the schedule that enqueued it
+    slot: datetime | None = None  # and for which due time
+    after: tuple[str, ...] = ()  # runs once all these tasks completed
+    pass_result: bool = False  # gets the result of after[0] as its first argument
 
     @property
     def is_local(self) -> bool:

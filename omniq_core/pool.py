@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -93,8 +94,11 @@ def remote_error(type_name: str, message: str, traceback_text: str | None) -> Re
 
 # --- the child side ------------------------------------------------------------------------
 
-Job = tuple[str, tuple[Any, ...], dict[str, Any]]  # func path, args, kwargs
-Reply = tuple[str, Any]  # ("ok", value) or ("error", (type name, message, traceback))
+# func path, args, kwargs, the task's context fields (omniq.context.TaskContext)
+Job = tuple[str, tuple[Any, ...], dict[str, Any], dict[str, Any]]
+# ("ok", value) or ("error", (type name, message, traceback)); before either, any number
+# of ("progress", (done, total, message)) from omniq.current_task().progress()
+Reply = tuple[str, Any]
 
 
 def _child_main(conn: Connection, lifeline: Connection) -> None:
@@ -107,11 +111,30 @@ def _child_main(conn: Connection, lifeline: Connection) -> None:
             return
         if job is None:
             return
-        reply = _run_job(*job)
+        func_path, args, kwargs, fields = job
+        reply = _run_with_context(conn, fields, func_path, args, kwargs)
         try:
             conn.send(reply)
         except (OSError, ValueError):
             return
+
+
+def _run_with_context(
+    conn: Connection,
+    fields: dict[str, Any],
+    func_path: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Reply:
+    from omniq.context import TaskContext, run_in
+
+    def sink(done: float, total: float | None, message: str | None) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("progress", (done, total, message)))
+
+    ctx = TaskContext(**fields, _sink=sink)
+    reply: Reply = run_in(ctx, _run_job, func_path, args, kwargs)
+    return reply
 
 
 def _become_task_process(lifeline: Connection) -> None:
@@ -203,6 +226,9 @@ def default_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
+Progress = Callable[[float, "float | None", "str | None"], None]
+
+
 class ProcessRunner:
     """`await runner.run(task)` runs one task in a child process of a managed pool.
 
@@ -222,13 +248,22 @@ class ProcessRunner:
         self._closed = False
         _LIVE.add(self)
 
-    async def run(self, task: Task) -> Any:
+    async def run(
+        self,
+        task: Task,
+        context: dict[str, Any] | None = None,
+        progress: Callable[[float, float | None, str | None], None] | None = None,
+    ) -> Any:
+        """Run `task` in a child; `context` gives the child's omniq.current_task() its
+        fields, `progress` receives what the task reports."""
         if self._closed:
             raise RuntimeError("the process pool is closed")
-        child = await self._send((task.func, tuple(task.args), dict(task.kwargs)))
+        fields = context or {"task_id": task.id, "attempt": 1, "queue": task.queue,
+                             "func": task.func}
+        child = await self._send((task.func, tuple(task.args), dict(task.kwargs), fields))
         reusable = False
         try:
-            reply = await self._wait_reply(child, task.timeout)
+            reply = await self._wait_reply(child, task.timeout, progress)
             reusable = True
         finally:
             # Timed out, cancelled (shutdown) or crashed: the child cannot be trusted again.
@@ -272,20 +307,29 @@ class ProcessRunner:
         life_read.close()
         return _Child(process, parent_end, life_write)
 
-    async def _wait_reply(self, child: _Child, timeout: float | None) -> Reply:
+    async def _wait_reply(
+        self, child: _Child, timeout: float | None, progress: Progress | None
+    ) -> Reply:
         from omniq.worker import TaskTimedOut
 
         try:
-            return await asyncio.wait_for(self._reply(child), timeout)
+            return await asyncio.wait_for(self._reply(child, progress), timeout)
         except TimeoutError:
             raise TaskTimedOut() from None
 
-    async def _reply(self, child: _Child) -> Reply:
-        await _readable(child.conn.fileno(), child.process.sentinel)
-        if child.conn.poll():
-            with contextlib.suppress(EOFError, OSError):
+    async def _reply(self, child: _Child, progress: Progress | None) -> Reply:
+        while True:
+            await _readable(child.conn.fileno(), child.process.sentinel)
+            if not child.conn.poll():
+                break
+            try:
                 reply: Reply = child.conn.recv()
+            except (EOFError, OSError):
+                break
+            if reply[0] != "progress":
                 return reply
+            if progress is not None:
+                progress(*reply[1])
         raise WorkerProcessDied(await _exit_code(child))
 
     def _give_back(self, child: _Child) -> None:

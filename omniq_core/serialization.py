@@ -113,7 +113,21 @@ def task_to_dict(task: Task) -> dict[str, Any]:
         "result_ttl": task.result_ttl,
         "kind": task.kind.value,
         "created_at": _dt(task.created_at),
+        **_task_extras(task),
     }
+
+
+def _task_extras(task: Task) -> dict[str, Any]:
+    """Fields most tasks leave empty, written only when set (smaller records)."""
+    extras: dict[str, Any] = {}
+    if task.schedule is not None:
+        extras["schedule"] = task.schedule
+        extras["slot"] = _dt(task.slot)
+    if task.after:
+        extras["after"] = list(task.after)
+    if task.pass_result:
+        extras["pass_result"] = True
+    return extras
 
 
 def task_from_dict(d: dict[str, Any]) -> Task:
@@ -134,6 +148,10 @@ def task_from_dict(d: dict[str, Any]) -> Task:
         result_ttl=d.get("result_ttl"),
         kind=TaskKind(d.get("kind", "python")),
         created_at=from_timestamp(d["created_at"]),  # type: ignore[arg-type]
+        schedule=d.get("schedule"),
+        slot=from_timestamp(d.get("slot")),
+        after=tuple(d.get("after") or ()),
+        pass_result=bool(d.get("pass_result", False)),
     )
 
 

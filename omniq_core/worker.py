@@ -31,6 +31,8 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from omniq import serialization
+from omniq.context import TaskContext, run_in, set_current
+from omniq.context import reset as reset_current
 from omniq.errors import (
     BackendUnavailable,
     SerializationError,
@@ -142,6 +144,74 @@ class _Running:
     handler: asyncio.Task[None]
     started: float = field(default_factory=time.monotonic)
     finishing: bool = False  # its outcome is being written: a drain must let it end
+    context: TaskContext | None = None  # what omniq.current_task() gives the task
+
+
+PROGRESS_GAP = 0.25  # seconds between two progress events of one task, at least
+
+
+class _Progress:
+    """Progress events of one task, rate-limited: at most one per PROGRESS_GAP; the
+    latest report always gets written (at the latest before the task's outcome)."""
+
+    def __init__(self, worker: Worker, delivery: Delivery) -> None:
+        self._worker = worker
+        self._delivery = delivery
+        self._loop = asyncio.get_running_loop()
+        self._latest: tuple[float, float | None, str | None] | None = None
+        self._sent_at = float("-inf")
+        self._timer: asyncio.TimerHandle | None = None
+        self._writes: set[asyncio.Future[None]] = set()
+
+    def report(self, done: float, total: float | None, message: str | None) -> None:
+        """Thread-safe: called from the task's thread, the loop, or the pool's reader."""
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens
+            self._loop.call_soon_threadsafe(self._take, (done, total, message))
+
+    def _take(self, value: tuple[float, float | None, str | None]) -> None:
+        self._latest = value
+        if self._timer is not None:
+            return
+        wait = self._sent_at + PROGRESS_GAP - self._loop.time()
+        if wait <= 0:
+            self._send()
+        else:
+            self._timer = self._loop.call_later(wait, self._send)
+
+    def _send(self) -> None:
+        self._timer = None
+        if self._latest is None:
+            return
+        done, total, message = self._latest
+        self._latest = None
+        self._sent_at = self._loop.time()
+        details: dict[str, Any] = {"done": done}
+        if total is not None:
+            details["total"] = total
+        if message is not None:
+            details["message"] = message
+        d = self._delivery
+        write = asyncio.ensure_future(
+            self._worker._emit(d.task, EventType.PROGRESS, d.attempt, details)
+        )
+        self._writes.add(write)
+        write.add_done_callback(self._written)
+
+    def _written(self, write: asyncio.Future[None]) -> None:
+        self._writes.discard(write)
+        if not write.cancelled() and write.exception() is not None:
+            log.debug("a progress event was not written: %s", write.exception())
+
+    async def flush(self) -> None:
+        """Write the last report now (before the outcome), and wait for the writes."""
+        # Reports made just before the task returned are still on their way to the loop.
+        await asyncio.sleep(0)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._send()
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
 
 class Worker:
@@ -368,7 +438,10 @@ class Worker:
             await self._record(started_event(delivery, self.worker_id), task)
         else:
             self._observe(started_event(delivery, self.worker_id), task)
-        kind, payload = await self._run_task(task)
+        progress = _Progress(self, delivery)
+        context = self._context(delivery, progress)
+        kind, payload = await self._run_task(task, context)
+        await progress.flush()
         if kind == "ok":
             await self._success(delivery, started_at, payload)
         elif kind == "timeout":
@@ -379,10 +452,21 @@ class Worker:
         else:
             await self._failure(delivery, started_at, payload, TaskStatus.FAILED)
 
-    async def _run_task(self, task: Task) -> tuple[str, Any]:
+    def _context(self, delivery: Delivery, progress: _Progress) -> TaskContext:
+        task = delivery.task
+        context = TaskContext(
+            task_id=task.id, attempt=delivery.attempt, queue=task.queue, func=task.func,
+            schedule=task.schedule, slot=task.slot, _sink=progress.report,
+        )
+        running = self.running.get(task.id)
+        if running is not None:
+            running.context = context
+        return context
+
+    async def _run_task(self, task: Task, context: TaskContext) -> tuple[str, Any]:
         """Run the callable; its outcome as ("ok", value) or (kind, exception)."""
         try:
-            return "ok", await self._execute(task)
+            return "ok", await self._execute(task, context)
         except TaskTimedOut:
             return "timeout", None
         except TaskRefused as exc:
@@ -630,7 +714,7 @@ class Worker:
                 log.exception("the worker's observer failed")
 
     # --- running the callable -------------------------------------------
-    async def _execute(self, task: Task) -> Any:
+    async def _execute(self, task: Task, context: TaskContext) -> Any:
         if task.kind == TaskKind.SHELL:
             return await self._run_shell(task)
         func_path = task.func
@@ -646,26 +730,42 @@ class Worker:
                 raise TaskRefused(refused_message(func_path))
             func = None
         if self._runner is not None and func is None:
-            return await self._runner.run(task)
+            fields = {"task_id": context.task_id, "attempt": context.attempt,
+                      "queue": context.queue, "func": context.func,
+                      "schedule": context.schedule, "slot": context.slot}
+            return await self._runner.run(task, fields, context.progress)
         if func is None:
             func = self._resolved.get(func_path)
         if func is None:
             # The first import may be slow or block: keep it off the loop.
             func = await self._task_threads().run(serialization.resolve, func_path)
             self._resolved[func_path] = func
-        return await self._call(func, task)
+        return await self._call(func, task, context)
 
-    async def _call(self, func: Callable[..., Any], task: Task) -> Any:
+    async def _call(self, func: Callable[..., Any], task: Task, context: TaskContext) -> Any:
         if asyncio.iscoroutinefunction(func):
-            coro: Awaitable[Any] = func(*task.args, **task.kwargs)
-        else:
-            coro = self._task_threads().run(func, *task.args, **task.kwargs)
-        if task.timeout is None:
-            return await coro
+            # A task copies the context as it is when made: the coroutine runs in one.
+            token = set_current(context)
+            try:
+                coro: Awaitable[Any] = func(*task.args, **task.kwargs)
+                if task.timeout is not None:
+                    coro = asyncio.wait_for(coro, task.timeout)
+                coro = asyncio.ensure_future(coro)
+            finally:
+                reset_current(token)
+            return await self._await_task(coro, task, thread=False)
+        coro = self._task_threads().run(run_in, context, func, *task.args, **task.kwargs)
+        if task.timeout is not None:
+            coro = asyncio.wait_for(coro, task.timeout)
+        return await self._await_task(coro, task, thread=True)
+
+    async def _await_task(self, coro: Awaitable[Any], task: Task, *, thread: bool) -> Any:
         try:
-            return await asyncio.wait_for(coro, task.timeout)
+            return await coro
         except TimeoutError:
-            if not asyncio.iscoroutinefunction(func):
+            if task.timeout is None:
+                raise  # the task's own TimeoutError: its outcome, not ours
+            if thread:
                 self._abandon_thread(task)
             raise TaskTimedOut() from None
 

@@ -9,6 +9,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from omniq.backends.memory import MemoryEventStorage, MemoryQueue, MemoryResultStorage
 from omniq.models import (
     Delivery,
@@ -633,3 +635,63 @@ async def _count(s: Stores, task_id: str, kind: str, n: int) -> bool:
 
 async def _stored(s: Stores, task_id: str) -> bool:
     return await s.results.get(task_id) is not None
+
+
+# --- task context and progress -----------------------------------------------------------
+
+
+def _progress_task(steps: int) -> dict[str, object]:
+    from omniq import current_task
+
+    task = current_task()
+    for i in range(steps):
+        task.progress(i + 1, steps, f"step {i + 1}")
+    return {"id": task.task_id, "attempt": task.attempt, "queue": task.queue}
+
+
+async def _async_progress_task(steps: int) -> str:
+    from omniq import current_task
+
+    task = current_task()
+    for i in range(steps):
+        task.progress(i + 1, steps)
+        await asyncio.sleep(0.1)
+    return task.task_id
+
+
+@with_stores
+async def test_a_sync_task_sees_itself_and_reports_progress(s: Stores) -> None:
+    task = Task(func="local:p#1", args=(50,), queue="q")
+    worker = Worker(s.queue, s.results, s.events, replace(FAST, burst=True, queues=("q",)),
+                    local_functions={"local:p#1": _progress_task})
+    await s.submit(task)
+    await worker.run()
+    result = await result_of(s, task.id)
+    assert result.value == {"id": task.id, "attempt": 1, "queue": "q"}
+    events = await s.events.get(task.id)
+    progress = [e for e in events if e.event_type == EventType.PROGRESS]
+    # 50 reports in a moment: rate-limited, and the last one is always written.
+    assert 1 <= len(progress) <= 3
+    assert progress[-1].details == {"done": 50, "total": 50, "message": "step 50"}
+    assert [e.event_type.value for e in events][-1] == "completed"
+
+
+@with_stores
+async def test_an_async_task_reports_progress_over_time(s: Stores) -> None:
+    task = Task(func="local:a#1", args=(8,))
+    worker = Worker(s.queue, s.results, s.events, replace(FAST, burst=True),
+                    local_functions={"local:a#1": _async_progress_task})
+    await s.submit(task)
+    await worker.run()
+    assert (await result_of(s, task.id)).value == task.id
+    done = [e.details["done"] for e in await s.events.get(task.id)
+            if e.event_type == EventType.PROGRESS]
+    assert 3 <= len(done) <= 8 and done == sorted(done) and done[-1] == 8
+
+
+def test_current_task_outside_a_task_says_so() -> None:
+    from omniq import current_task
+    from omniq.errors import OmniQError
+
+    with pytest.raises(OmniQError, match="only available inside a running task"):
+        current_task()
