@@ -14,12 +14,15 @@ from typing import Any
 
 from omniq.models import (
     Delivery,
+    FailedTask,
     QueueStats,
     Task,
     TaskEvent,
     TaskResult,
     WorkerInfo,
+    check_record_name,
     from_timestamp,
+    utcnow,
 )
 from omniq.registry import Role
 from omniq.storage import (
@@ -40,6 +43,7 @@ class _Entry:
     ready_at: float = 0.0
     lease_until: float = 0.0
     token: int = 0
+    failed_at: datetime | None = None
 
 
 @dataclass
@@ -65,6 +69,7 @@ class MemoryQueue:
         self._unique: dict[str, tuple[str, float | None]] = {}  # key -> (task id, held until)
         self._leased: dict[str, _Entry] = {}
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
+        self._records: dict[tuple[str, str], bytes] = {}
         self._seq = itertools.count()
         self._tokens = itertools.count(1)
         self._cond: asyncio.Condition | None = None
@@ -223,6 +228,7 @@ class MemoryQueue:
             return False
         if failed:
             self._set_state(entry, "failed")
+            entry.failed_at = utcnow()
             self._settle_key(entry.task, keep=True)
         else:
             self._finish(delivery.task_id, keep_key=True)
@@ -238,13 +244,13 @@ class MemoryQueue:
         await self._wake()
         return True
 
-    async def release(self, delivery: Delivery) -> None:
+    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
         entry = self._held(delivery)
         if entry is None:
             return
         self._set_state(entry, "waiting")
         entry.attempts = max(0, entry.attempts - 1)
-        entry.ready_at = 0.0
+        entry.ready_at = time.time() + delay if delay > 0 else 0.0
         self._push(entry)
         await self._wake()
 
@@ -301,6 +307,43 @@ class MemoryQueue:
             self._finish(tid)
         return len(doomed)
 
+    async def failed(
+        self,
+        queue: str | None = None,
+        since: datetime | None = None,
+        before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[FailedTask]:
+        dead = [
+            FailedTask(e.task, e.failed_at)
+            for e in self._entries.values()
+            if e.state == "failed" and e.failed_at is not None
+            and (queue is None or e.task.queue == queue)
+            and (since is None or e.failed_at >= since)
+            and (before is None or e.failed_at < before)
+        ]
+        dead.sort(key=lambda f: f.failed_at, reverse=True)
+        return dead[:limit]
+
+    async def forget(self, task_ids: Sequence[str]) -> int:
+        gone = [t for t in task_ids if (e := self._entries.get(t)) and e.state == "failed"]
+        for task_id in gone:
+            self._finish(task_id)
+        return len(gone)
+
+    async def put_record(self, kind: str, name: str, data: bytes) -> None:
+        check_record_name(kind, name)
+        self._records[(kind, name)] = bytes(data)
+
+    async def get_record(self, kind: str, name: str) -> bytes | None:
+        return self._records.get((kind, name))
+
+    async def list_records(self, kind: str) -> list[tuple[str, bytes]]:
+        return sorted((n, d) for (k, n), d in self._records.items() if k == kind)
+
+    async def delete_record(self, kind: str, name: str) -> bool:
+        return self._records.pop((kind, name), None) is not None
+
     async def register_worker(self, info: WorkerInfo, ttl: float) -> None:
         self._workers[info.worker_id] = (info, time.time() + ttl)
 
@@ -339,6 +382,10 @@ class MemoryResultStorage:
         if result is None or result.is_expired():
             return None
         return result
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskResult]:
+        found = {t: await self.get(t) for t in task_ids}
+        return {t: r for t, r in found.items() if r is not None}
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskResult | None:
         loop = asyncio.get_running_loop()

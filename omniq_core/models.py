@@ -130,6 +130,16 @@ def check_queue_name(value: str) -> str:
     return value
 
 
+RECORD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,199}$")
+
+
+def check_record_name(kind: str, name: str) -> None:
+    """Record kinds and names travel into keys, subjects and file names: keep them plain."""
+    for what, value in (("kind", kind), ("name", name)):
+        if not RECORD_NAME_RE.match(value):
+            raise ValueError(f"invalid record {what} {value!r}")
+
+
 @dataclass(frozen=True)
 class Task:
     """One unit of work. `func` is an import path `pkg.mod:qualname` (or a local token)."""
@@ -235,6 +245,14 @@ class QueueStats:
     # Since when the longest-waiting ready task has been ready (its enqueue, ETA or
     # retry time); None when nothing is ready. What an "oldest wait" alert reads.
     oldest_ready_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class FailedTask:
+    """A dead letter: a task whose last attempt failed, kept until retried or purged."""
+
+    task: Task
+    failed_at: datetime
 
 
 @dataclass(frozen=True)

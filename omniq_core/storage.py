@@ -19,6 +19,7 @@ from omniq.models import (
     Delivery,
     EventFilter,
     EventType,
+    FailedTask,
     QueueStats,
     Task,
     TaskEvent,
@@ -78,9 +79,10 @@ class TaskQueue(Protocol):
         """Put the task back to run again after `delay` seconds if this delivery still
         holds its lease (False otherwise). The next delivery counts attempt + 1."""
 
-    async def release(self, delivery: Delivery) -> None:
-        """Hand the task back at once without counting the attempt (only while this
-        delivery holds the lease)."""
+    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
+        """Hand the task back without counting the attempt (only while this delivery
+        holds the lease), claimable again after `delay` seconds (a task waiting for
+        the tasks it depends on)."""
 
     async def extend(self, delivery: Delivery, lease: float) -> bool:
         """Renew the lease for `lease` seconds from now; False if it was lost."""
@@ -93,6 +95,27 @@ class TaskQueue(Protocol):
         placeholder when its payload does not decode; never a decode error)."""
 
     async def stats(self) -> list[QueueStats]: ...
+
+    async def failed(
+        self,
+        queue: str | None = None,
+        since: datetime | None = None,
+        before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[FailedTask]:
+        """Dead letters, newest failure first: of one queue (or all), failed at or after
+        `since` and before `before` (to page backwards), at most `limit`. Read through
+        an index by failure time: never a scan of every task."""
+
+    async def forget(self, task_ids: Sequence[str]) -> int:
+        """Delete these dead letters (others are left alone); how many were deleted."""
+
+    # Small named records kept beside the queue (schedules, cancel requests): `kind`
+    # and `name` are plain names ([A-Za-z0-9_.:-]); `data` a few KB at most.
+    async def put_record(self, kind: str, name: str, data: bytes) -> None: ...
+    async def get_record(self, kind: str, name: str) -> bytes | None: ...
+    async def list_records(self, kind: str) -> list[tuple[str, bytes]]: ...
+    async def delete_record(self, kind: str, name: str) -> bool: ...
 
     async def purge(self, queue: str | None = None) -> int:
         """Drop waiting and dead-lettered tasks (of one queue, or all); running
@@ -123,6 +146,9 @@ class ResultStorage(Protocol):
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskResult | None:
         """Block until the result exists (None after `timeout`; None timeout = forever)."""
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskResult]:
+        """The stored (unexpired) results of these tasks, by id, in one round trip."""
 
     async def delete(self, task_id: str) -> bool: ...
 
@@ -234,12 +260,15 @@ def started_event(
 
 
 def runs_now(delivery: Delivery, now: datetime | None = None) -> bool:
-    """Whether a worker will run this delivery (so its STARTED is due): not a problem
-    delivery, not expired, and within its attempts (else the worker fails it)."""
+    """Whether a worker will run this delivery at once (so its STARTED is due): not a
+    problem delivery, not expired, not waiting for other tasks, and within its
+    attempts (else the worker fails it or hands it back)."""
     task = delivery.task
     if delivery.problem is not None:
         return False
     if task.expires_at is not None and task.expires_at <= (now or utcnow()):
+        return False
+    if task.after:  # waits for other tasks first: the worker writes STARTED when it runs
         return False
     return delivery.attempt <= task.max_retries + 1
 

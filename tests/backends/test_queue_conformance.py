@@ -445,6 +445,89 @@ def test_stats_tell_since_when_the_oldest_ready_task_waits(queue_h: Harness) -> 
     queue_h.run(body)
 
 
+def test_release_with_a_delay_hands_back_later_without_counting(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        t = await q.enqueue(task("rd"))
+        d = await q.dequeue(["rd"], LEASE, 0)
+        assert d is not None
+        await q.release(d, 0.8)
+        assert await q.dequeue(["rd"], LEASE, 0) is None  # not yet
+        stats = {s.queue: s for s in await q.stats()}
+        assert (stats["rd"].scheduled, stats["rd"].running) == (1, 0)
+        again = await q.dequeue(["rd"], LEASE, 5)
+        assert again is not None and again.task.id == t and again.attempt == 1
+
+    queue_h.run(body)
+
+
+def test_failed_lists_dead_letters_newest_first_with_filters(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        kept = []
+        for name in ("fa", "fa", "fb", "fa"):
+            t = task(name)
+            await q.enqueue(t)
+            d = await q.dequeue([name], LEASE, 0)
+            assert d is not None
+            await q.ack(d, failed=True)
+            kept.append(t)
+            await asyncio.sleep(0.02)
+        ok = await q.enqueue(task("fa"))  # waiting, not failed: never listed
+        every = await q.failed()
+        mine = [f for f in every if f.task.id in {t.id for t in kept}]
+        assert [f.task.id for f in mine] == [t.id for t in reversed(kept)]
+        assert all(f.failed_at.tzinfo is not None for f in mine)
+        only_fa = await q.failed(queue="fa")
+        assert [f.task.id for f in only_fa] == [kept[3].id, kept[1].id, kept[0].id]
+        page = await q.failed(queue="fa", limit=2)
+        assert [f.task.id for f in page] == [kept[3].id, kept[1].id]
+        older = await q.failed(queue="fa", before=page[-1].failed_at, limit=2)
+        assert [f.task.id for f in older] == [kept[0].id]
+        recent = await q.failed(queue="fa", since=only_fa[1].failed_at)
+        assert [f.task.id for f in recent] == [kept[3].id, kept[1].id]
+        assert ok not in {f.task.id for f in every}
+
+    queue_h.run(body)
+
+
+def test_forget_deletes_dead_letters_only(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        dead, waiting = task("fg"), task("fg")
+        await q.enqueue(dead)
+        d = await q.dequeue(["fg"], LEASE, 0)
+        assert d is not None
+        await q.ack(d, failed=True)
+        await q.enqueue(waiting)
+        assert await q.forget([dead.id, waiting.id, task().id]) == 1
+        assert await q.get_task(dead.id) is None
+        assert await q.get_task(waiting.id) is not None
+        assert await q.failed(queue="fg") == []
+
+    queue_h.run(body)
+
+
+def test_records_are_named_per_kind_and_shared(queue_h: Harness) -> None:
+    async def body(q: Any) -> None:
+        other = await queue_h.another()
+        assert await q.get_record("schedule", "nightly") is None
+        await q.put_record("schedule", "nightly", b'{"v": 1}')
+        await q.put_record("schedule", "hourly.sync", b"\x00\xffbytes")
+        await q.put_record("cancel", "nightly", b"other kind")
+        assert await other.get_record("schedule", "nightly") == b'{"v": 1}'
+        assert await other.list_records("schedule") == [
+            ("hourly.sync", b"\x00\xffbytes"), ("nightly", b'{"v": 1}')
+        ]
+        await other.put_record("schedule", "nightly", b'{"v": 2}')  # replaced
+        assert await q.get_record("schedule", "nightly") == b'{"v": 2}'
+        assert await q.delete_record("schedule", "nightly") is True
+        assert await q.delete_record("schedule", "nightly") is False
+        assert await q.list_records("schedule") == [("hourly.sync", b"\x00\xffbytes")]
+        assert await q.list_records("cancel") == [("nightly", b"other kind")]
+        with pytest.raises(ValueError):
+            await q.put_record("schedule", "no spaces", b"")
+
+    queue_h.run(body)
+
+
 def test_stats_per_queue_and_state(queue_h: Harness) -> None:
     async def body(q: Any) -> None:
         await q.enqueue(task("s1"))

@@ -129,6 +129,19 @@ def test_expired_result_reads_as_none_and_cleanup_removes_it(results_h: Harness)
     results_h.run(body)
 
 
+def test_get_many_reads_several_in_one_call(results_h: Harness) -> None:
+    async def body(s: Any) -> None:
+        a, b = ok(value=1), ok(value=2)
+        gone = ok(value=3, expires_at=utcnow() - timedelta(seconds=1))
+        for r in (a, b, gone):
+            await s.store(r)
+        got = await s.get_many([a.task_id, b.task_id, gone.task_id, new_task_id()])
+        assert got == {a.task_id: a, b.task_id: b}
+        assert await s.get_many([]) == {}
+
+    results_h.run(body)
+
+
 def test_first_outcome_wins(results_h: Harness) -> None:
     async def body(s: Any) -> None:
         tid = new_task_id()
