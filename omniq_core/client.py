@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from omniq import serialization
+from omniq import operate, serialization
 from omniq.errors import (
     ConfigError,
     OmniQError,
@@ -44,6 +44,7 @@ from omniq.storage import EventStorage, ResultStorage, TaskQueue, follow_events,
 
 if TYPE_CHECKING:
     from omniq.config import OmniQConfig
+    from omniq.schedules import Schedule
     from omniq.worker import Worker, WorkerSettings
 
 log = logging.getLogger("omniq")
@@ -68,6 +69,11 @@ class TaskOptions:
     # is kept (result_ttl), so a key such as "nightly-2030-01-31" runs once. 0: only
     # while the task is unfinished.
     unique_ttl: float | None = None
+    # Run only once all these tasks completed; if one fails, is cancelled or expires,
+    # this one fails with "dependency failed". `pass_result`: the first one's result
+    # comes in as this task's first argument.
+    after: Sequence[str] = ()
+    pass_result: bool = False
 
 
 Call = tuple[Any, ...]  # (func,), (func, args), (func, args, kwargs)
@@ -325,6 +331,21 @@ class AsyncOmniQ:
         tasks = [self.build_task(*_unpack_call(c), opts) for c in calls]
         return await self.submit_many(tasks)
 
+    async def chain(
+        self, *calls: Call, pass_results: bool = False, options: TaskOptions | None = None
+    ) -> list[str]:
+        """Enqueue calls that run one after another: each waits for the one before
+        (`after=`) and fails if it did not complete; with `pass_results` each gets the
+        previous one's result as its first argument. Returns the ids in order."""
+        ids: list[str] = []
+        for call in calls:
+            func, args, kwargs = _unpack_call(call)
+            opts = options or TaskOptions()
+            if ids:
+                opts = replace(opts, after=(ids[-1],), pass_result=pass_results)
+            ids.append(await self.enqueue_call(func, args, kwargs, opts))
+        return ids
+
     def build_task(
         self,
         func: Callable[..., Any] | str,
@@ -357,7 +378,19 @@ class AsyncOmniQ:
             unique_ttl=self._unique_ttl(options),
             result_ttl=options.result_ttl,
             created_at=now,
+            after=self._checked_after(options),
+            pass_result=options.pass_result,
         )
+
+    @staticmethod
+    def _checked_after(options: TaskOptions) -> tuple[str, ...]:
+        after = tuple(options.after)
+        for task_id in after:
+            if not is_valid_id(task_id):
+                raise ValueError(f"after: {task_id!r} is not a task id")
+        if options.pass_result and not after:
+            raise ValueError("pass_result needs after=[the task whose result to pass]")
+        return after
 
     def _unique_ttl(self, options: TaskOptions) -> float | None:
         if options.unique_key is None:
@@ -501,7 +534,24 @@ class AsyncOmniQ:
         return await events.last_cursor()
 
     # --- operations ----------------------------------------------------------
-    async def cancel(self, task_id: str) -> bool:
+    async def cancel(self, task_id: str, *, kill: bool = False, wait: float = 10.0) -> bool:
+        """Cancel a task, waiting or running; True once it ended cancelled. A running
+        task is asked to stop (see `cancel_task`)."""
+        try:
+            outcome = await self.cancel_task(task_id, kill=kill, wait=wait)
+        except TaskNotFound:
+            return False
+        return outcome in (operate.BEFORE, operate.WHILE_RUNNING)
+
+    async def cancel_task(self, task_id: str, *, kill: bool = False, wait: float = 10.0) -> str:
+        """Cancel a task and say how it went: "cancelled before it ran", "cancelled
+        while running", "had already finished", or (no worker confirmed within `wait`
+        seconds) "cancel requested ...". A running async task gets CancelledError; a sync
+        task sees `omniq.current_task().cancelled`; a process-pool child is killed
+        after the worker's grace period (`kill=True`: at once)."""
+        return await operate.cancel(self, task_id, kill=kill, wait=wait)
+
+    async def cancel_waiting(self, task_id: str) -> bool:
         """Cancel a task no worker has started; records a CANCELLED outcome."""
         if not is_valid_id(task_id):
             return False
@@ -576,6 +626,68 @@ class AsyncOmniQ:
                 if task is not None:
                     return queue, task
         return None
+
+    # --- failed tasks, schedules (omniq.operate) -------------------------------------
+    async def failed(
+        self,
+        queue: str | None = None,
+        since: datetime | None = None,
+        func: str | None = None,
+        limit: int | None = 50,
+    ) -> list[operate.FailedInfo]:
+        """Failed tasks (dead letters), newest first, with their errors; `func` is a
+        glob over the function's import path or name."""
+        return await operate.failed(self, queue, since, func, limit)
+
+    async def retry_failed(
+        self,
+        queue: str | None = None,
+        since: datetime | None = None,
+        func: str | None = None,
+        *,
+        dry_run: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """Run every matching failed task again (each under its own id); their ids."""
+        return await operate.retry_failed(
+            self, queue, since, func, dry_run=dry_run, progress=progress
+        )
+
+    async def purge_failed(
+        self,
+        queue: str | None = None,
+        since: datetime | None = None,
+        func: str | None = None,
+        *,
+        dry_run: bool = False,
+    ) -> list[str]:
+        """Delete every matching failed task; their ids."""
+        return await operate.purge_failed(self, queue, since, func, dry_run=dry_run)
+
+    async def schedules(self) -> list[Schedule]:
+        return await operate.schedules(self)
+
+    async def get_schedule(self, name: str) -> Schedule:
+        return await operate.get_schedule(self, name)
+
+    async def add_schedule(self, schedule: Schedule, *, replace: bool = False) -> None:
+        await operate.add_schedule(self, schedule, replace_=replace)
+
+    async def pause_schedule(self, name: str) -> Schedule:
+        return await operate.set_paused(self, name, True)
+
+    async def resume_schedule(self, name: str) -> Schedule:
+        return await operate.set_paused(self, name, False)
+
+    async def remove_schedule(self, name: str) -> None:
+        await operate.remove_schedule(self, name)
+
+    async def run_schedule_now(self, name: str) -> str:
+        return await operate.run_now(self, name)
+
+    async def fire_schedules(self, now: datetime | None = None) -> list[str]:
+        """Enqueue the due slots of every schedule (what workers do every second)."""
+        return await operate.fire_schedules(self, now)
 
     async def stats(self) -> list[QueueStats]:
         queue = await self._q()
@@ -678,6 +790,11 @@ def _enqueue_details(task: Task) -> dict[str, Any]:
         details["priority"] = task.priority
     if task.unique_key:
         details["key"] = task.unique_key
+    if task.schedule is not None:
+        details["schedule"] = task.schedule
+        details["slot"] = task.slot.isoformat() if task.slot else None
+    if task.after:
+        details["after"] = list(task.after)
     return details
 
 
@@ -854,8 +971,63 @@ class OmniQ:
                 with contextlib.suppress(Exception):
                     self._run(agen.aclose())
 
-    def cancel(self, task_id: str) -> bool:
-        return self._run(self._core.cancel(task_id))
+    def cancel(self, task_id: str, *, kill: bool = False, wait: float = 10.0) -> bool:
+        return self._run(self._core.cancel(task_id, kill=kill, wait=wait))
+
+    def cancel_task(self, task_id: str, *, kill: bool = False, wait: float = 10.0) -> str:
+        return self._run(self._core.cancel_task(task_id, kill=kill, wait=wait))
+
+    def chain(
+        self, *calls: Call, pass_results: bool = False, options: TaskOptions | None = None
+    ) -> list[str]:
+        return self._run(self._core.chain(*calls, pass_results=pass_results, options=options))
+
+    def failed(
+        self,
+        queue: str | None = None,
+        since: datetime | None = None,
+        func: str | None = None,
+        limit: int | None = 50,
+    ) -> list[operate.FailedInfo]:
+        return self._run(self._core.failed(queue, since, func, limit))
+
+    def retry_failed(
+        self,
+        queue: str | None = None,
+        since: datetime | None = None,
+        func: str | None = None,
+        *,
+        dry_run: bool = False,
+    ) -> list[str]:
+        return self._run(self._core.retry_failed(queue, since, func, dry_run=dry_run))
+
+    def purge_failed(
+        self,
+        queue: str | None = None,
+        since: datetime | None = None,
+        func: str | None = None,
+        *,
+        dry_run: bool = False,
+    ) -> list[str]:
+        return self._run(self._core.purge_failed(queue, since, func, dry_run=dry_run))
+
+    def schedules(self) -> list[Schedule]:
+        return self._run(self._core.schedules())
+
+    def add_schedule(self, schedule: Schedule, *, replace: bool = False) -> None:
+        self._run(self._core.add_schedule(schedule, replace=replace))
+
+    def pause_schedule(self, name: str) -> Schedule:
+        return self._run(self._core.pause_schedule(name))
+
+    def resume_schedule(self, name: str) -> Schedule:
+        return self._run(self._core.resume_schedule(name))
+
+    def remove_schedule(self, name: str) -> None:
+        self._run(self._core.remove_schedule(name))
+
+    def run_schedule_now(self, name: str) -> str:
+        return self._run(self._core.run_schedule_now(name))
 
     def retry(self, task_id: str) -> str:
         return self._run(self._core.retry(task_id))

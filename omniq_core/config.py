@@ -188,6 +188,7 @@ SPECS: dict[str, _Spec] = {
     "event_buffer_size": _Spec("int", 10_000, check=_at_least(1)),
     "event_spill_max_mb": _Spec("int", 256, check=_at_least(0)),
     "task_modules": _Spec("list", []),
+    "schedules": _Spec("schedules", []),
     "embedded_worker": _Spec("str", "own", check=_choice("own", "shared", "off")),
     "allow_shell": _Spec("bool", False),
     "shell_output_limit": _Spec("int", 65536, check=_at_least(1)),
@@ -241,6 +242,7 @@ _EXPECTED = {
     "bool": "true or false",
     "list": "a list of strings",
     "dict": "a mapping",
+    "schedules": "a list of schedules (mappings with name, func, and cron or every)",
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -287,7 +289,27 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "bool": lambda v: _only(v, bool),
     "list": _str_list,
     "dict": _str_dict,
+    "schedules": lambda v: _schedules(v),
 }
+
+
+def _schedules(value: Any) -> list[dict[str, Any]]:
+    """Each entry checked now (bad cron, unknown timezone, ...), kept as its mapping."""
+    from omniq.schedules import ScheduleError, schedule_from_mapping
+
+    entries = _only(value, list, tuple)
+    if not all(isinstance(entry, Mapping) for entry in entries):
+        raise TypeError
+    names = set()
+    for entry in entries:
+        try:
+            schedule = schedule_from_mapping(dict(entry))
+        except ScheduleError as exc:
+            raise ValueError(str(exc)) from None
+        if schedule.name in names:
+            raise ValueError(f"two schedules are named {schedule.name!r}")
+        names.add(schedule.name)
+    return [dict(entry) for entry in entries]
 
 
 def _native(spec: _Spec, value: Any) -> Any:
@@ -315,6 +337,8 @@ def _from_text(spec: _Spec, text: str) -> Any:
         return _parse_list(text, spec)
     if kind == "dict":
         return _parse_json(text, spec, dict)
+    if kind == "schedules":
+        return _parse_json(text, spec, list)
     return text  # str and duration are handled by _native
 
 
@@ -589,6 +613,7 @@ class OmniQConfig:
     event_buffer_size: int
     event_spill_max_mb: int
     task_modules: list[str]
+    schedules: list[dict[str, Any]]
     embedded_worker: str
     allow_shell: bool
     shell_output_limit: int

@@ -29,6 +29,7 @@ log = logging.getLogger("omniq.daemon")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STATUS_EVERY = 5.0  # seconds between STATUS= updates to systemd (only when it changed)
+SCHEDULE_EVERY = 1.0  # seconds between looks at the schedules
 FORCE_GRACE = 10.0  # after a forced stop, how long releasing tasks may take at most
 
 
@@ -136,11 +137,14 @@ class Daemon:
 
     async def _serve(self, worker: Worker) -> int:
         with StopRequests(worker).installed() as stops:
+            if self.settings.burst:  # a cron-run worker fires what is due, then works
+                await self._fire_schedules()
             run = asyncio.create_task(worker.run(), name="omniq-worker")
             duties = [
                 asyncio.create_task(self._watch_stops(worker, stops, run)),
                 asyncio.create_task(self._watchdog_loop()),
                 asyncio.create_task(self._status_loop(worker)),
+                asyncio.create_task(self._schedule_loop()),
             ]
             self.notifier.ready(status_line(worker))
             log.info("%s", _describe_start(worker))
@@ -183,6 +187,27 @@ class Daemon:
         if not self._stopping_sent:
             self._stopping_sent = True
             self.notifier.stopping(status_line(worker))
+
+    async def _schedule_loop(self) -> None:
+        """Every worker fires due schedule slots; the queue store's unique keys make
+        each slot run once however many workers do (omniq.schedules)."""
+        while True:
+            await asyncio.sleep(SCHEDULE_EVERY)
+            await self._fire_schedules()
+
+    async def _fire_schedules(self) -> None:
+        from omniq.errors import OmniQError
+
+        client = self.client
+        if client is None:
+            return
+        try:
+            fired = await client.fire_schedules()
+        except OmniQError as exc:  # an outage (the worker reports it) or a bad schedule
+            log.debug("schedules not fired: %s", exc)
+            return
+        for task_id in fired:
+            log.info("schedule fired: task %s", task_id)
 
     async def _watchdog_loop(self) -> None:
         # Runs on the main loop on purpose: if the loop wedges, the pings stop and

@@ -52,6 +52,10 @@ class WorkerLost(OmniQError):
     """Recorded as a task's error: its workers vanished (lease expired) on every attempt."""
 
 
+class DependencyFailed(OmniQError):
+    """Recorded as a task's error: a task it waited for (`after=`) did not complete."""
+
+
 class UndecodableTask(OmniQError):
     """Recorded as a task's error: its stored payload could not be decoded."""
 

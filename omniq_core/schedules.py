@@ -185,3 +185,36 @@ def _check_cron(name: str, expr: str) -> None:
         CronSim(expr, datetime.now(UTC))
     except CronSimError as exc:
         raise ScheduleError(f"schedule {name!r}: bad cron expression {expr!r}: {exc}") from None
+
+
+_FIELDS = ("name", "func", "args", "kwargs", "queue", "cron", "timezone", "every",
+           "catch_up", "catch_up_limit", "paused")
+_DURATIONS = ("every", "retry_delay", "timeout", "ttl", "result_ttl")
+
+
+def schedule_from_mapping(values: dict[str, Any], source: str = "config") -> Schedule:
+    """A Schedule from a YAML/JSON mapping: `every: 30s` and other durations as text,
+    task options (retries, timeout, ...) beside the other fields or under `options`."""
+    from omniq.config import parse_duration
+
+    data = dict(values)
+    options = dict(data.pop("options", None) or {})
+    for key in TASK_OPTIONS:
+        if key in data:
+            options[key] = data.pop(key)
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ScheduleError(
+            f"schedule {data.get('name', '?')!r}: unknown field(s) {', '.join(unknown)}; "
+            f"known: {', '.join((*_FIELDS, *TASK_OPTIONS))}"
+        )
+    for key in _DURATIONS:
+        holder = data if key in data else options
+        if holder.get(key) is not None and not isinstance(holder[key], bool):
+            holder[key] = parse_duration(holder[key])
+    for key in ("name", "func"):
+        if not isinstance(data.get(key), str):
+            raise ScheduleError(f"a schedule needs `{key}` (text)")
+    data["args"] = tuple(data.get("args") or ())
+    data["kwargs"] = dict(data.get("kwargs") or {})
+    return Schedule(**data, options=options, source=source)

@@ -26,15 +26,16 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
 from omniq import serialization
-from omniq.context import TaskContext, run_in, set_current
+from omniq.context import TaskCancelledError, TaskContext, run_in, set_current
 from omniq.context import reset as reset_current
 from omniq.errors import (
     BackendUnavailable,
+    DependencyFailed,
     SerializationError,
     TaskRefused,
     UndecodableTask,
@@ -51,6 +52,8 @@ from omniq.models import (
     WorkerInfo,
     utcnow,
 )
+from omniq.operate import CANCEL as CANCEL_RECORDS
+from omniq.operate import cancel_request
 from omniq.storage import (
     EventStorage,
     FusedOps,
@@ -66,6 +69,8 @@ T = TypeVar("T")
 
 ALWAYS_ALLOWED = ("omniq.examples",)
 ANNOUNCE_EVERY = 1.0  # seconds: the most often a busy worker re-registers its running tasks
+DEPENDENCY_WAIT_FIRST = 0.5  # seconds before a task waiting for others is looked at again
+DEPENDENCY_WAIT_MOST = 30.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,8 @@ class WorkerSettings:
     cleanup_interval: float = 600.0
     fetchers: int | None = None  # concurrent dequeue calls; None = min(concurrency, 4)
     register: bool = True
+    cancel_grace: float = 10.0  # seconds a cancelled process-pool task has before its kill
+    cancel_poll: float = 1.0  # seconds between looks for cancel requests while busy
 
     @property
     def heartbeat_every(self) -> float:
@@ -145,6 +152,8 @@ class _Running:
     started: float = field(default_factory=time.monotonic)
     finishing: bool = False  # its outcome is being written: a drain must let it end
     context: TaskContext | None = None  # what omniq.current_task() gives the task
+    call: asyncio.Future[Any] | None = None  # the task's own run, when it can be cancelled
+    cancelled: bool = False  # `omniq cancel` asked it to stop
 
 
 PROGRESS_GAP = 0.25  # seconds between two progress events of one task, at least
@@ -291,6 +300,7 @@ class Worker:
         background = [
             asyncio.create_task(self._heartbeat_loop()),
             asyncio.create_task(self._announce_loop()),
+            asyncio.create_task(self._cancel_loop()),
         ]
         try:
             # A batch claim fills every free slot; a store that claims one task per
@@ -431,8 +441,13 @@ class Worker:
             return
         if await self._skip_if_settled(delivery):
             return
+        if task.after:
+            ready = await self._dependencies(delivery)
+            if ready is None:
+                return
+            task = ready
         started_at = utcnow()
-        if self._fused is None:  # (a fused claim stored it with the lease)
+        if self._fused is None or task.after:  # (a fused claim stored it with the lease)
             # Stored before the task's code runs: an attempt that began leaves its
             # trace even when the task then kills its worker.
             await self._record(started_event(delivery, self.worker_id), task)
@@ -442,7 +457,11 @@ class Worker:
         context = self._context(delivery, progress)
         kind, payload = await self._run_task(task, context)
         await progress.flush()
-        if kind == "ok":
+        if self._was_cancelled(task.id, kind, payload):
+            await self._finish(delivery, started_at, TaskStatus.CANCELLED,
+                               error=TaskCancelledError("cancelled while running"))
+            await self._forget_cancel(task.id)
+        elif kind == "ok":
             await self._success(delivery, started_at, payload)
         elif kind == "timeout":
             error = TimeoutError(f"task exceeded its timeout of {task.timeout}s")
@@ -467,6 +486,11 @@ class Worker:
         """Run the callable; its outcome as ("ok", value) or (kind, exception)."""
         try:
             return "ok", await self._execute(task, context)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the worker is stopping: the drain hands the task back
+            return "cancelled", None  # `omniq cancel` stopped the task's own run
         except TaskTimedOut:
             return "timeout", None
         except TaskRefused as exc:
@@ -636,7 +660,7 @@ class Worker:
         err_type = err_msg = tb = None
         if error is not None:
             err_type, err_msg, tb = describe_error(error)
-            if isinstance(error, TaskRefused | TimeoutError | WorkerLost | UndecodableTask):
+            if isinstance(error, _NO_TRACEBACK):
                 tb = None
             if isinstance(error, ShellFailed):
                 value = error.output
@@ -733,7 +757,8 @@ class Worker:
             fields = {"task_id": context.task_id, "attempt": context.attempt,
                       "queue": context.queue, "func": context.func,
                       "schedule": context.schedule, "slot": context.slot}
-            return await self._runner.run(task, fields, context.progress)
+            call = asyncio.ensure_future(self._runner.run(task, fields, context.progress))
+            return await self._cancellable(task.id, call)
         if func is None:
             func = self._resolved.get(func_path)
         if func is None:
@@ -750,10 +775,10 @@ class Worker:
                 coro: Awaitable[Any] = func(*task.args, **task.kwargs)
                 if task.timeout is not None:
                     coro = asyncio.wait_for(coro, task.timeout)
-                coro = asyncio.ensure_future(coro)
+                call = asyncio.ensure_future(coro)
             finally:
                 reset_current(token)
-            return await self._await_task(coro, task, thread=False)
+            return await self._await_task(self._cancellable(task.id, call), task, thread=False)
         coro = self._task_threads().run(run_in, context, func, *task.args, **task.kwargs)
         if task.timeout is not None:
             coro = asyncio.wait_for(coro, task.timeout)
@@ -768,6 +793,46 @@ class Worker:
             if thread:
                 self._abandon_thread(task)
             raise TaskTimedOut() from None
+
+    def _cancellable(self, task_id: str, call: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        running = self.running.get(task_id)
+        if running is not None:
+            running.call = call
+        return call
+
+    def _was_cancelled(self, task_id: str, kind: str, payload: Any) -> bool:
+        running = self.running.get(task_id)
+        if running is None or not running.cancelled:
+            return False
+        if kind == "cancelled" or isinstance(payload, TaskCancelledError):
+            return True
+        # A killed process-pool child.
+        return kind == "error" and type(payload).__name__ == "WorkerProcessDied"
+
+    async def _dependencies(self, delivery: Delivery) -> Task | None:
+        """The task to run once every task it depends on completed (with the first one's
+        result as its first argument when asked); None when it failed or must wait."""
+        task = delivery.task
+        found = await self._resilient(lambda: self.results.get_many(list(task.after)))
+        for dep in task.after:
+            outcome = found.get(dep)
+            if outcome is not None and not outcome.ok:
+                error = DependencyFailed(
+                    f"dependency failed: task {dep} ended {outcome.status.value}"
+                )
+                await self._finish(delivery, None, TaskStatus.FAILED, error=error, attempts=0)
+                return None
+        if len(found) < len(task.after):
+            # Not all done yet: back to the queue, checked again later (longer for a
+            # task that has waited long), its attempt not counted.
+            age = (utcnow() - task.created_at).total_seconds()
+            delay = min(DEPENDENCY_WAIT_MOST, max(DEPENDENCY_WAIT_FIRST, age / 10))
+            self._mark_finishing(task.id)
+            await self._resilient(lambda: self.queue.release(delivery, delay))
+            return None
+        if task.pass_result:
+            task = replace(task, args=(found[task.after[0]].value, *task.args))
+        return task
 
     def _abandon_thread(self, task: Task) -> None:
         """A thread cannot be killed: it runs on, so the pool gets a new one."""
@@ -823,6 +888,40 @@ class Worker:
             except Exception:
                 log.exception("heartbeat failed")
             await asyncio.sleep(every)
+
+    async def _cancel_loop(self) -> None:
+        """Look for `omniq cancel` requests of running tasks (one store call per
+        cancel_poll while busy, none while idle)."""
+        while True:
+            await asyncio.sleep(self.settings.cancel_poll)
+            if not self.running:
+                continue
+            try:
+                requests = await self.queue.list_records(CANCEL_RECORDS)
+            except Exception as exc:  # an outage: the heartbeat reports it
+                log.debug("could not read cancel requests: %s", exc)
+                continue
+            for task_id, data in requests:
+                running = self.running.get(task_id)
+                if running is not None and not running.cancelled:
+                    self._cancel_running(running, bool(cancel_request(data).get("kill")))
+
+    def _cancel_running(self, running: _Running, kill: bool) -> None:
+        running.cancelled = True
+        if running.context is not None:
+            running.context._cancel.set()  # a sync task sees current_task().cancelled
+        call = running.call
+        if call is None:
+            return  # a thread cannot be interrupted: the task checks the flag
+        grace = 0.0 if kill or self._runner is None else self.settings.cancel_grace
+        assert self._loop is not None
+        self._loop.call_later(grace, call.cancel)
+        self._log_task(logging.INFO, running.delivery, "cancel_requested",
+                       "cancel requested" + (f"; killed in {grace:g}s" if grace else ""))
+
+    async def _forget_cancel(self, task_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.queue.delete_record(CANCEL_RECORDS, task_id)
 
     async def _announce_loop(self) -> None:
         """Re-register when the running set changed, at most once per ANNOUNCE_EVERY:
@@ -931,6 +1030,11 @@ class EventWriter:
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
+
+
+# Outcomes of ours, not of the task's code: their traceback would only show the worker.
+_NO_TRACEBACK = (TaskRefused, TimeoutError, WorkerLost, UndecodableTask, DependencyFailed,
+                 TaskCancelledError)
 
 
 def task_label(task: Task) -> str:
