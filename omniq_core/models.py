@@ -47,6 +47,7 @@ class EventType(StrEnum):
     EXPIRED = "expired"
     RELEASED = "released"  # handed back unfinished at shutdown; it will run again
     PROGRESS = "progress"  # the task said how far it got (omniq.current_task().progress)
+    OUTPUT = "output"  # a shell task's stdout/stderr, as it runs (`omniq logs ID --follow`)
 
 
 class TaskKind(StrEnum):

@@ -157,6 +157,57 @@ class _Running:
 
 
 PROGRESS_GAP = 0.25  # seconds between two progress events of one task, at least
+OUTPUT_GAP = 0.5  # seconds between two output events of one shell task, at least
+OUTPUT_CHUNK = 8192  # characters in one output event, at most
+
+
+class _LiveOutput:
+    """A shell task's output as events while it runs: batched (one event per stream
+    per OUTPUT_GAP, at most OUTPUT_CHUNK characters) and bounded (after `limit`
+    characters per stream only the stored result keeps the tail)."""
+
+    def __init__(self, worker: Worker, delivery: Delivery, limit: int) -> None:
+        self._worker = worker
+        self._delivery = delivery
+        self._limit = limit
+        self._pending: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._sent = {"stdout": 0, "stderr": 0}
+        self._timer: asyncio.TimerHandle | None = None
+        self._writes: set[asyncio.Future[None]] = set()
+
+    def write(self, stream: str, text: str) -> None:
+        if self._sent[stream] >= self._limit or not text:
+            return
+        self._pending[stream].append(text)
+        size = sum(map(len, self._pending[stream]))
+        if size >= OUTPUT_CHUNK:
+            self._send()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(OUTPUT_GAP, self._send)
+
+    def _send(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for stream, parts in self._pending.items():
+            text = "".join(parts)[: self._limit - self._sent[stream]]
+            parts.clear()
+            if not text:
+                continue
+            self._sent[stream] += len(text)
+            if self._sent[stream] >= self._limit:
+                text += "\n[live output stops here; the result keeps the end]\n"
+            d = self._delivery
+            write = asyncio.ensure_future(self._worker._emit(
+                d.task, EventType.OUTPUT, d.attempt, {"stream": stream, "text": text}
+            ))
+            self._writes.add(write)
+            write.add_done_callback(self._writes.discard)
+
+    async def flush(self) -> None:
+        self._send()
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
 
 class _Progress:
@@ -740,7 +791,10 @@ class Worker:
     # --- running the callable -------------------------------------------
     async def _execute(self, task: Task, context: TaskContext) -> Any:
         if task.kind == TaskKind.SHELL:
-            return await self._run_shell(task)
+            running = self.running.get(task.id)
+            delivery = running.delivery if running else Delivery(task, context.attempt)
+            call = asyncio.ensure_future(self._run_shell(task, delivery))
+            return await self._cancellable(task.id, call)
         func_path = task.func
         if task.is_local:
             func = self.local_functions.get(task.func)
@@ -847,7 +901,7 @@ class Worker:
             raise RuntimeError("the worker is not running")
         return self._threads
 
-    async def _run_shell(self, task: Task) -> Any:
+    async def _run_shell(self, task: Task, delivery: Delivery) -> Any:
         if not self.settings.allow_shell:
             raise TaskRefused(
                 "refused to run a shell task: this worker was not started with --allow-shell "
@@ -855,7 +909,11 @@ class Worker:
             )
         from omniq.shell import run_shell
 
-        outcome = await run_shell(task, self.settings.shell_output_limit)
+        live = _LiveOutput(self, delivery, self.settings.shell_output_limit)
+        try:
+            outcome = await run_shell(task, self.settings.shell_output_limit, live.write)
+        finally:
+            await live.flush()
         if outcome is None:
             raise TaskTimedOut()
         if outcome["exit_code"] != 0:

@@ -695,3 +695,21 @@ def test_current_task_outside_a_task_says_so() -> None:
 
     with pytest.raises(OmniQError, match="only available inside a running task"):
         current_task()
+
+
+@with_stores
+async def test_a_shell_tasks_output_streams_as_events_and_keeps_its_tail(s: Stores) -> None:
+    script = "for i in $(seq 1 6); do echo line $i; sleep 0.2; done; echo oops >&2"
+    task = Task(func=SHELL_FUNC, kwargs={"sh": script}, kind=TaskKind.SHELL)
+    await s.submit(task)
+    await s.worker(burst=True, allow_shell=True, shell_output_limit=20).run()
+    events = await s.events.get(task.id)
+    live = [e for e in events if e.event_type == EventType.OUTPUT]
+    assert len(live) >= 2  # while it ran, not all at the end
+    assert events.index(live[0]) < [e.event_type for e in events].index(EventType.COMPLETED)
+    stdout = "".join(e.details["text"] for e in live if e.details["stream"] == "stdout")
+    assert stdout.startswith("line 1\nline 2\n") and "live output stops here" in stdout
+    result = await result_of(s, task.id)
+    assert result.value["stdout"].endswith("line 5\nline 6\n")  # the tail is kept
+    assert result.value["stdout"].startswith("[... ")
+    assert result.value["stderr"] == "oops\n"
