@@ -368,8 +368,8 @@ class ScrapeState:
     def _queue_stats(self) -> list[QueueStats] | None:
         """The queue store's stats, asked on the worker's loop at most every few seconds."""
         worker, loop = self.worker, self.loop
-        if worker is None or loop is None or loop.is_closed():
-            return None
+        if worker is None or loop is None or loop.is_closed() or _on_loop(loop):
+            return self._stats  # (on the loop itself, waiting for it would hang)
         with self._lock:
             if self._stats is None or time.monotonic() - self._stats_at > QUEUE_STATS_MAX_AGE:
                 self._stats_at = time.monotonic()
@@ -381,6 +381,13 @@ class ScrapeState:
                     log.debug("queue stats for metrics failed: %s", exc)
                     self._stats = None
             return self._stats
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _gauge(name: str, value: float, **labels: str) -> GaugeMetricFamily:
