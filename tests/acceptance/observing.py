@@ -2,8 +2,8 @@
 
 - `place` fixture: an isolated OmniQ deployment on SQLite (default files under a fresh
   OMNIQ_HOME) or on the shared Redis under a key prefix of its own (dropped afterwards,
-  never flushed); `sqlite_place` for tests not about the stores. `place.env` for subprocesses, `place.api` (a sync OmniQ that runs
-  nothing itself) to enqueue quickly from the test.
+  never flushed); `sqlite_place` for tests not about the stores. `place.env` for
+  subprocesses, `place.api` (a sync OmniQ that runs nothing itself) to enqueue quickly.
 - `scrape(port)`: /metrics of a worker, parsed with prometheus_client's parser.
 - `wait_until(check, limit)`: poll until `check()` is truthy.
 - `artifacts(name)`: a directory for screenshots; OMNIQ_TEST_ARTIFACTS=DIR keeps them.
