@@ -271,12 +271,16 @@ def _screen(overview: Overview) -> Any:
 
 
 def _table(title: str, columns: tuple[str, ...], rows: list[list[str]], empty: str) -> Any:
+    from rich import box
     from rich.table import Table
 
-    grid = Table(title=title, title_justify="left", header_style="bold", expand=True,
-                 caption=None if rows else empty, caption_justify="left")
-    for index, name in enumerate(columns):
-        grid.add_column(name, no_wrap=index < len(columns) - 1, overflow="ellipsis")
+    grid = Table(title=title, title_justify="left", title_style="bold", header_style="bold",
+                 box=box.SIMPLE_HEAD, expand=True, caption=None if rows else empty,
+                 caption_justify="left")
+    last = len(columns) - 1
+    for index, name in enumerate(columns):  # the last column (an error) folds, others cut
+        grid.add_column(name, no_wrap=index < last, overflow="fold" if index == last else
+                        "ellipsis", ratio=3 if index == last else None)
     for row in rows:
         grid.add_row(*row, style="red" if title == "Last failures" else None)
     return grid

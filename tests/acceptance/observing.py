@@ -97,7 +97,13 @@ def sample(found: dict[Any, float], name: str, **labels: str) -> float | None:
     return found.get((name, tuple(sorted(labels.items()))))
 
 
-def wait_until(check: Callable[[], Any], limit: float = 20.0, what: str = "condition") -> Any:
+def wait_until(
+    check: Callable[[], Any],
+    limit: float = 20.0,
+    what: str = "condition",
+    show: Callable[[], Any] | None = None,
+) -> Any:
+    """Poll `check` until truthy; on timeout the error says `what` and shows `show()`."""
     deadline = time.monotonic() + limit
     while True:
         with contextlib.suppress(OSError):
@@ -105,7 +111,8 @@ def wait_until(check: Callable[[], Any], limit: float = 20.0, what: str = "condi
             if value:
                 return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit:g}s waiting for {what}")
+            seen = f"; seen:\n{show()}" if show is not None else ""
+            raise AssertionError(f"timed out after {limit:g}s waiting for {what}{seen}")
         time.sleep(0.1)
 
 
