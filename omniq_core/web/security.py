@@ -156,12 +156,18 @@ def harden(headers: Any) -> None:
     )
     headers.setdefault("X-Content-Type-Options", "nosniff")
     headers.setdefault("X-Frame-Options", "DENY")
-    headers.setdefault("Referrer-Policy", "no-referrer")
+    # same-origin, not no-referrer: with no-referrer Chrome sends "Origin: null" on a
+    # form POST, and the CSRF check could not tell our own login form from a stranger.
+    headers.setdefault("Referrer-Policy", "same-origin")
     headers.setdefault("Cache-Control", "no-store")
 
 
 def _same(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
+    """Constant-time equality of a value from a request (any bytes) and ours."""
+    try:
+        return hmac.compare_digest(given.encode(), expected.encode())
+    except UnicodeEncodeError:  # undecodable header bytes: never ours
+        return False
 
 
 def refuse(status: int, message: str) -> web.Response:
