@@ -53,7 +53,7 @@ PREFIX = "omniq"
 # Task run times span milliseconds to hours; store calls span sub-millisecond to seconds.
 TASK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-QUEUE_STATS_MAX_AGE = 5.0  # seconds a scrape may reuse the last queue stats
+QUEUE_STATS_MAX_AGE = 2.0  # seconds a scrape may reuse the last queue stats
 QUEUE_STATS_TIMEOUT = 5.0  # seconds a scrape waits for them
 QUEUE_STATES = ("queued", "scheduled", "running", "failed")
 OUTCOMES = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.TIMEOUT})
@@ -123,7 +123,9 @@ class WorkerMetrics:
         )
         self.reachable: dict[tuple[str, str], int] = {}
         self.last_heartbeat: float | None = None  # Unix time of the last register_worker
+        # Label children made once: `labels()` validates and locks on every call.
         self._children: dict[tuple[str, str, str], Any] = {}
+        self._histogram_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._timed_backends: dict[int, TimedBackend] = {}
         self.state = ScrapeState(self)
         r.register(self.state)
@@ -151,11 +153,19 @@ class WorkerMetrics:
         if kind in OUTCOMES:
             duration = event.details.get("duration")
             if isinstance(duration, int | float):
-                self.duration.labels(key[0], key[1]).observe(duration)
+                self._histograms(key[0], key[1])[0].observe(duration)
         elif kind == EventType.STARTED and event.attempt == 1:
             ready = task.created_at if task.eta is None else max(task.created_at, task.eta)
             waited = (event.timestamp - ready).total_seconds()
-            self.wait.labels(key[0], key[1]).observe(max(0.0, waited))
+            self._histograms(key[0], key[1])[1].observe(max(0.0, waited))
+
+    def _histograms(self, queue: str, function: str) -> tuple[Any, Any]:
+        """(duration, wait) children of one queue and function, made once."""
+        found = self._histogram_children.get((queue, function))
+        if found is None:
+            found = (self.duration.labels(queue, function), self.wait.labels(queue, function))
+            self._histogram_children[(queue, function)] = found
+        return found
 
     # --- store proxies --------------------------------------------------------------------
     def wrap_stores(self, queue: Any, results: Any, events: Any) -> tuple[Any, Any, Any]:

@@ -111,17 +111,33 @@ def csrf_of(page: Any) -> str:
 def test_pages_live_task_and_retry(
     browser: Any, place: Place, dashboards: list[Dashboard], tmp_path: Path
 ) -> None:
-    from playwright.sync_api import expect
-
     shots = artifacts(f"dashboard-{place.tech}", tmp_path)
     bad = failed_task(place)
     dashboard = open_dashboard(dashboards, place.env, "--allow-actions")
+    # A worker whose two slots stay busy: it shows on the overview, and what is queued
+    # below (a new task, the retried one) waits instead of running.
+    worker = start_omniq(["worker", "-c", "2", "--shutdown-timeout", "0"], place.env)
+    try:
+        for _ in range(2):
+            place.api.enqueue("omniq.examples:sleep", 60)
+        pages_with_a_busy_worker(browser, place, dashboard, bad, shots)
+    finally:
+        code, err = stop(worker)
+    assert code == 0, err
+
+
+def pages_with_a_busy_worker(
+    browser: Any, place: Place, dashboard: Dashboard, bad: str, shots: Path
+) -> None:
+    from playwright.sync_api import expect
+
     page = browser.new_page(viewport=VIEWPORT)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
 
     page.goto(dashboard.url)
     expect(page.locator("#queues")).to_contain_text("default")
+    expect(page.locator("#workers")).to_contain_text("2 / 2", timeout=10_000)
     expect(page.locator("#failures")).to_contain_text(bad)
     expect(page.locator("#live")).to_have_text("live")
     expect(page.locator("#mode")).to_have_text("actions enabled")

@@ -36,6 +36,8 @@ def test_worker_metrics_over_http(place: Place) -> None:
             lambda: (m := scrape(port))
             and sample(m, "omniq_tasks_total", event="completed", **ADD) == 3
             and sample(m, "omniq_tasks_total", event="failed", **FAIL) == 1
+            # (queue stats are cached for a couple of seconds between scrapes)
+            and sample(m, "omniq_queue_tasks", queue="default", state="failed") == 1
             and m,
             what="the worker's counters",
         )
