@@ -3,7 +3,6 @@ terminal view). Both read `omniq.observe`; rich is imported only for a terminal.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sys
@@ -16,6 +15,8 @@ from omniq.cli import common, console
 from omniq.cli.exit_codes import ExitCode
 
 if TYPE_CHECKING:
+    import asyncio
+
     from omniq.config import OmniQConfig
     from omniq.observe import Overview
 
@@ -207,6 +208,8 @@ def _plain_snapshot(overview: Overview) -> None:
 
 
 async def _live(config: OmniQConfig, queues: tuple[str, ...], failures: int) -> None:
+    import asyncio
+
     from rich.live import Live
 
     from omniq.observe import Observer
@@ -228,6 +231,7 @@ def _keys(quit_now: asyncio.Event) -> Iterator[None]:
     if not console.stdin_is_tty():
         yield
         return
+    import asyncio
     import termios
     import tty
 
