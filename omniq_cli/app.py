@@ -29,6 +29,9 @@ OWNERS = {
     "retry": "ops_cmd",
     "purge": "ops_cmd",
     "config": "config_cmd",
+    "metrics": "observe_cmd",
+    "top": "observe_cmd",
+    "dashboard": "dashboard_cmd",
 }
 
 HELP = "OmniQ: run Python callables and shell commands as background tasks."

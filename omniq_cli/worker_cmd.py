@@ -24,6 +24,7 @@ EPILOG = common.examples(
     "omniq worker --burst                         # run what is queued, then exit (cron)",
     "omniq worker --pool process                  # hard timeouts, crash isolation",
     "omniq worker --task-modules 'myapp.tasks,myapp.jobs.*'",
+    "omniq worker --metrics-port 9464             # Prometheus scrapes :9464/metrics",
     "omniq worker --systemd-unit > /etc/systemd/system/omniq-worker.service",
     "omniq worker --burst --systemd-unit > /etc/systemd/system/omniq-worker.service",
     "omniq worker --burst --systemd-timer --every 10m > /etc/systemd/system/omniq-worker.timer",
@@ -102,6 +103,13 @@ EPILOG = common.examples(
     help="text, or json (one object per line) [default: text].",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    metavar="PORT",
+    help="Serve Prometheus metrics on PORT at /metrics, on every interface (needs "
+    "omniq[web]) [config metrics_port; default: none].",
+)
+@click.option(
     "--systemd-unit",
     is_flag=True,
     help="Print a systemd service unit that runs this worker with these options, and exit "
@@ -141,6 +149,7 @@ def worker(
     allow_shell: bool | None,
     log_level: str | None,
     log_format: str | None,
+    metrics_port: int | None,
     systemd_unit: bool,
     systemd_timer: bool,
     every: float,
@@ -157,6 +166,7 @@ def worker(
         "allow_shell": allow_shell,
         "log_level": log_level.upper() if log_level else None,
         "log_format": log_format.lower() if log_format else None,
+        "metrics_port": metrics_port,
     }
     config = common.load_config(None, **flags)
     if systemd_timer:
@@ -358,6 +368,7 @@ def worker_args(flags: dict[str, Any], burst: bool, max_tasks: int | None) -> li
         ("--shutdown-timeout", "worker_shutdown_timeout"),
         ("--log-level", "log_level"),
         ("--log-format", "log_format"),
+        ("--metrics-port", "metrics_port"),
     )
     for option, key in simple:
         value = flags.get(key)

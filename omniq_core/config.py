@@ -197,6 +197,11 @@ SPECS: dict[str, _Spec] = {
     ),
     "log_format": _Spec("str", "text", check=_choice("text", "json")),
     "home": _opt("str"),
+    "metrics_port": _opt("int", _port),
+    "dashboard_host": _Spec("str", "127.0.0.1"),
+    "dashboard_port": _Spec("int", 8777, check=_port),
+    "dashboard_token": _opt("str", secret=True),
+    "dashboard_allow_actions": _Spec("bool", False),
 }
 KEYS: tuple[str, ...] = tuple(SPECS)
 
@@ -620,6 +625,11 @@ class OmniQConfig:
     log_level: str
     log_format: str
     home: str | None
+    metrics_port: int | None
+    dashboard_host: str
+    dashboard_port: int
+    dashboard_token: str | None
+    dashboard_allow_actions: bool
 
     _origins: dict[str, _Origin]
     _config_file: str | None

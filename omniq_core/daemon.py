@@ -23,6 +23,7 @@ from omniq.systemd import Notifier
 if TYPE_CHECKING:
     from omniq.client import AsyncOmniQ
     from omniq.config import OmniQConfig
+    from omniq.metrics import MetricsServer, WorkerMetrics
     from omniq.worker import Worker, WorkerSettings
 
 log = logging.getLogger("omniq.daemon")
@@ -99,6 +100,7 @@ class Daemon:
         self.status_every = status_every
         self.client: AsyncOmniQ | None = None  # set while running
         self.worker: Worker | None = None  # set once the stores are reachable
+        self.metrics: WorkerMetrics | None = None  # set when metrics_port is
         self._stopping_sent = False
 
     async def run(self) -> int:
@@ -108,6 +110,9 @@ class Daemon:
         make_importable_here()
         client = self.client = AsyncOmniQ(self.config)
         runner = None
+        # Served from the start, so a scrape tells "connecting" (omniq_worker_up 0) apart
+        # from a worker that is not there at all.
+        server = self._serve_metrics()
         try:
             await client.open()
             await check_stores(client)
@@ -116,12 +121,25 @@ class Daemon:
                 sweep()
             runner = self._make_runner()
             self.worker = self._make_worker(client, runner)
+            if self.metrics is not None:
+                self.metrics.attach(self.worker, asyncio.get_running_loop())
             return await self._serve(self.worker)
         finally:
+            if server is not None:
+                server.close()
             if runner is not None:
                 runner.close()
             await client.close()
             self.notifier.close()
+
+    def _serve_metrics(self) -> MetricsServer | None:
+        port = self.config.metrics_port
+        if port is None:
+            return None
+        from omniq.metrics import WorkerMetrics
+
+        self.metrics = WorkerMetrics.for_config(self.config)
+        return self.metrics.serve(port)
 
     def _make_runner(self) -> Any:
         if self.settings.pool != "process":
@@ -133,7 +151,15 @@ class Daemon:
     def _make_worker(self, client: AsyncOmniQ, runner: Any) -> Worker:
         from omniq.worker import Worker
 
-        return Worker(client.queue, client.results, client.events, self.settings, runner=runner)
+        stores = (client.queue, client.results, client.events)
+        if self.metrics is None:
+            return Worker(*stores, self.settings, runner=runner)
+        # Timing proxies; with --pool process this parent records every event, so the
+        # children's tasks are counted here too.
+        return Worker(
+            *self.metrics.wrap_stores(*stores), self.settings, runner=runner,
+            observer=self.metrics.observe,
+        )
 
     async def _serve(self, worker: Worker) -> int:
         with StopRequests(worker).installed() as stops:

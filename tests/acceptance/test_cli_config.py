@@ -118,7 +118,8 @@ def test_help_imports_no_backend_driver_nor_rich(cli_env: dict[str, str]) -> Non
     )
     assert proc.returncode == 0, proc.stderr
     modules = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
-    heavy = {"redis", "psycopg", "nats", "fsspec", "rich", "omniq.backends", "omniq.client"}
+    heavy = {"redis", "psycopg", "nats", "fsspec", "rich", "omniq.backends", "omniq.client",
+             "prometheus_client", "aiohttp"}
     assert not heavy & modules, heavy & modules
     assert "asyncio" not in modules and "sqlite3" not in modules
 

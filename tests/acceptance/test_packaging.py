@@ -23,7 +23,7 @@ import omniq.backends.memory, omniq.cli
 assert "site-packages" in omniq.__file__, omniq.__file__
 assert importlib.util.find_spec("backends") is None, "a bare 'backends' package was installed"
 assert importlib.util.find_spec("omniq_core") is None
-for driver in ("redis", "psycopg", "nats", "fsspec"):
+for driver in ("redis", "psycopg", "nats", "fsspec", "prometheus_client", "aiohttp"):
     assert driver not in sys.modules, driver + " imported by the public API"
 with OmniQ(OmniQConfig(task_queue_type="memory", result_storage_type="memory",
                        event_storage_type="memory")) as q:
