@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     PENDING = 3  # the wait timed out / the result is still pending
     NOT_FOUND = 4  # no such task
     REFUSED = 5  # not done: the task's state does not allow it, or the user said no
+    ALERT = 6  # omniq metrics: a threshold given on the command line was crossed
     UNAVAILABLE = 69  # a store cannot be reached or its driver is missing (EX_UNAVAILABLE)
     CONFIG = 78  # bad configuration (EX_CONFIG)
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
@@ -22,6 +23,7 @@ SUMMARY = (
     "Exit codes: 0 ok; 1 the task failed (error, its own timeout, cancelled, expired);\n"
     "2 usage error; 3 the wait timed out or the result is still pending; 4 no such task;\n"
     "5 refused (the task's state does not allow it, or a prompt was declined);\n"
+    "6 omniq metrics: a threshold was crossed;\n"
     "69 backend unavailable; 78 configuration error; 130 interrupted.\n"
     "A shell task waited for (--wait, omniq result) exits with the command's own status."
 )

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 # A threshold given to `omniq metrics` was crossed. Not 1: an unexpected error exits 1,
 # and a check must tell "alert" from "the check itself broke".
-ALERT = 6
+ALERT = ExitCode.ALERT
 
 METRICS_EPILOG = common.examples(
     "omniq metrics                              # one line per queue, one for the workers",
