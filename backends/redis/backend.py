@@ -67,13 +67,13 @@ class RedisBackend:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    async def open_store(self) -> None:
+    async def open_store(self, *, counted: bool = True) -> None:
         """A store opens: one round trip (that also checks the key layout)."""
         layout = await self.conn.call("GET", self._p + "layout")
         if layout != LAYOUT and not self._layout_checked:
             await self._upgrade()
         self._layout_checked = True
-        self._users += 1
+        self._users += counted
 
     async def _upgrade(self) -> None:
         """Move queued tasks of the layout before issue 10 (or mark a new prefix)."""
@@ -87,6 +87,11 @@ class RedisBackend:
             self._users = 0
             forget_shared(("redis", self.settings.key))
             await self.conn.close()
+
+    @property
+    def in_use(self) -> bool:
+        """Whether an opened store still uses the connection."""
+        return self._users > 0
 
     def unregistered(self, queue: str) -> bool:
         """Whether this process has not yet added `queue` to P:queues (what stats and

@@ -71,6 +71,7 @@ class RedisStore:
         self._conn: Connection = backend.conn
         self.prefix = backend.settings.prefix
         self._p = self.prefix + ":"
+        self._opened = False  # counted among the Backend's users
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._conn.where!r}, prefix={self.prefix!r})"
@@ -80,10 +81,16 @@ class RedisStore:
 
     @guarded
     async def open(self) -> None:
-        await self.backend.open_store()
+        await self.backend.open_store(counted=not self._opened)
+        self._opened = True
 
     async def close(self) -> None:
-        await self.backend.close_store()
+        """Close this store; the Backend's last open store closes the connection."""
+        if self._opened:
+            self._opened = False
+            await self.backend.close_store()
+        elif not self.backend.in_use:  # used without open(): its connection goes too
+            await self._conn.close()
 
     async def __aenter__(self: S) -> S:
         await self.open()
