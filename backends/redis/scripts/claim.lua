@@ -166,7 +166,9 @@ end
 
 for i = 1, n do refind(ARGV[12 + 2 * i], tonumber(ARGV[13 + 2 * i])) end
 local more, due = 0, {-1}
-if #out == 0 then
+if #out > 0 then
+  more = 1  -- found again: the queues were not looked at
+else
   for i = first_queue, #ARGV do
     if ARGV[8] == '1' then sweep(ARGV[i]) end
     if #out / 6 >= limit then
