@@ -38,6 +38,14 @@ async def make(role: str, tmp_path: Path, namespace: str) -> Any:
     )
 
 
+async def make_backend(tmp_path: Path, namespace: str) -> Any:
+    """The three roles on the process's Backend for this namespace (its prefix)."""
+    from omniq.backends.redis import RedisSettings, backend_for
+
+    _used.add(namespace)
+    return backend_for(RedisSettings(host=HOST, port=PORT, prefix=namespace))
+
+
 @atexit.register
 def _drop_namespaces() -> None:
     """Leave the shared server as we found it."""
