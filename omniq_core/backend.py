@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import os
 import threading
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Callable, Coroutine, Hashable, Mapping
 from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from omniq.errors import ConfigError, OmniQError
@@ -90,7 +90,7 @@ class Translates(Protocol):
         """The omniq error for a driver error; None for an error that is not one."""
 
 
-Method = Callable[Concatenate[S, P], Awaitable[R]]
+Method = Callable[Concatenate[S, P], Coroutine[Any, Any, R]]
 
 
 def boundary(method: Method[S, P, R]) -> Method[S, P, R]:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from omniq.worker import Worker, WorkerSettings
 
 log = logging.getLogger("omniq")
+FIRST_WAIT = 0.5  # seconds a wait runs before it checks that the task exists
 T = TypeVar("T")
 
 
@@ -482,14 +483,24 @@ class AsyncOmniQ:
         if not is_valid_id(task_id):  # e.g. a NUL: no store could hold it
             raise TaskNotFound(f"no task with id {task_id!r}")
         results = await self._r()
-        result = await results.get(task_id)
+        if timeout is not None and timeout <= 0:
+            result = await results.get(task_id)
+            if result is not None:
+                return result
+            if not await self.task_exists(task_id):
+                raise TaskNotFound(f"no task with id {task_id}")
+            raise ResultTimeout(f"task {task_id} has no result yet")
+        # Wait first: most waits are for a task that exists and ends soon, and a wait
+        # already reads once (a subscribe and one read where results are pushed).
+        first = FIRST_WAIT if timeout is None else min(timeout, FIRST_WAIT)
+        result = await results.wait(task_id, first)
         if result is not None:
             return result
-        if not await self.task_exists(task_id):
+        if not await self.task_exists(task_id):  # an unknown id never waits long
             raise TaskNotFound(f"no task with id {task_id}")
-        if timeout is not None and timeout <= 0:
-            raise ResultTimeout(f"task {task_id} has no result yet")
-        result = await results.wait(task_id, timeout)
+        rest = None if timeout is None else timeout - first
+        if rest is None or rest > 0:
+            result = await results.wait(task_id, rest)
         if result is None:
             raise ResultTimeout(f"task {task_id} has no result after {timeout:g}s")
         return result
