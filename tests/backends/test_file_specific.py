@@ -20,8 +20,15 @@ from typing import Any
 import pytest
 
 from omniq import registry
-from omniq.backends import file as file_backend
-from omniq.backends.file import FileEventStorage, FileQueue, FileResultStorage
+from omniq.backends.file import (
+    FileEventStorage,
+    FileQueue,
+    FileResultStorage,
+    LocalFileBackend,
+    common,
+    stores,
+)
+from omniq.backends.file import queue as file_queue
 from omniq.errors import BackendUnavailable, ConfigError
 from omniq.models import (
     Delivery,
@@ -370,10 +377,10 @@ def test_a_lease_is_judged_by_its_heartbeats_not_by_wall_clocks(
 ) -> None:
     """Another process's clock an hour off must neither take a live lease nor keep a dead one
     (issue 8, item 5: the old names held a wall-clock deadline that other processes compared)."""
-    real = file_backend._now_us
+    real = common.now_us
     offsets: dict[int, int] = {}  # thread ident -> microseconds its clock is off
     monkeypatch.setattr(
-        file_backend, "_now_us", lambda: real() + offsets.get(threading.get_ident(), 0)
+        file_queue, "now_us", lambda: real() + offsets.get(threading.get_ident(), 0)
     )
 
     async def clock_of(q: FileQueue, hours: int) -> None:
@@ -386,7 +393,8 @@ def test_a_lease_is_judged_by_its_heartbeats_not_by_wall_clocks(
             assert await q.extend(d, 1.0) is True
 
     async def body() -> None:
-        holder, ahead, behind = FileQueue(tmp_path), FileQueue(tmp_path), FileQueue(tmp_path)
+        # Three processes: each its own Backend, with its own thread and clock.
+        holder, ahead, behind = (LocalFileBackend(tmp_path).queue() for _ in range(3))
         await clock_of(ahead, +1)
         await clock_of(behind, -1)
         t = await holder.enqueue(Task(func="m:f"))
@@ -412,7 +420,7 @@ def test_a_lease_is_judged_by_its_heartbeats_not_by_wall_clocks(
 def test_leases_named_by_an_older_omniq_are_still_reclaimed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(file_backend, "_LEGACY_LEASE_MS", 300)
+    monkeypatch.setattr(file_queue, "_LEGACY_LEASE_MS", 300)
     t = Task(func="m:f")
     leased = tmp_path / "queue" / "leased"
     leased.mkdir(parents=True)
@@ -465,7 +473,7 @@ def test_unique_key_holds_outlive_the_process_and_are_swept(
         assert await again.enqueue(Task(func="m:f", unique_key="daily")) == first
         assert len(list((tmp_path / "queue" / "held").iterdir())) == 1
         await asyncio.sleep(0.8)
-        monkeypatch.setattr(file_backend, "_SWEEP_EVERY", 0.0)
+        monkeypatch.setattr(file_queue, "_SWEEP_EVERY", 0.0)
         assert await again.dequeue(["default"], 30, 0) is None  # a claim sweeps now and then
         assert list((tmp_path / "queue" / "held").iterdir()) == []
         fresh = Task(func="m:f", unique_key="daily")
@@ -520,13 +528,13 @@ def test_events_stored_before_ids_still_read_and_clean_up(base: str) -> None:
 
     tid = new_task_id()
     stamp = utcnow() - timedelta(minutes=5)
-    old = [f"{file_backend._us(stamp) + i:017d}~a1b2c3d4e5f6~{i + 1:010d}~{tid}" for i in (0, 1)]
+    old = [f"{common.us(stamp) + i:017d}~a1b2c3d4e5f6~{i + 1:010d}~{tid}" for i in (0, 1)]
     fs, root = fsspec.core.url_to_fs(base)
     for i, stem in enumerate(old):
         record = {"task_id": tid, "event_type": ["enqueued", "started"][i],
                   "timestamp": stamp.timestamp() + i / 1e6, "attempt": i}
         data = json.dumps(record).encode()
-        for rel in (file_backend._log_rel(stem), f"events/tasks/{tid}/{stem}.json"):
+        for rel in (stores._log_rel(stem), f"events/tasks/{tid}/{stem}.json"):
             fs.makedirs(f"{root}/{rel.rsplit('/', 1)[0]}", exist_ok=True)
             fs.pipe_file(f"{root}/{rel}", data)
 
