@@ -25,8 +25,9 @@ neither hand a live lease to another worker nor keep a dead one): every process
 that claims also reaps, remembering each leased name with its own monotonic time
 when it first saw it (or made it: its own claims and extends), and renames back to
 ready/ (attempt + 1) a name unchanged for its lease length. A reaper that starts
-late, or sees another process's name change, waits a full lease. Claims, extends and plain acks skip the directory fsync: after a power
-loss they can only undo themselves, which redelivers the task (at-least-once).
+late, or sees another process's name change, waits a full lease. Claims, extends
+and plain acks skip the directory fsync: after a power loss they can only undo
+themselves, which redelivers the task (at-least-once).
 ack, retry and release of a lost lease change nothing: the task's new holder,
 or its next delivery, settles it. Unique keys are lock files made with link(),
 which creates them atomically with their content (O_EXCL without a window in
