@@ -7,7 +7,7 @@ import contextlib
 import os
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,12 +34,17 @@ class Files(Protocol):
     `create` writes only where nothing is: None when it wrote (or found these very
     bytes, its own write sent twice), else what is there. `replace` puts new bytes in
     place of what `create` found, only if that is still there (a compare-and-swap).
+    `publish_all` puts each item's bytes at a name of its own (written over, if there:
+    the item sent again), then creates them at its gate (as `create`); it returns
+    what it found at gates that were taken.
     """
 
     def write(self, rel: str, data: bytes) -> None: ...
     def write_all(self, items: Mapping[str, bytes]) -> None: ...
+    def mark(self, rel: str) -> None: ...
     def create(self, rel: str, data: bytes) -> Found | None: ...
     def create_all(self, items: Mapping[str, bytes]) -> dict[str, Found]: ...
+    def publish_all(self, items: Sequence[tuple[str, str, bytes]]) -> dict[str, Found]: ...
     def replace(self, rel: str, old: Found, data: bytes) -> bool: ...
     def read(self, rel: str) -> bytes | None: ...
     def read_all(self, rels: Sequence[str]) -> dict[str, bytes]: ...
@@ -49,7 +54,8 @@ class Files(Protocol):
 
 
 class _LocalFiles:
-    """Plain os calls: write to .tmp, fsync, rename into place, fsync the directory."""
+    """Plain os calls: write to .tmp and fsync, rename or link into place, then fsync each
+    directory that changed, once per call (a batch of events shares its log minute)."""
 
     def __init__(self, root: str, durable: bool) -> None:
         self.root = root
@@ -61,28 +67,77 @@ class _LocalFiles:
     def _path(self, rel: str) -> str:
         return os.path.join(self.root, rel)
 
-    def write(self, rel: str, data: bytes) -> None:
-        dest = self._path(rel)
-        tmp = write_tmp(self.tmp, data, self.durable)
-        try:
-            os.replace(tmp, dest)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.replace(tmp, dest)
+    def _synced(self, dests: Iterable[str]) -> None:
         if self.durable:
-            fsync_dir(os.path.dirname(dest))
+            for folder in sorted({os.path.dirname(dest) for dest in dests}):
+                fsync_dir(folder)
+
+    def write(self, rel: str, data: bytes) -> None:
+        self.write_all({rel: data})
 
     def write_all(self, items: Mapping[str, bytes]) -> None:
-        for rel, data in items.items():
-            self.write(rel, data)
+        dests = [self._path(rel) for rel in items]
+        for dest, data in zip(dests, items.values(), strict=True):
+            tmp = write_tmp(self.tmp, data, self.durable)
+            try:
+                os.replace(tmp, dest)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                os.replace(tmp, dest)
+        self._synced(dests)
+
+    def mark(self, rel: str) -> None:
+        # Empty: nothing to tear, so no temp file and no data to fsync, only its directory.
+        dest = self._path(rel)
+        try:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+        self._synced([dest])
 
     def create(self, rel: str, data: bytes) -> Found | None:
+        return self.create_all({rel: data}).get(rel)
+
+    def create_all(self, items: Mapping[str, bytes]) -> dict[str, Found]:
         # link() of a fully written file: it appears whole, and only if the name is free.
-        tmp = write_tmp(self.tmp, data, self.durable)
+        found: dict[str, Found] = {}
+        made: list[str] = []
+        for rel, data in items.items():
+            tmp = write_tmp(self.tmp, data, self.durable)
+            try:
+                there = self._link(tmp, self._path(rel), data)
+            finally:
+                unlink_quiet(tmp)
+            if there is None:
+                made.append(self._path(rel))
+            else:
+                found[rel] = there
+        self._synced(made)
+        return found
+
+    def publish_all(self, items: Sequence[tuple[str, str, bytes]]) -> dict[str, Found]:
+        # One inode under both names: its data is written and fsynced once. Every own
+        # name is durable before any gate is made, as if written one after the other.
+        staged = [(write_tmp(self.tmp, data, self.durable), own, data) for own, _, data in items]
+        found: dict[str, Found] = {}
+        gates: list[str] = []
         try:
-            return self._link(tmp, self._path(rel), data)
+            for tmp, own, data in staged:
+                self._link(tmp, self._path(own), data)  # there already: it is ours, sent again
+            self._synced([self._path(own) for own, _, _ in items])
+            for (tmp, _, data), (_, gate, _) in zip(staged, items, strict=True):
+                there = self._link(tmp, self._path(gate), data)
+                if there is None:
+                    gates.append(self._path(gate))
+                else:
+                    found[gate] = there
         finally:
-            unlink_quiet(tmp)
+            for tmp, _, _ in staged:
+                unlink_quiet(tmp)
+        self._synced(gates)
+        return found
 
     def _link(self, tmp: str, dest: str, data: bytes) -> Found | None:
         for _ in range(RACES):
@@ -96,14 +151,8 @@ class _LocalFiles:
                 if there is None:
                     continue  # removed while we looked: try again
                 return None if there == data else Found(there)
-            if self.durable:
-                fsync_dir(os.path.dirname(dest))
             return None
         raise BackendError(f"file store: could not create {dest}: it keeps changing")
-
-    def create_all(self, items: Mapping[str, bytes]) -> dict[str, Found]:
-        found = {rel: self.create(rel, data) for rel, data in items.items()}
-        return {rel: there for rel, there in found.items() if there is not None}
 
     def replace(self, rel: str, old: Found, data: bytes) -> bool:
         dest = self._path(rel)
@@ -180,6 +229,13 @@ class _RemoteFiles:
     def create_all(self, items: Mapping[str, bytes]) -> dict[str, Found]:
         found = {rel: self.create(rel, data) for rel, data in items.items()}
         return {rel: there for rel, there in found.items() if there is not None}
+
+    def mark(self, rel: str) -> None:
+        self.write(rel, b"")
+
+    def publish_all(self, items: Sequence[tuple[str, str, bytes]]) -> dict[str, Found]:
+        self.write_all({own: data for own, _, data in items})
+        return self.create_all({gate: data for _, gate, data in items})
 
     def replace(self, rel: str, old: Found, data: bytes) -> bool:
         with _create_lock:

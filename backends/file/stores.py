@@ -66,7 +66,6 @@ from omniq.serialization import (
     decode_event,
     decode_result,
     dumps,
-    encode_event,
     encode_result,
     event_to_dict,
     loads,
@@ -119,7 +118,7 @@ def store_result(files: Files, result: TaskResult) -> bool:
     rel, data = _result_rel(sid_of(result.task_id)), encode_result(result)
     marker = _index_rel(result)
     # The marker first: every stored result is findable by cleanup.
-    files.write(marker, b"")
+    files.mark(marker)
     for _ in range(RACES):
         found = files.create(rel, data)
         if found is None:
@@ -233,7 +232,7 @@ def _task_rel(stem: str) -> str:
 
 def _task_copy(event: TaskEvent, stem: str) -> bytes:
     # The cursor rides along: get() orders by it, and a second append of the id tells
-    # by it whether the copy there is its own.
+    # by it whether the copy there is its own. (The log copy holds the same bytes.)
     return dumps({**event_to_dict(event), "cursor": stem}).encode()
 
 
@@ -338,12 +337,14 @@ def _task_events(files: Files, task_id: str) -> list[TaskEvent]:
 def append_events(files: Files, writer: Writer, events: Sequence[TaskEvent]) -> None:
     # Named here, on the store's thread, right before the write: see Writer.
     named = [(writer.stem(e), e) for e in events]
-    # The log first: cleanup walks the log, so a per-task copy never outlives it.
-    files.write_all({_log_rel(stem): encode_event(e) for stem, e in named})
-    # The per-task copy is the one-per-id gate. Found under another cursor, the event
-    # was stored before (sent again through another handle): that copy stands and our
-    # log copy goes. A follower reading in between may see it twice.
-    kept = files.create_all({_task_rel(stem): _task_copy(e, stem) for stem, e in named})
+    # The same bytes in the log, then under the task: cleanup walks the log, so a
+    # per-task copy never outlives it. The per-task copy is the one-per-id gate. Found
+    # under another cursor, the event was stored before (sent again through another
+    # Backend): that copy stands and our log copy goes. A follower reading in between
+    # may see it twice.
+    kept = files.publish_all(
+        [(_log_rel(stem), _task_rel(stem), _task_copy(e, stem)) for stem, e in named]
+    )
     if kept:
         files.delete([_log_rel(stem) for stem, _ in named if _task_rel(stem) in kept])
 
