@@ -1,8 +1,10 @@
-"""File backend behaviour beyond the conformance suite: atomicity, crashes, races, TTL layout."""
+"""File backend behaviour beyond the conformance suite: atomicity, crashes, races, TTL layout,
+one Backend per place and its fused operations."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import random
@@ -21,6 +23,7 @@ import pytest
 
 from omniq import registry
 from omniq.backends.file import (
+    FileBackend,
     FileEventStorage,
     FileQueue,
     FileResultStorage,
@@ -29,7 +32,7 @@ from omniq.backends.file import (
     stores,
 )
 from omniq.backends.file import queue as file_queue
-from omniq.errors import BackendUnavailable, ConfigError
+from omniq.errors import BackendError, BackendUnavailable, ConfigError
 from omniq.models import (
     Delivery,
     EventType,
@@ -42,6 +45,7 @@ from omniq.models import (
     utcnow,
 )
 from omniq.serialization import UNDECODABLE_FUNC, encode_task
+from omniq.storage import fused_ops
 
 from .conftest import TECHS
 
@@ -688,3 +692,232 @@ def test_create_maps_settings_and_rejects_unknown_options(tmp_path: Path) -> Non
         registry.create("file", "events", {"base_dir": str(tmp_path), "options": {"x": 1}})
     with pytest.raises(ConfigError, match="base_dir"):
         registry.create("file", "results", {})
+    # A setting of another technology is refused, not ignored.
+    with pytest.raises(ConfigError, match=r"does not use 'url'.*takes: base_dir"):
+        registry.create("file", "queue", {"base_dir": str(tmp_path), "url": "redis://x"})
+
+
+# --- one Backend per place: its roles and fused operations ---------------------------------
+
+
+def roles_on(base: str, **settings: Any) -> list[Any]:
+    return [registry.create("file", role, {"base_dir": base, **settings})
+            for role in registry.ROLES]
+
+
+def enqueued(t: Task) -> TaskEvent:
+    return TaskEvent(t.id, EventType.ENQUEUED, queue=t.queue)
+
+
+def kinds(events: list[TaskEvent]) -> list[tuple[str, int]]:
+    return [(e.event_type.value, e.attempt) for e in events]
+
+
+def test_the_roles_of_one_place_share_one_backend(tmp_path: Path) -> None:
+    q, r, e = roles_on(str(tmp_path))
+    assert isinstance(q.backend, LocalFileBackend)
+    assert q.backend is r.backend is e.backend
+    assert fused_ops(q, r, e) is q.backend
+    # The seed's constructors reach the same Backend, whatever the path's spelling.
+    assert FileResultStorage(tmp_path).backend is q.backend
+    assert FileQueue(f"file://{tmp_path}").backend is q.backend
+    # Another durability is another Backend: no fused writes across the two.
+    lax = registry.create("file", "results", {"base_dir": str(tmp_path),
+                                               "options": {"durable": False}})
+    assert lax.backend is not q.backend and fused_ops(q, lax, e) is None
+    # An object store holds results and events, and no queue (so no fused operations).
+    remote = FileResultStorage("memory://one-place")
+    assert type(remote.backend) is FileBackend
+    assert FileEventStorage("memory://one-place").backend is remote.backend
+    with pytest.raises(ConfigError, match="atomic rename"):
+        remote.backend.queue()
+
+
+def test_the_last_store_closed_stops_the_backends_threads(tmp_path: Path) -> None:
+    def threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("omniq-file")]
+
+    async def body() -> None:
+        before = threads()
+        q, r, e = roles_on(str(tmp_path / "place"))
+        for store in (q, r, e):
+            await store.open()
+        t = Task(func="m:f")
+        await fused_ops(q, r, e).submit(t, enqueued(t))  # type: ignore[union-attr]
+        assert await r.get(t.id) is None
+        assert len(threads()) > len(before)
+        await q.close()
+        await r.close()
+        assert await e.get(t.id)  # still open: its Backend still runs
+        await e.close()
+        assert threads() == before
+        assert roles_on(str(tmp_path / "place"))[0].backend is not q.backend  # made anew
+
+    run(body())
+
+
+def test_each_fused_operation_is_one_call_to_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a task costs on one Backend: one thread call per operation (the generic path
+    takes two per enqueue, two per claim and three per finish), and the fsyncs that make
+    each file durable (14 per task; 18 before an event's two copies shared an inode)."""
+    counts = {"calls": 0, "fsyncs": 0}
+    real_run, real_fsync = LocalFileBackend.run, os.fsync
+
+    async def counted_run(self: Any, lane: str, fn: Any, *args: Any) -> Any:
+        counts["calls"] += 1
+        return await real_run(self, lane, fn, *args)
+
+    def counted_fsync(fd: int) -> None:
+        counts["fsyncs"] += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(LocalFileBackend, "run", counted_run)
+    monkeypatch.setattr(os, "fsync", counted_fsync)
+
+    def taken() -> tuple[int, int]:
+        got = (counts["calls"], counts["fsyncs"])
+        counts.update(calls=0, fsyncs=0)
+        return got
+
+    async def body() -> None:
+        b = LocalFileBackend(tmp_path)
+        await b.on_box(lambda box: None)  # made its directories
+        taken()
+        t = Task(func="m:f")
+        await b.submit(t, enqueued(t))
+        assert taken() == (1, 5)  # the event (one file, two folders), the task (file, folder)
+        (d,) = await b.claim(["default"], 30, 0, 4, "w1")
+        assert taken() == (1, 3)  # the lease is a rename; STARTED
+        r = TaskResult(t.id, TaskStatus.COMPLETED, value=1, attempts=1)
+        assert await b.finish(d, r, TaskEvent(t.id, EventType.COMPLETED, attempt=1),
+                              failed=False)
+        assert taken() == (1, 6)  # its index marker's folder, the result, the event
+        await b.detach(b)
+
+    run(body())
+
+
+def test_a_fused_claim_that_cannot_store_started_hands_its_tasks_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not stranded until their leases run out, with an attempt counted."""
+
+    async def body() -> None:
+        b = LocalFileBackend(tmp_path)
+        tasks = [Task(func="m:f") for _ in range(3)]
+        for t in tasks:
+            await b.submit(t, enqueued(t))
+        files = b.files()
+        publish_all = files.publish_all
+
+        def full(items: Any) -> Any:
+            monkeypatch.setattr(files, "publish_all", publish_all)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(files, "publish_all", full)
+        with pytest.raises(BackendError, match="No space left"):
+            await b.claim(["default"], 30, 0, 4, "w1")
+        got = await b.claim(["default"], 30, 0, 4, "w1")
+        assert [(d.task.id, d.attempt) for d in got] == [(t.id, 1) for t in tasks]
+        for t in tasks:
+            assert kinds(await b.events().get(t.id)) == [("enqueued", 0), ("started", 1)]
+        await b.detach(b)
+
+    run(body())
+
+
+def test_a_fused_finish_sent_again_after_a_failure_stores_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The result and its event were written, then the ack failed: the worker sends the
+    finish again, which must count as its own and write nothing twice."""
+
+    async def body() -> None:
+        b = LocalFileBackend(tmp_path)
+        t = Task(func="m:f")
+        await b.submit(t, enqueued(t))
+        (d,) = await b.claim(["default"], 30, 0, 1, "w1")
+        result = TaskResult(t.id, TaskStatus.COMPLETED, value=3, attempts=1)
+        event = TaskEvent(t.id, EventType.COMPLETED, attempt=1)
+        ack = file_queue.Maildir.ack
+
+        def broken(*args: Any) -> Any:
+            monkeypatch.setattr(file_queue.Maildir, "ack", ack)
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(file_queue.Maildir, "ack", broken)
+        with pytest.raises(BackendError):
+            await b.finish(d, result, event, failed=False)
+        assert await b.finish(d, result, event, failed=False) is True
+        assert await b.results().get(t.id) == result
+        assert kinds(await b.events().get(t.id)) == [
+            ("enqueued", 0), ("started", 1), ("completed", 1)
+        ]
+        assert [e for _, e in await b.events().read(None, 10)][-1] == event
+        assert len(await b.events().read(None, 10)) == 3
+        assert await b.queue().get_task(t.id) is None
+        await b.detach(b)
+
+    run(body())
+
+
+FUSED_WORKER = """
+    import asyncio, sys
+    from omniq import AsyncOmniQ
+    from omniq.config import OmniQConfig
+    from omniq.worker import Worker
+
+    async def main(base):
+        values = {"home": base, "event_policy": "strict", "worker_lease_seconds": 1.0}
+        for prefix in ("task_queue", "result_storage", "event_storage"):
+            values[prefix + "_type"] = "file"
+            values[prefix + "_base_dir"] = base
+        client = AsyncOmniQ(OmniQConfig.from_values(**values))
+        await client.open()
+        settings = client.worker_settings(register=False, allowed_modules=None)
+        await Worker(client.queue, client.results, client.events, settings).run()
+
+    asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_killed_worker_on_the_fused_path_loses_no_task_and_stores_one_outcome(
+    tmp_path: Path,
+) -> None:
+    from omniq import AsyncOmniQ
+    from omniq.config import OmniQConfig
+    from omniq.worker import Worker
+
+    base = str(tmp_path)
+    values: dict[str, Any] = {"home": base, "event_policy": "strict",
+                              "worker_lease_seconds": 1.0}
+    for prefix in ("task_queue", "result_storage", "event_storage"):
+        values.update({prefix + "_type": "file", prefix + "_base_dir": base})
+
+    async def body() -> None:
+        client = AsyncOmniQ(OmniQConfig.from_values(**values))
+        await client.open()
+        task_id = await client.options(retries=1).enqueue("omniq.examples:sleep", 1.0, "done")
+        doomed = python(FUSED_WORKER, base)
+        try:
+            while not await client.events.get(task_id):  # ENQUEUED
+                await asyncio.sleep(0.02)
+            while len(await client.events.get(task_id)) < 2:  # STARTED: it runs now
+                await asyncio.sleep(0.02)
+        finally:
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait(30)
+        settings = client.worker_settings(register=False, allowed_modules=None, max_tasks=1,
+                                          poll_interval=0.2)
+        worker = Worker(client.queue, client.results, client.events, settings)
+        assert await asyncio.wait_for(worker.run(), 30) == 1
+        assert worker._fused is not None
+        assert await client.get_result(task_id, timeout=0) == "done"
+        assert kinds(await client.events.get(task_id)) == [
+            ("enqueued", 0), ("started", 1), ("started", 2), ("completed", 2)
+        ]
+        await client.close()
+
+    run(body())
