@@ -1,7 +1,7 @@
 """The file Backend: one per place (a directory or an fsspec URL) and process. It owns the
 filesystem object and the threads its blocking calls run on; on a local directory it
 also holds the maildir queue and the fused operations (omniq.storage.FusedOps), each
-one call to the queue's thread that does the file operations in order."""
+one call to one of its threads that does the file operations in order."""
 
 from __future__ import annotations
 
@@ -117,10 +117,14 @@ class FileBackend:
 
     async def detach(self, store: object) -> None:
         self._users.discard(id(store))
-        if self._users:
-            return
+        if not self._users:
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop its threads (a store used again starts them again) and leave the cache:
+        the next store made for this place builds a new Backend."""
         if self._shared_as is not None and self._shared_as[0] == os.getpid():
-            forget_shared(self._shared_as[1])  # the next store made here builds a new one
+            forget_shared(self._shared_as[1])
             self._shared_as = None
         lanes = list(self._lanes.values())
         await asyncio.get_running_loop().run_in_executor(None, _shut_down, lanes)

@@ -794,7 +794,7 @@ def test_each_fused_operation_is_one_call_to_one_thread(
         assert await b.finish(d, r, TaskEvent(t.id, EventType.COMPLETED, attempt=1),
                               failed=False)
         assert taken() == (1, 6)  # its index marker's folder, the result, the event
-        await b.detach(b)
+        await b.close()
 
     run(body())
 
@@ -823,7 +823,7 @@ def test_a_fused_claim_that_cannot_store_started_hands_its_tasks_back(
         assert [(d.task.id, d.attempt) for d in got] == [(t.id, 1) for t in tasks]
         for t in tasks:
             assert kinds(await b.events().get(t.id)) == [("enqueued", 0), ("started", 1)]
-        await b.detach(b)
+        await b.close()
 
     run(body())
 
@@ -858,7 +858,7 @@ def test_a_fused_finish_sent_again_after_a_failure_stores_once(
         assert [e for _, e in await b.events().read(None, 10)][-1] == event
         assert len(await b.events().read(None, 10)) == 3
         assert await b.queue().get_task(t.id) is None
-        await b.detach(b)
+        await b.close()
 
     run(body())
 
