@@ -143,6 +143,9 @@ class BufferedEventStorage:
         spill_limit: int = 256 * 2**20,
     ) -> None:
         self.inner = inner
+        # The Backend of the real store: on one Backend, fused writes bypass this buffer
+        # (its queue and event store go down together, so there is nothing to hold).
+        self.backend = getattr(inner, "backend", None)
         self._memory: collections.deque[TaskEvent] = collections.deque()
         self._memory_limit = memory_limit
         self._spill_limit = spill_limit

@@ -1,8 +1,10 @@
-"""File backend behaviour beyond the conformance suite: atomicity, crashes, races, TTL layout."""
+"""File backend behaviour beyond the conformance suite: atomicity, crashes, races, TTL layout,
+one Backend per place and its fused operations."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import random
@@ -20,9 +22,17 @@ from typing import Any
 import pytest
 
 from omniq import registry
-from omniq.backends import file as file_backend
-from omniq.backends.file import FileEventStorage, FileQueue, FileResultStorage
-from omniq.errors import BackendUnavailable, ConfigError
+from omniq.backends.file import (
+    FileBackend,
+    FileEventStorage,
+    FileQueue,
+    FileResultStorage,
+    LocalFileBackend,
+    common,
+    stores,
+)
+from omniq.backends.file import queue as file_queue
+from omniq.errors import BackendError, BackendUnavailable, ConfigError
 from omniq.models import (
     Delivery,
     EventType,
@@ -35,6 +45,7 @@ from omniq.models import (
     utcnow,
 )
 from omniq.serialization import UNDECODABLE_FUNC, encode_task
+from omniq.storage import fused_ops
 
 from .conftest import TECHS
 
@@ -370,10 +381,10 @@ def test_a_lease_is_judged_by_its_heartbeats_not_by_wall_clocks(
 ) -> None:
     """Another process's clock an hour off must neither take a live lease nor keep a dead one
     (issue 8, item 5: the old names held a wall-clock deadline that other processes compared)."""
-    real = file_backend._now_us
+    real = common.now_us
     offsets: dict[int, int] = {}  # thread ident -> microseconds its clock is off
     monkeypatch.setattr(
-        file_backend, "_now_us", lambda: real() + offsets.get(threading.get_ident(), 0)
+        file_queue, "now_us", lambda: real() + offsets.get(threading.get_ident(), 0)
     )
 
     async def clock_of(q: FileQueue, hours: int) -> None:
@@ -386,7 +397,8 @@ def test_a_lease_is_judged_by_its_heartbeats_not_by_wall_clocks(
             assert await q.extend(d, 1.0) is True
 
     async def body() -> None:
-        holder, ahead, behind = FileQueue(tmp_path), FileQueue(tmp_path), FileQueue(tmp_path)
+        # Three processes: each its own Backend, with its own thread and clock.
+        holder, ahead, behind = (LocalFileBackend(tmp_path).queue() for _ in range(3))
         await clock_of(ahead, +1)
         await clock_of(behind, -1)
         t = await holder.enqueue(Task(func="m:f"))
@@ -412,7 +424,7 @@ def test_a_lease_is_judged_by_its_heartbeats_not_by_wall_clocks(
 def test_leases_named_by_an_older_omniq_are_still_reclaimed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(file_backend, "_LEGACY_LEASE_MS", 300)
+    monkeypatch.setattr(file_queue, "_LEGACY_LEASE_MS", 300)
     t = Task(func="m:f")
     leased = tmp_path / "queue" / "leased"
     leased.mkdir(parents=True)
@@ -465,7 +477,7 @@ def test_unique_key_holds_outlive_the_process_and_are_swept(
         assert await again.enqueue(Task(func="m:f", unique_key="daily")) == first
         assert len(list((tmp_path / "queue" / "held").iterdir())) == 1
         await asyncio.sleep(0.8)
-        monkeypatch.setattr(file_backend, "_SWEEP_EVERY", 0.0)
+        monkeypatch.setattr(file_queue, "_SWEEP_EVERY", 0.0)
         assert await again.dequeue(["default"], 30, 0) is None  # a claim sweeps now and then
         assert list((tmp_path / "queue" / "held").iterdir()) == []
         fresh = Task(func="m:f", unique_key="daily")
@@ -499,13 +511,17 @@ def test_an_append_retried_through_the_same_handle_is_stored_once(
     s = FileEventStorage(base)
     event = TaskEvent(new_task_id(), EventType.STARTED, attempt=1)
     files = run(s._call(lambda files: files))
-    create_all = files.create_all
+    # The per-task copy is made after the log copy: its maker fails, once.
+    name = "_link" if hasattr(files, "_link") else "create_all"
+    make = getattr(files, name)
 
-    def broken(items: Any) -> Any:
-        monkeypatch.setattr(files, "create_all", create_all)
+    def broken(*args: Any) -> Any:
+        if "events/tasks/" not in str(args[-2] if name == "_link" else args[0]):
+            return make(*args)
+        monkeypatch.setattr(files, name, make)
         raise ConnectionError("the store went away")
 
-    monkeypatch.setattr(files, "create_all", broken)
+    monkeypatch.setattr(files, name, broken)
     with pytest.raises(BackendUnavailable):
         run(s.append(event))
     run(s.append(event))
@@ -520,13 +536,13 @@ def test_events_stored_before_ids_still_read_and_clean_up(base: str) -> None:
 
     tid = new_task_id()
     stamp = utcnow() - timedelta(minutes=5)
-    old = [f"{file_backend._us(stamp) + i:017d}~a1b2c3d4e5f6~{i + 1:010d}~{tid}" for i in (0, 1)]
+    old = [f"{common.us(stamp) + i:017d}~a1b2c3d4e5f6~{i + 1:010d}~{tid}" for i in (0, 1)]
     fs, root = fsspec.core.url_to_fs(base)
     for i, stem in enumerate(old):
         record = {"task_id": tid, "event_type": ["enqueued", "started"][i],
                   "timestamp": stamp.timestamp() + i / 1e6, "attempt": i}
         data = json.dumps(record).encode()
-        for rel in (file_backend._log_rel(stem), f"events/tasks/{tid}/{stem}.json"):
+        for rel in (stores._log_rel(stem), f"events/tasks/{tid}/{stem}.json"):
             fs.makedirs(f"{root}/{rel.rsplit('/', 1)[0]}", exist_ok=True)
             fs.pipe_file(f"{root}/{rel}", data)
 
@@ -676,3 +692,232 @@ def test_create_maps_settings_and_rejects_unknown_options(tmp_path: Path) -> Non
         registry.create("file", "events", {"base_dir": str(tmp_path), "options": {"x": 1}})
     with pytest.raises(ConfigError, match="base_dir"):
         registry.create("file", "results", {})
+    # A setting of another technology is refused, not ignored.
+    with pytest.raises(ConfigError, match=r"does not use 'url'.*takes: base_dir"):
+        registry.create("file", "queue", {"base_dir": str(tmp_path), "url": "redis://x"})
+
+
+# --- one Backend per place: its roles and fused operations ---------------------------------
+
+
+def roles_on(base: str, **settings: Any) -> list[Any]:
+    return [registry.create("file", role, {"base_dir": base, **settings})
+            for role in registry.ROLES]
+
+
+def enqueued(t: Task) -> TaskEvent:
+    return TaskEvent(t.id, EventType.ENQUEUED, queue=t.queue)
+
+
+def kinds(events: list[TaskEvent]) -> list[tuple[str, int]]:
+    return [(e.event_type.value, e.attempt) for e in events]
+
+
+def test_the_roles_of_one_place_share_one_backend(tmp_path: Path) -> None:
+    q, r, e = roles_on(str(tmp_path))
+    assert isinstance(q.backend, LocalFileBackend)
+    assert q.backend is r.backend is e.backend
+    assert fused_ops(q, r, e) is q.backend
+    # The seed's constructors reach the same Backend, whatever the path's spelling.
+    assert FileResultStorage(tmp_path).backend is q.backend
+    assert FileQueue(f"file://{tmp_path}").backend is q.backend
+    # Another durability is another Backend: no fused writes across the two.
+    lax = registry.create("file", "results", {"base_dir": str(tmp_path),
+                                               "options": {"durable": False}})
+    assert lax.backend is not q.backend and fused_ops(q, lax, e) is None
+    # An object store holds results and events, and no queue (so no fused operations).
+    remote = FileResultStorage("memory://one-place")
+    assert type(remote.backend) is FileBackend
+    assert FileEventStorage("memory://one-place").backend is remote.backend
+    with pytest.raises(ConfigError, match="atomic rename"):
+        remote.backend.queue()
+
+
+def test_the_last_store_closed_stops_the_backends_threads(tmp_path: Path) -> None:
+    def threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("omniq-file")]
+
+    async def body() -> None:
+        before = threads()
+        q, r, e = roles_on(str(tmp_path / "place"))
+        for store in (q, r, e):
+            await store.open()
+        t = Task(func="m:f")
+        await fused_ops(q, r, e).submit(t, enqueued(t))  # type: ignore[union-attr]
+        assert await r.get(t.id) is None
+        assert len(threads()) > len(before)
+        await q.close()
+        await r.close()
+        assert await e.get(t.id)  # still open: its Backend still runs
+        await e.close()
+        assert threads() == before
+        assert roles_on(str(tmp_path / "place"))[0].backend is not q.backend  # made anew
+
+    run(body())
+
+
+def test_each_fused_operation_is_one_call_to_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a task costs on one Backend: one thread call per operation (the generic path
+    takes two per enqueue, two per claim and three per finish), and the fsyncs that make
+    each file durable (14 per task; 18 before an event's two copies shared an inode)."""
+    counts = {"calls": 0, "fsyncs": 0}
+    real_run, real_fsync = LocalFileBackend.run, os.fsync
+
+    async def counted_run(self: Any, lane: str, fn: Any, *args: Any) -> Any:
+        counts["calls"] += 1
+        return await real_run(self, lane, fn, *args)
+
+    def counted_fsync(fd: int) -> None:
+        counts["fsyncs"] += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(LocalFileBackend, "run", counted_run)
+    monkeypatch.setattr(os, "fsync", counted_fsync)
+
+    def taken() -> tuple[int, int]:
+        got = (counts["calls"], counts["fsyncs"])
+        counts.update(calls=0, fsyncs=0)
+        return got
+
+    async def body() -> None:
+        b = LocalFileBackend(tmp_path)
+        await b.on_box(lambda box: None)  # made its directories
+        taken()
+        t = Task(func="m:f")
+        await b.submit(t, enqueued(t))
+        assert taken() == (1, 5)  # the event (one file, two folders), the task (file, folder)
+        (d,) = await b.claim(["default"], 30, 0, 4, "w1")
+        assert taken() == (1, 3)  # the lease is a rename; STARTED
+        r = TaskResult(t.id, TaskStatus.COMPLETED, value=1, attempts=1)
+        assert await b.finish(d, r, TaskEvent(t.id, EventType.COMPLETED, attempt=1),
+                              failed=False)
+        assert taken() == (1, 6)  # its index marker's folder, the result, the event
+        await b.close()
+
+    run(body())
+
+
+def test_a_fused_claim_that_cannot_store_started_hands_its_tasks_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not stranded until their leases run out, with an attempt counted."""
+
+    async def body() -> None:
+        b = LocalFileBackend(tmp_path)
+        tasks = [Task(func="m:f") for _ in range(3)]
+        for t in tasks:
+            await b.submit(t, enqueued(t))
+        files = b.files()
+        publish_all = files.publish_all
+
+        def full(items: Any) -> Any:
+            monkeypatch.setattr(files, "publish_all", publish_all)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(files, "publish_all", full)
+        with pytest.raises(BackendError, match="No space left"):
+            await b.claim(["default"], 30, 0, 4, "w1")
+        got = await b.claim(["default"], 30, 0, 4, "w1")
+        assert [(d.task.id, d.attempt) for d in got] == [(t.id, 1) for t in tasks]
+        for t in tasks:
+            assert kinds(await b.events().get(t.id)) == [("enqueued", 0), ("started", 1)]
+        await b.close()
+
+    run(body())
+
+
+def test_a_fused_finish_sent_again_after_a_failure_stores_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The result and its event were written, then the ack failed: the worker sends the
+    finish again, which must count as its own and write nothing twice."""
+
+    async def body() -> None:
+        b = LocalFileBackend(tmp_path)
+        t = Task(func="m:f")
+        await b.submit(t, enqueued(t))
+        (d,) = await b.claim(["default"], 30, 0, 1, "w1")
+        result = TaskResult(t.id, TaskStatus.COMPLETED, value=3, attempts=1)
+        event = TaskEvent(t.id, EventType.COMPLETED, attempt=1)
+        ack = file_queue.Maildir.ack
+
+        def broken(*args: Any) -> Any:
+            monkeypatch.setattr(file_queue.Maildir, "ack", ack)
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(file_queue.Maildir, "ack", broken)
+        with pytest.raises(BackendError):
+            await b.finish(d, result, event, failed=False)
+        assert await b.finish(d, result, event, failed=False) is True
+        assert await b.results().get(t.id) == result
+        assert kinds(await b.events().get(t.id)) == [
+            ("enqueued", 0), ("started", 1), ("completed", 1)
+        ]
+        assert [e for _, e in await b.events().read(None, 10)][-1] == event
+        assert len(await b.events().read(None, 10)) == 3
+        assert await b.queue().get_task(t.id) is None
+        await b.close()
+
+    run(body())
+
+
+FUSED_WORKER = """
+    import asyncio, sys
+    from omniq import AsyncOmniQ
+    from omniq.config import OmniQConfig
+    from omniq.worker import Worker
+
+    async def main(base):
+        values = {"home": base, "event_policy": "strict", "worker_lease_seconds": 1.0}
+        for prefix in ("task_queue", "result_storage", "event_storage"):
+            values[prefix + "_type"] = "file"
+            values[prefix + "_base_dir"] = base
+        client = AsyncOmniQ(OmniQConfig.from_values(**values))
+        await client.open()
+        settings = client.worker_settings(register=False, allowed_modules=None)
+        await Worker(client.queue, client.results, client.events, settings).run()
+
+    asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_killed_worker_on_the_fused_path_loses_no_task_and_stores_one_outcome(
+    tmp_path: Path,
+) -> None:
+    from omniq import AsyncOmniQ
+    from omniq.config import OmniQConfig
+    from omniq.worker import Worker
+
+    base = str(tmp_path)
+    values: dict[str, Any] = {"home": base, "event_policy": "strict",
+                              "worker_lease_seconds": 1.0}
+    for prefix in ("task_queue", "result_storage", "event_storage"):
+        values.update({prefix + "_type": "file", prefix + "_base_dir": base})
+
+    async def body() -> None:
+        client = AsyncOmniQ(OmniQConfig.from_values(**values))
+        await client.open()
+        task_id = await client.options(retries=1).enqueue("omniq.examples:sleep", 1.0, "done")
+        doomed = python(FUSED_WORKER, base)
+        try:
+            while not await client.events.get(task_id):  # ENQUEUED
+                await asyncio.sleep(0.02)
+            while len(await client.events.get(task_id)) < 2:  # STARTED: it runs now
+                await asyncio.sleep(0.02)
+        finally:
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait(30)
+        settings = client.worker_settings(register=False, allowed_modules=None, max_tasks=1,
+                                          poll_interval=0.2)
+        worker = Worker(client.queue, client.results, client.events, settings)
+        assert await asyncio.wait_for(worker.run(), 30) == 1
+        assert worker._fused is not None
+        assert await client.get_result(task_id, timeout=0) == "done"
+        assert kinds(await client.events.get(task_id)) == [
+            ("enqueued", 0), ("started", 1), ("started", 2), ("completed", 2)
+        ]
+        await client.close()
+
+    run(body())
