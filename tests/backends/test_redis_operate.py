@@ -165,7 +165,10 @@ def test_failed_pages_by_the_stored_millisecond_across_queues(
             tied = sorted((b.id, c.id), reverse=True)  # a tie: the newer id first
             assert [f.task.id for f in every] == [d.id, *tied, a.id]
             assert [f.failed_at for f in every] == [from_ms(t) for t in (3000, 2000, 2000, 1000)]
-            assert [f.task.id for f in await q.failed(limit=2)] == [d.id, tied[0]]
+            # A page does not end inside a millisecond: the tie comes whole.
+            assert [f.task.id for f in await q.failed(limit=2)] == [d.id, *tied]
+            assert [f.task.id for f in await q.failed(limit=3)] == [d.id, *tied]
+            assert [f.task.id for f in await q.failed(limit=1)] == [d.id]
             assert [f.task.id for f in await q.failed(before=every[1].failed_at)] == [a.id]
             assert [f.task.id for f in await q.failed(before=every[1].failed_at + US)] == [
                 *tied, a.id]
@@ -190,6 +193,29 @@ def test_failed_drops_stale_index_entries_and_reads_undecodable_ones(
             assert [f.task.id for f in page] == [newer.id, old.id]  # still a full page
             assert page[0].task.func == UNDECODABLE_FUNC and page[0].task.queue == "st"
             assert admin.zcard(f"{prefix}:q:st:failed") == 2  # the stale entry went
+
+    run(body)
+
+
+def test_a_burst_of_failures_in_one_millisecond_pages_without_a_gap(
+    prefix: str, admin: redis.Redis
+) -> None:
+    async def body() -> None:
+        async with RedisQueue(host=HOST, port=PORT, prefix=prefix) as q:
+            dead = [await dead_letter(q, name) for name in ("b1", "b2") * 6]
+            for i, t in enumerate(dead):  # 1 at 9000, 10 at 8000, 1 at 7000
+                at = 9000 if i == 0 else 7000 if i == 11 else 8000
+                admin.zadd(f"{prefix}:q:{t.queue}:failed", {t.id: at})
+            seen, before, pages = [], None, 0
+            while True:
+                page = await q.failed(None, None, before, 4)
+                pages += 1
+                seen += [f.task.id for f in page]
+                if len(page) < 4:
+                    break
+                before = page[-1].failed_at
+            assert sorted(seen) == sorted(t.id for t in dead) and len(seen) == 12
+            assert pages == 2  # 11 (the group of 10 whole), then 1
 
     run(body)
 
