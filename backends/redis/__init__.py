@@ -9,18 +9,23 @@ different prefixes)::
                                (ms) u/ut=unique key and its ttl (ms), then s=state
                                (absent/w queued, r running, f dead letter, d done)
                                a=attempts t=lease token rs=ready since (ms), and its
-                               events: e:<event id> = "<stream id> <payload>". Once
-                               done it lives `event_ttl` more (with its events).
+                               events: e:<event id> = "<stream id> <payload>"; af=1
+                               on a task that waits for others (issue 11: claims
+                               store no STARTED for it). Once done it lives
+                               `event_ttl` more (with its events).
     P:q:<queue>         zset   ready tasks by READY_BASE - priority, then id (ids
                                start with their creation time: FIFO within a
                                priority, across producers as far as their clocks
                                agree); scheduled tasks and leases by due time (ms)
-    P:q:<queue>:failed  zset   dead letters by time of failure
+    P:q:<queue>:failed  zset   dead letters by time of failure (ms): what failed()
+                               pages, newest first, merging the queues' zsets
     P:queues            set    queue names (added once per queue and process)
     P:u:<unique key>    string the task holding the key; PEXPIRE unique_ttl once
                                it finished (P:unique, a hash, is the layout before
                                issue 8: read and moved lazily)
     P:workers P:workers:ttl    live workers
+    P:rec:<kind>        hash   named records beside the queue (issue 11: schedules,
+                               their state, cancel requests): name -> data
     P:r:<id>            string result payload, PEXPIREAT = expires_at; the channel
                                of the same name announces a store
     P:ri                zset   results for cleanup: x<id> by expiry, f<id> by minus

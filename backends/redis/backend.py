@@ -35,7 +35,10 @@ class RedisBackend:
     its event, XADD, ZADD), a claim of one task 6 (ZRANGE, HMGET, XADD, HSET, ZADD),
     finish 9 (HMGET, SET NX, ZADD index, PUBLISH, XADD, ZREM, HSET, PEXPIRE). Before
     issue 10: 17 for an enqueue with its event, 23 for a claim with STARTED, 23 for
-    result, event and ack.
+    result, event and ack. Issue 11's store calls are one round trip each: a release
+    (now or later) 5; failed() 1 + a ZREVRANGEBYSCORE per queue (+ SMEMBERS for all
+    queues) + an HMGET per dead letter on the page; forget 1 + 4 per dead letter; a
+    record call or results.get_many 1.
     """
 
     def __init__(self, settings: RedisSettings) -> None:

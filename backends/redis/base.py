@@ -4,7 +4,7 @@ built on its own, as the seed's constructors do), prefix and lifecycle."""
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import redis.asyncio as aioredis
@@ -33,6 +33,30 @@ def guarded(method: Method[T, P, R]) -> Method[T, P, R]:
 
 def ms(value: datetime | None) -> int:
     return 0 if value is None else int(value.timestamp() * 1000)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def ms_ceil(value: datetime) -> int:
+    """The first whole millisecond at or after `value`, exactly (no float on the way):
+    for a stored whole `t`, t >= value iff t >= ms_ceil(value), and likewise for <."""
+    if value.tzinfo is None:
+        value = value.astimezone(UTC)
+    return -((EPOCH - value) // _MS)
+
+
+def from_ms(value: int) -> datetime:
+    """The time of a stored millisecond count, exactly: ms_ceil(from_ms(t)) == t."""
+    return EPOCH + value * _MS
+
+
+def pairs(found: Any) -> list[tuple[bytes, bytes]]:
+    """An HGETALL reply: a dict (redis-py's parser) or a flat list."""
+    if isinstance(found, dict):
+        return list(found.items())
+    return list(zip(found[::2], found[1::2], strict=True))
 
 
 def text(value: bytes | str) -> str:

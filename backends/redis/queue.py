@@ -8,15 +8,18 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from omniq.models import (
     Delivery,
+    FailedTask,
     QueueStats,
     Task,
     TaskEvent,
     WorkerInfo,
     check_queue_name,
+    check_record_name,
     from_timestamp,
     to_timestamp,
     utcnow,
@@ -30,7 +33,7 @@ from omniq.serialization import (
     encode_worker,
 )
 
-from .base import BATCH, RedisStore, guarded, ms, text
+from .base import BATCH, RedisStore, from_ms, guarded, ms, ms_ceil, pairs, text
 from .scripts import PRIORITY_LIMIT
 
 BLOCK_SLICE = 2.0  # longest single blocking wait; an idle worker claims again after it
@@ -118,7 +121,7 @@ class RedisQueue(RedisStore):
             task.unique_key or "", int((task.unique_ttl or 0) * 1000), task.max_retries,
             ms(task.expires_at) or "", event.id if event else "",
             encode_event(event) if event else "", self.backend.settings.stream_maxlen,
-            "1" if register else "0",
+            "1" if register else "0", "1" if task.after else "0",
         )
         if register:
             self.backend.registered(task.queue)
@@ -266,8 +269,9 @@ class RedisQueue(RedisStore):
         return bool(got)
 
     @guarded
-    async def release(self, delivery: Delivery) -> None:
-        await self._script("release", delivery.task_id, str(delivery.receipt))
+    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
+        await self._script("release", delivery.task_id, str(delivery.receipt),
+                           int(max(0.0, delay) * 1000))
 
     @guarded
     async def extend(self, delivery: Delivery, lease: float) -> bool:
@@ -316,6 +320,85 @@ class RedisQueue(RedisStore):
             if int(seen) < BATCH or not int(dropped):
                 return total
 
+    # --- dead letters (issue 11) -------------------------------------------------------
+
+    @guarded
+    async def failed(
+        self,
+        queue: str | None = None,
+        since: datetime | None = None,
+        before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[FailedTask]:
+        """One script call: the queues' indexes by failure time give the page; only the
+        records on it are read. `failed_at` is the stored millisecond, exactly, so a
+        page's last one pages on (`before=`) and any one bounds a range (`since=`).
+
+        A page never ends inside a group of dead letters that failed in the same
+        millisecond: the group comes whole, past `limit` if need be. A burst of
+        failures shares a few milliseconds (1,000 failed together: 14 of them), and
+        `before=` a time cut inside its group would skip the rest (160 of those 1,000
+        when paged by 200)."""
+        if queue is not None:
+            check_queue_name(queue)
+        if limit <= 0:
+            return []
+        flat = await self._script(
+            "failed", limit, queue or "", "" if since is None else ms_ceil(since),
+            "" if before is None else ms_ceil(before),
+        )
+        out = []
+        for i in range(0, len(flat), 4):
+            task_id, at, data, name = flat[i : i + 4]
+            task, _ = decode_task_or_placeholder(data, text(task_id), text(name))
+            out.append(FailedTask(task, from_ms(int(at))))
+        return out
+
+    @guarded
+    async def forget(self, task_ids: Sequence[str]) -> int:
+        """BATCH ids per script call, the calls sent together (one round trip)."""
+        ids = list(dict.fromkeys(task_ids))
+        ttl = self.backend.settings.record_ttl_ms
+        counts = await asyncio.gather(*(
+            self._script("forget", ttl, *ids[i : i + BATCH]) for i in range(0, len(ids), BATCH)
+        ))
+        return sum(int(n) for n in counts)
+
+    # --- named records beside the queue (issue 11) ----------------------------------------
+    # One hash per kind, P:rec:<kind>, name -> data: one command per call, so the
+    # list_records("cancel") that every busy worker sends each second is one HGETALL.
+    # Names that could never be stored are never found (no call).
+
+    def _rec(self, kind: str) -> str:
+        return f"{self._p}rec:{kind}"
+
+    @guarded
+    async def put_record(self, kind: str, name: str, data: bytes) -> None:
+        check_record_name(kind, name)
+        await self._conn.call("HSET", self._rec(kind), name, bytes(data))
+
+    @guarded
+    async def get_record(self, kind: str, name: str) -> bytes | None:
+        if not _record_name(kind, name):
+            return None
+        data: bytes | None = await self._conn.call("HGET", self._rec(kind), name)
+        return data
+
+    @guarded
+    async def list_records(self, kind: str) -> list[tuple[str, bytes]]:
+        if not _record_name(kind, "x"):
+            return []
+        found = await self._conn.call("HGETALL", self._rec(kind))
+        return sorted((text(n), bytes(d)) for n, d in pairs(found))
+
+    @guarded
+    async def delete_record(self, kind: str, name: str) -> bool:
+        if not _record_name(kind, name):
+            return False
+        return bool(await self._conn.call("HDEL", self._rec(kind), name))
+
+    # --- workers ----------------------------------------------------------------------
+
     @guarded
     async def register_worker(self, info: WorkerInfo, ttl: float) -> None:
         await self._script("worker_set", info.worker_id, encode_worker(info), int(ttl * 1000))
@@ -328,6 +411,14 @@ class RedisQueue(RedisStore):
     async def workers(self) -> list[WorkerInfo]:
         rows = await self._script("worker_list")
         return sorted((decode_worker(r) for r in rows), key=lambda w: w.worker_id)
+
+
+def _record_name(kind: str, name: str) -> bool:
+    try:
+        check_record_name(kind, name)
+    except ValueError:
+        return False
+    return True
 
 
 def _checked_queues(queues: Sequence[str]) -> tuple[str, ...]:

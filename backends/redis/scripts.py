@@ -18,7 +18,7 @@ TASK_PREFIX = encode_task(Task(func="m:f")).decode().split(",", 1)[0] + ","
 _PRELUDES = ("_prelude.lua", "_result.lua")
 NAMES = (
     "enqueue", "claim", "finish", "ack", "retry", "release", "extend", "cancel",
-    "stats", "purge", "worker_set", "worker_list", "worker_delete",
+    "stats", "purge", "failed", "forget", "worker_set", "worker_list", "worker_delete",
     "result_store", "result_delete", "result_cleanup",
     "events_append", "events_cleanup", "events_cleanup_legacy", "upgrade",
 )

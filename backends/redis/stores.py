@@ -16,7 +16,7 @@ from redis import exceptions as rexc
 from omniq.models import TaskEvent, TaskResult
 from omniq.serialization import decode_event, decode_result, encode_event, encode_result
 
-from .base import BATCH, RedisStore, guarded, ms, text
+from .base import BATCH, RedisStore, guarded, ms, pairs, text
 
 CURSOR_RE = re.compile(r"^\d+-\d+$")
 RESULT_SLICE = 5.0  # a result waiter re-reads at least this often (missed notifications)
@@ -208,6 +208,22 @@ class RedisResultStorage(RedisStore):
         return None if data is None else _fresh(decode_result(data))
 
     @guarded
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskResult]:
+        """MGET, BATCH keys per command, the commands sent together: one round trip."""
+        ids = list(dict.fromkeys(task_ids))
+        chunks = [ids[i : i + BATCH] for i in range(0, len(ids), BATCH)]
+        replies = await asyncio.gather(
+            *(self._conn.call("MGET", *map(self._key, chunk)) for chunk in chunks)
+        )
+        found = {}
+        for chunk, values in zip(chunks, replies, strict=True):
+            for task_id, data in zip(chunk, values, strict=True):
+                result = None if data is None else _fresh(decode_result(data))
+                if result is not None:
+                    found[task_id] = result
+        return found
+
+    @guarded
     async def wait(self, task_id: str, timeout: float | None) -> TaskResult | None:
         if timeout is not None and timeout <= 0:
             return await self.get(task_id)
@@ -303,7 +319,7 @@ class RedisEventStorage(RedisStore):
         )
         stored = sorted(
             (_order(value), value.split(b" ", 1)[1])
-            for field, value in _pairs(record) if field.startswith(b"e:")
+            for field, value in pairs(record) if field.startswith(b"e:")
         )
         items = [item.split(b" ", 2)[2] for item in legacy]
         return [decode_event(data) for data in items + [data for _, data in stored]]
@@ -359,12 +375,6 @@ class RedisEventStorage(RedisStore):
             if int(visited) < BATCH:
                 return removed
             start = "(" + text(last)
-
-
-def _pairs(flat: Any) -> list[tuple[bytes, bytes]]:
-    if isinstance(flat, dict):
-        return list(flat.items())
-    return list(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _order(value: bytes) -> tuple[int, int]:

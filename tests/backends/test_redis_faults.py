@@ -4,8 +4,9 @@ operations of issue 10.
 A request lost on its way, a reply lost on its way back, a reply later than the client's
 timeout: the client reports the failure (redis-py re-sends nothing on its own), and the
 caller's retry of the same call has one effect. Aimed at a claim, a result store, an
-event append, an ack and a retry, the fused submit, claim and finish; then a chaos run
-of a real worker over 200 tasks, on one Backend (fused) and on three (generic).
+event append, an ack, a retry, a release (issue 11) and a forget (issue 11), the fused
+submit, claim and finish; then a chaos run of a real worker over 200 tasks, on one
+Backend (fused) and on three (generic).
 The shared Redis is used behind the proxy, under a prefix of each test's own.
 """
 
@@ -252,6 +253,43 @@ def test_a_retry_without_reply_queues_the_task_once(
         assert await s["dq"].dequeue(["default"], 30, 0) is None
         assert await s["q"].retry(d, 0) is False  # its lease is over: no effect
         assert await s["dq"].ack(again) is True
+
+    run(proxy, prefix, body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_release_without_reply_hands_the_task_back_once(
+    proxy: FaultProxy, prefix: str, kind: str
+) -> None:
+    async def body(s: Stores) -> None:
+        t = task()
+        await s["dq"].enqueue(t)
+        d = await s["q"].dequeue(["default"], 30, 0)
+        assert d is not None
+        aim(proxy, kind, "release")
+        await fails(s["q"].release(d, 0.3))
+        await s["q"].release(d, 0.3)  # the worker's retry: the attempt is given back once
+        again = await s["dq"].dequeue(["default"], 30, 5)
+        assert again is not None and again.task == t and again.attempt == 1
+        assert await s["dq"].dequeue(["default"], 30, 0) is None
+        assert await s["dq"].ack(again) is True
+
+    run(proxy, prefix, body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_forget_without_reply_deletes_once(proxy: FaultProxy, prefix: str, kind: str) -> None:
+    async def body(s: Stores) -> None:
+        t = task(unique_key="f-" + kind)
+        await s["dq"].enqueue(t)
+        d = await s["dq"].dequeue(["default"], 30, 0)
+        assert d is not None and await s["dq"].ack(d, failed=True) is True
+        aim(proxy, kind, "forget")
+        await fails(s["q"].forget([t.id]))
+        assert await s["q"].forget([t.id]) == (1 if kind == "lose_request" else 0)
+        assert await s["dq"].failed() == [] and await s["dq"].get_task(t.id) is None
+        fresh = task(unique_key="f-" + kind)
+        assert await s["dq"].enqueue(fresh) == fresh.id  # the key was freed
 
     run(proxy, prefix, body)
 

@@ -759,6 +759,21 @@ BUDGET = {
     "store lost race": 3,  # [3]
     "append first of task": 5,  # [8]
     "append next of task": 5,  # [6]
+    # Issue 11 (new; a task waiting for others is claimed without STARTED, and then
+    # handed back, not counted, until they are done):
+    "claim waiting for others": 6,  # TIME where the STARTED's XADD was
+    "release": 5,  # [5]
+    "release later": 5,
+    "get_many": 1,  # MGET (500 keys a command, the commands sent together)
+    "failed of a queue": 4,  # ZREVRANGEBYSCORE, then HMGET per dead letter on the page (2)
+    "failed": 9,  # SMEMBERS, a ZREVRANGEBYSCORE per queue (4 here), 3 HMGET
+    # (a full page that ends inside a millisecond shared by more dead letters: + a
+    # ZREVRANGEBYSCORE per queue, for that whole group)
+    "forget": 5,  # HMGET ZREM HSET PEXPIRE per dead letter
+    "put_record": 1,  # HSET
+    "get_record": 1,  # HGET
+    "list_records": 1,  # HGETALL: what a busy worker asks each second (cancel requests)
+    "delete_record": 1,  # HDEL
 }
 
 
@@ -778,7 +793,7 @@ def test_commands_per_operation(tmp_path: Path) -> None:
             stats = admin.info("commandstats")
             counts[name] = sum(v["calls"] for k, v in stats.items()
                                if k not in ("cmdstat_config|resetstat", "cmdstat_info"))
-            assert stats["cmdstat_evalsha"]["calls"] <= 1
+            assert stats.get("cmdstat_evalsha", {"calls": 0})["calls"] <= 1
             return got
 
         async def body() -> None:
@@ -817,6 +832,7 @@ def test_commands_per_operation(tmp_path: Path) -> None:
                         e.append(TaskEvent(task_id=t3, event_type=EventType.ENQUEUED)))
             await count("append next of task",
                         e.append(TaskEvent(task_id=t3, event_type=EventType.STARTED)))
+            await _count_issue_11(count, b)
             for s in (q, r, e):
                 await s.close()
 
@@ -825,6 +841,33 @@ def test_commands_per_operation(tmp_path: Path) -> None:
     print(counts)
     assert counts.keys() == BUDGET.keys()
     assert all(counts[name] <= BUDGET[name] for name in BUDGET), counts
+
+
+async def _count_issue_11(
+    count: Callable[[str, Awaitable[Any]], Awaitable[Any]], b: RedisBackend
+) -> None:
+    q, r = b.queue(), b.results()
+    waits = task("dep", after=(new_task_id(),))
+    await q.enqueue(waits)
+    (d,) = await count("claim waiting for others", b.claim(["dep"], 30, 0, 1, "w1"))
+    await count("release later", q.release(d, 5))
+    await q.enqueue(task("dep"))
+    d = await q.dequeue(["dep"], 30, 0)
+    await count("release", q.release(d))
+    got = await count("get_many", r.get_many([d.task_id, new_task_id(), new_task_id()]))
+    assert got == {}
+    for name in ("dl", "dl", "dl2"):
+        await q.enqueue(task(name))
+        dead = await q.dequeue([name], 30, 0)
+        assert await q.ack(dead, failed=True) is True
+    page = await count("failed of a queue", q.failed("dl"))
+    assert len(page) == 2
+    assert len(await count("failed", q.failed(None))) == 3
+    assert await count("forget", q.forget([page[0].task.id])) == 1
+    await count("put_record", q.put_record("cancel", "a", b"{}"))
+    assert await count("get_record", q.get_record("cancel", "a")) == b"{}"
+    assert await count("list_records", q.list_records("cancel")) == [("a", b"{}")]
+    assert await count("delete_record", q.delete_record("cancel", "a")) is True
 
 
 def enqueued(t: Task) -> TaskEvent:

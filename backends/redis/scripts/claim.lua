@@ -54,8 +54,12 @@ local function deliver(d, attempt, token, id, q, started)
   for _, v in ipairs({d, attempt, token, id, q, started and 1 or 0}) do out[#out + 1] = v end
 end
 
+-- Whether the worker runs it at once (omniq.storage.runs_now): a payload it can read,
+-- attempts left, not expired, and not waiting for other tasks ("af", issue 11: the
+-- worker writes its STARTED once they are done).
 local function runs(f, attempt)
   if string.sub(f[1], 1, #TASK_PREFIX) ~= TASK_PREFIX then return false end
+  if f[8] == '1' then return false end
   if f[4] and f[4] ~= '' and attempt > tonumber(f[4]) + 1 then return false end
   return not (f[5] and f[5] ~= '' and tonumber(f[5]) <= cnow)
 end
@@ -74,7 +78,7 @@ end
 
 local function claim(q, id)
   local k = tkey(id)
-  local f = redis.call('HMGET', k, 'd', 'a', 's', 'mr', 'x', 'u', 'ut')
+  local f = redis.call('HMGET', k, 'd', 'a', 's', 'mr', 'x', 'u', 'ut', 'af')
   if not f[1] or f[1] == '' or f[3] == 'r' or f[3] == 'd' or f[3] == 'f' then
     redis.call('ZREM', qkey(q), id)  -- nothing to run under this entry
     return

@@ -2,7 +2,8 @@
 -- ARGV: P, id, payload, queue, priority, eta_ms (0 = none), unique key ('' = none),
 -- unique_ttl_ms, max_retries, expires_ms ('' = none), event id ('' = none),
 -- event payload, stream maxlen, register ('1': add the queue to P:queues, which the
--- client does once per queue and process) -> the id of the task that holds the place.
+-- client does once per queue and process), after ('1': the task waits for others,
+-- so a claim stores no STARTED for it) -> the id of the task that holds the place.
 --
 -- A new task costs EVALSHA + HSET + XADD + ZADD: the HSET's count of new fields
 -- tells a new record from a known one, so nothing is read first. The HSET writes only
@@ -17,6 +18,12 @@ local TASK_FIELDS = 7
 if ARGV[14] == '1' then redis.call('SADD', P .. 'queues', q) end
 local fields = {'d', ARGV[3], 'q', q, 'p', ARGV[5], 'mr', ARGV[9], 'x', ARGV[10],
                 'u', u, 'ut', ARGV[8]}
+if ARGV[15] == '1' then
+  -- Only on tasks that have it: every other record stays as before issue 11.
+  fields[#fields + 1] = 'af'
+  fields[#fields + 1] = '1'
+  TASK_FIELDS = 8
+end
 
 -- Into the ready band, or the timer band while its ETA is ahead.
 local function place(now)
