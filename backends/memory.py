@@ -323,7 +323,10 @@ class MemoryQueue:
             and (before is None or e.failed_at < before)
         ]
         dead.sort(key=lambda f: f.failed_at, reverse=True)
-        return dead[:limit]
+        end = min(limit, len(dead))
+        while 0 < end < len(dead) and dead[end].failed_at == dead[end - 1].failed_at:
+            end += 1  # a page never ends inside a group of one failure time
+        return dead[:end]
 
     async def forget(self, task_ids: Sequence[str]) -> int:
         gone = [t for t in task_ids if (e := self._entries.get(t)) and e.state == "failed"]

@@ -104,8 +104,10 @@ class TaskQueue(Protocol):
         limit: int = 100,
     ) -> list[FailedTask]:
         """Dead letters, newest failure first: of one queue (or all), failed at or after
-        `since` and before `before` (to page backwards), at most `limit`. Read through
-        an index by failure time: never a scan of every task."""
+        `since` and before `before` (to page backwards), `limit` of them — more when the
+        last ones share one failure time (a burst of failures in one millisecond): a page
+        never ends inside such a group, so paging by `before=page[-1].failed_at` misses
+        none. Read through an index by failure time: never a scan of every task."""
 
     async def forget(self, task_ids: Sequence[str]) -> int:
         """Delete these dead letters (others are left alone); how many were deleted."""
