@@ -110,7 +110,8 @@ def rename_into(src: str, dest: str, stop: str, sync: Callable[[str], None]) -> 
         except FileNotFoundError:
             if not os.path.lexists(src):
                 raise
-            _make_folders(os.path.dirname(dest), stop, sync)
+            with contextlib.suppress(FileNotFoundError):  # a parent pruned meanwhile: again
+                _make_folders(os.path.dirname(dest), stop, sync)
             continue
         sync(os.path.dirname(dest))
         return
@@ -134,7 +135,7 @@ def sweep_tmp(tmp_dir: str) -> None:
     with contextlib.suppress(FileNotFoundError), os.scandir(tmp_dir) as it:
         for entry in it:
             with contextlib.suppress(OSError):
-                if entry.stat().st_mtime < cutoff:
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:  # (a hint's link too)
                     os.unlink(entry.path)
 
 

@@ -393,16 +393,20 @@ class Maildir:
     def _register_id(self, sid: str, task_id: str) -> _Known:
         """Take the id's marker; if it was taken, say where the task of that id is."""
         path = self._id_path(sid)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            for pause in (0.0, _IN_FLIGHT):
-                # An enqueue of this id may be between its marker and its rename: look twice.
-                time.sleep(pause)
-                spot = next(self._find(sid), None)
-                if spot is not None:
-                    return _Known(new=False, dead=spot if spot.area == "failed" else None)
-            return _Known(new=True)  # a marker its task outlived (or a crash left): reuse it
+        for pause in (0.0, _IN_FLIGHT, None):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                if pause is None:  # a marker its task outlived (or a crash left): reuse it
+                    return _Known(new=True)
+            # An enqueue of this id may be between its marker and its rename, or a finish,
+            # cancel or forget between its file's removal and its marker's: look twice,
+            # taking the marker if it went meanwhile.
+            time.sleep(pause)
+            spot = next(self._find(sid), None)
+            if spot is not None:
+                return _Known(new=False, dead=spot if spot.area == "failed" else None)
         try:
             os.write(fd, task_id.encode())  # the real id, for a task whose sid is a hash
         finally:
@@ -703,24 +707,24 @@ class Maildir:
 
     def _discard(self, folder: str, name: str) -> bool:
         """Remove a waiting or dead task (its id and unique key go too); False if it moved."""
+        dead = dead_letters.parse_dead(name)
+        ready = _Ready.parse(name)
+        sid = dead[1] if dead is not None else ready.sid if ready is not None else None
         grave = os.path.join(self.dirs["tmp"], secrets.token_hex(8))
         try:
             os.rename(os.path.join(folder, name), grave)
         except FileNotFoundError:
             return False
+        task_id = None if sid is None else self._task_id(sid)  # (read from its marker)
+        if sid is not None:  # the marker at once: see _register_id
+            unlink_quiet(self._id_path(sid))
         data = read_quiet(grave)
         os.unlink(grave)
         self._sync(folder)
-        dead = dead_letters.parse_dead(name)
-        ready = _Ready.parse(name)
-        sid = dead[1] if dead is not None else ready.sid if ready is not None else None
-        if sid is not None:
-            if dead is not None:
-                self._buried(os.path.join(folder, name))
-            unlink_quiet(self._id_path(sid))
-            if data is not None:
-                task, _ = decode_task_or_placeholder(data, self._task_id(sid))
-                self._unlock(task)
+        if dead is not None:
+            self._buried(os.path.join(folder, name))
+        if data is not None and task_id is not None:
+            self._unlock(decode_task_or_placeholder(data, task_id)[0])
         return True
 
     def cancel(self, task_id: str) -> bool:

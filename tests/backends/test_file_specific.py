@@ -1178,3 +1178,54 @@ def test_get_many_on_s3_reads_concurrently_in_one_thread_call(
         await store.close()
 
     run(body())
+
+
+DEAD_LETTER_CHURN = """
+    import random, sys, time
+    from omniq.backends.file.queue import Maildir
+
+    root, role, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    box, rnd, end = Maildir(root, durable=False), random.Random(seed), time.time() + 1.5
+    while time.time() < end:
+        if role == "fail":
+            for d in box.claim(["q"], 30, 4):
+                box.ack(d.receipt, d.task, True)
+            continue
+        page = box.failed("q", None, None, 50)
+        picked = rnd.sample(page, min(5, len(page)))
+        if rnd.random() < 0.5:
+            box.forget([f.task.id for f in picked])
+            continue
+        for f in picked:
+            box.enqueue(f.task)  # a retry
+"""
+
+
+def test_dead_letters_failed_retried_and_forgotten_at_once_stay_consistent(
+    tmp_path: Path,
+) -> None:
+    """Two processes fail tasks while three retry or forget what failed() lists: every
+    task is in one place, with its id marker, and every dead letter has its hint. (When
+    forget unlinked the marker after its other work, a retry could reuse a marker about
+    to go, and the next retry queued a second copy of the task.)"""
+    root = tmp_path / "queue"
+
+    async def fill() -> None:
+        q = FileQueue(tmp_path, durable=False)
+        for _ in range(1500):
+            await q.enqueue(Task(func="m:f", queue="q"))
+        await q.close()
+
+    run(fill())
+    roles = ["fail", "fail", "churn", "churn", "churn"]
+    procs = [python(DEAD_LETTER_CHURN, str(root), role, str(i)) for i, role in enumerate(roles)]
+    assert [p.wait(60) for p in procs] == [0] * len(roles)
+    box = file_queue.Maildir(str(root), durable=False)
+    dead = [file_failed.parse_dead(n) for _, n in file_failed.every(str(root / "failed" / "q"))]
+    ready = [file_queue._Ready.parse(n) for n in os.listdir(root / "ready" / "q")]
+    sids = [d[1] for d in dead if d] + [r.sid for r in ready if r]
+    assert len(sids) == len(set(sids)) < 1500  # some were forgotten
+    assert not os.listdir(root / "leased")
+    assert sorted(os.listdir(root / "ids")) == sorted(sids)
+    assert all(box.hints.find(d[1]) for d in dead if d)
+    assert len(box.failed("q", None, None, 5000)) == len(dead) > 0
