@@ -406,7 +406,11 @@ class SQLiteBackend:
                 held = self._paths.get(role)
                 if held is not None and _file_key(held) != _file_key(path):
                     return False
-            fresh = {role: path for role, path in files.items() if role not in self._paths}
+            # Absolute: a later chdir must not attach another file.
+            fresh = {
+                role: path if _is_special(path) else os.path.abspath(path)
+                for role, path in files.items() if role not in self._paths
+            }
             if fresh:
                 self._paths.update(fresh)
                 self._layout = _layout(self._paths)
@@ -1423,7 +1427,13 @@ def create(role: Role, settings: Mapping[str, Any]) -> TaskQueue | ResultStorage
     if path is None:
         raise ConfigError(f"the sqlite {role} store needs a database path (setting 'path')")
     path = os.path.expanduser(str(path))
-    timeout = float(options.busy_timeout)
+    try:
+        timeout = float(options.busy_timeout)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"the sqlite option busy_timeout must be a number of seconds, "
+            f"not {options.busy_timeout!r}"
+        ) from None
     if role == "queue":
         return SQLiteQueue(path, busy_timeout=timeout)
     if role == "results":
