@@ -879,3 +879,27 @@ def test_a_released_task_goes_first_and_waits_since_it_was_ready(tmp_path: Path)
         await q.close()
 
     asyncio.run(main())
+
+
+def test_an_in_memory_store_has_a_private_backend(tmp_path: Path) -> None:
+    async def main() -> None:
+        q = await opened(SQLiteQueue(database_path=":memory:"))
+        other = await opened(SQLiteQueue(database_path=":memory:"))
+        assert q.backend is not other.backend
+        r = await opened(q.backend.results())  # the other roles live in the same memory
+        e = await opened(q.backend.events())
+        b = fused_ops(q, r, e)
+        assert b is q.backend
+        t = Task(func="omniq.examples:add", args=(1, 2))
+        await b.submit(t, TaskEvent(t.id, EventType.ENQUEUED, queue=t.queue))
+        assert await other.get_task(t.id) is None
+        (d,) = await b.claim(["default"], LEASE, 0, 1, "w1")
+        assert await b.finish(d, ok(t.id, 3), TaskEvent(t.id, EventType.COMPLETED), failed=False)
+        assert [ev.event_type for ev in await e.get(t.id)] == [
+            EventType.ENQUEUED, EventType.STARTED, EventType.COMPLETED
+        ]
+        for s in (q, other, r, e):
+            await s.close()
+
+    asyncio.run(main())
+    assert not any(tmp_path.iterdir()) and not Path(":memory:").exists()
