@@ -903,3 +903,31 @@ def test_an_in_memory_store_has_a_private_backend(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert not any(tmp_path.iterdir()) and not Path(":memory:").exists()
+
+
+def test_checkpoints_run_on_their_own_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_backend, "_CHECKPOINT_EVERY", 10)
+    ran: list[str] = []
+    checkpoint = sqlite_backend.SQLiteBackend._checkpoint
+
+    def recorded(self: Any, jobs: list[Any]) -> Any:
+        ran.append(threading.current_thread().name)
+        return checkpoint(self, jobs)
+
+    monkeypatch.setattr(sqlite_backend.SQLiteBackend, "_checkpoint", recorded)
+
+    async def main() -> None:
+        e = await opened(SQLiteEventStorage(database_path=tmp_path / "events.db"))
+        for _ in range(25):
+            await e.append(TaskEvent(task_id=new_task_id(), event_type=EventType.ENQUEUED))
+        await e.close()  # waits for the checkpoint thread too
+
+    asyncio.run(main())
+    assert ran == ["omniq-sqlite-checkpoint"] * 2
+    conn = sqlite3.connect(tmp_path / "events.db")
+    try:
+        assert conn.execute("SELECT count(*) FROM omniq_events").fetchone() == (25,)
+    finally:
+        conn.close()
