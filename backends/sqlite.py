@@ -357,12 +357,15 @@ class SQLiteBackend:
     ~80 us of wall time here) and one transaction. Measured against three connections
     on the same thread, one transaction over the attached files costs 6-30% less per
     finish (result + event + ack: 80-100 us vs 90-111 us, WAL, synchronous=NORMAL). The
-    price: a write transaction locks every attached file, which costs nothing extra in
-    practice (a claim, a finish and a submit each write the queue and the events).
+    price: a write transaction locks every attached file (measured ~10 us more for a
+    submit or claim, which leave the results file alone), and another process's writer
+    waits for all three at once; a claim, a finish and a submit all write the queue and
+    the events anyway.
 
     The thread takes every call queued while it was busy as one batch: one loop wake-up
     per batch, and the batch's writes share one commit (measured: 2-4x tasks/s with 8
-    concurrent callers). Stores of one directory share a Backend (`shared_backend`);
+    concurrent callers). A second thread runs the WAL checkpoints (see
+    _CHECKPOINT_EVERY). Stores of one directory share a Backend (`shared_backend`);
     files elsewhere get Backends of their own, and the worker then uses the generic path.
     """
 
