@@ -486,6 +486,8 @@ class SQLiteBackend:
     async def claim(
         self, queues: Sequence[str], lease: float, timeout: float, limit: int, worker_id: str
     ) -> list[Delivery]:
+        if limit <= 0:
+            return []
         queue = self._role("queue", SQLiteQueue)
         got = await queue._claim_waiting(tuple(queues), lease, timeout, limit, worker_id)
         if got:
@@ -1044,7 +1046,9 @@ class SQLiteQueue(_SQLiteStore):
     async def dequeue_many(
         self, queues: Sequence[str], lease: float, timeout: float, limit: int
     ) -> list[Delivery]:
-        return await self._claim_waiting(tuple(queues), lease, timeout, max(1, limit), None)
+        if limit <= 0:
+            return []
+        return await self._claim_waiting(tuple(queues), lease, timeout, limit, None)
 
     async def _claim_waiting(
         self,
