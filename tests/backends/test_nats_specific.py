@@ -286,7 +286,7 @@ def test_unique_key_survives_a_holder_that_vanished(shared_prefix: str) -> None:
         q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
         first = await q.enqueue(_task(unique_key="job"))
         # Simulate a crash between finishing the task and freeing its key.
-        await q._state.purge(nats_backend._task_key(first))
+        await q._state.purge(nats_backend.task_key(first))
         second = await q.enqueue(_task(unique_key="job"))
         assert second != first
         assert await q.enqueue(_task(unique_key="job")) == second
@@ -312,7 +312,7 @@ def test_a_message_that_is_not_a_task_is_dropped(shared_prefix: str) -> None:
 
 
 def _h(name: str) -> str:
-    return str(getattr(nats_backend, name))
+    return str(getattr(nats_backend.queue, name))
 
 
 async def _plant(q: Any, task_id: str, payload: bytes, queue: str, *, legacy: bool) -> None:
@@ -321,7 +321,7 @@ async def _plant(q: Any, task_id: str, payload: bytes, queue: str, *, legacy: bo
     await q.open()
     meta = {} if legacy else {_h("H_ID"): task_id, _h("H_PRIORITY"): "0"}
     state = {**meta, _h("H_STATE"): "waiting", _h("H_QUEUE"): queue, _h("H_ATTEMPTS"): "0"}
-    rev = await q._state.put(nats_backend._task_key(task_id), payload, state)
+    rev = await q._state.put(nats_backend.task_key(task_id), payload, state)
     headers = {**meta, _h("H_REV"): str(rev), "Nats-Msg-Id": task_id}
     await q._conn.js.publish(f"{q.prefix}.tasks.{queue}.p0", payload, headers=headers)
 
