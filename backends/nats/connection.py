@@ -21,7 +21,6 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
 from omniq.backend import Bound
@@ -376,16 +375,20 @@ class Connection:
         return future
 
     async def replies(self, futures: Sequence[asyncio.Future[Msg]]) -> list[Msg]:
-        """The replies of requests sent together, awaited together under one timeout."""
+        """The replies of requests sent together, awaited together under one timeout
+        (a timer that fails the late ones: see `within` on asyncio.wait_for)."""
         if not futures:
             return []
+        timer = asyncio.get_running_loop().call_later(self.timeout, _time_out, futures)
         try:
             if len(futures) == 1:
-                return [await asyncio.wait_for(futures[0], self.timeout)]
-            return list(await asyncio.wait_for(asyncio.gather(*futures), self.timeout))
+                return [await futures[0]]
+            return list(await asyncio.gather(*futures))
         except BaseException:
             self._forget(futures)
             raise
+        finally:
+            timer.cancel()
 
     def _forget(self, futures: Sequence[asyncio.Future[Msg]]) -> None:
         link = self._bound.current()
@@ -439,6 +442,38 @@ def _bound_cb(fn: Callable[..., Awaitable[R]], *args: Any) -> Callable[..., Awai
         return await fn(*args, *more)
 
     return bound
+
+
+def _time_out(futures: Sequence[asyncio.Future[Msg]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(TimeoutError())
+            future.exception()  # awaited by `replies`, which raises the first one
+
+
+async def within(future: asyncio.Future[Any], timeout: float | None) -> bool:
+    """Wait up to `timeout` seconds for `future` (shared: it is never cancelled here);
+    True when it is done. Not asyncio.wait_for: in Python 3.11 that can swallow a
+    cancellation racing its result (gh-86296), and a worker whose background task
+    swallowed its cancellation never stops."""
+    if future.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    timer = None if timeout is None else loop.call_later(max(0.0, timeout), wake)
+    future.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        future.remove_done_callback(wake)
+    return future.done()
 
 
 async def _on_reply(link: Link, msg: Msg) -> None:
@@ -524,8 +559,8 @@ async def scan(
     start_seq: int | None = None,
     limit: int | None = None,
 ) -> AsyncIterator[Msg]:
-    """Messages of `subject` in stream order through a short-lived ephemeral consumer."""
-    nc, js = conn.nc, conn.js
+    """Messages of `subject` in stream order through a short-lived ephemeral consumer,
+    pulled SCAN_BATCH at a time."""
     if last_only:
         policy = api.DeliverPolicy.LAST_PER_SUBJECT
     else:
@@ -539,42 +574,65 @@ async def scan(
         inactive_threshold=SCAN_IDLE,
         mem_storage=True,
     )
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    info = await js.add_consumer(stream, config)
+    pulled = _Pulled(conn)
+    sub = await conn.nc.subscribe(conn.nc.new_inbox(), cb=pulled.on_message)
+    created = await conn.api(f"$JS.API.CONSUMER.CREATE.{stream}",
+                             {"stream_name": stream, "config": config.as_dict()})
+    name = created["name"]
     try:
-        next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{info.name}"
-        async for msg in _drain(conn, sub, next_subject, limit):
-            yield msg
+        next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"
+        left = math.inf if limit is None else limit
+        while left > 0:
+            batch = await pulled.next(next_subject, sub.subject, int(min(SCAN_BATCH, left)))
+            for msg in batch:
+                yield msg
+            left -= len(batch)
+            if pulled.ended:
+                return
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
         with contextlib.suppress(Exception):
-            await js.delete_consumer(stream, info.name)
+            await conn.api(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", {})
 
 
-async def _drain(
-    conn: Connection, sub: Subscription, next_subject: str, limit: int | None
-) -> AsyncIterator[Msg]:
-    nc = conn.nc
-    left = math.inf if limit is None else limit
-    while left > 0:
-        size = int(min(SCAN_BATCH, left))
-        await nc.publish(next_subject, json.dumps({"batch": size, "no_wait": True}).encode(),
-                         reply=sub.subject)
-        got = 0
-        while got < size:
-            msg = await sub.next_msg(timeout=conn.timeout)
-            status = status_of(msg)
-            if status == "100":
-                continue
-            if status is not None:
-                return  # 404 / 408: everything there was has been delivered
-            got += 1
-            left -= 1
-            yield msg
-            if msg.metadata.num_pending == 0:
-                return
+class _Pulled:
+    """The answer to one pull request of a scan: up to `size` messages, then the end of
+    the batch (everything there was delivered, or `size` reached)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._msgs: list[Msg] = []
+        self._size = 0
+        self._done: asyncio.Future[None] | None = None
+        self.ended = False
+
+    async def next(self, next_subject: str, inbox: str, size: int) -> list[Msg]:
+        self._msgs, self._size = [], size
+        self._done = asyncio.get_running_loop().create_future()
+        request = json.dumps({"batch": size, "no_wait": True}).encode()
+        await self._conn.publish(next_subject, request, reply=inbox)
+        if not await within(self._done, self._conn.timeout):
+            raise TimeoutError
+        return self._msgs
+
+    async def on_message(self, msg: Msg) -> None:
+        status = status_of(msg)
+        if status == "100":
+            return
+        if status is not None:  # 404 / 408: everything there was has been delivered
+            self._end(ended=True)
+            return
+        self._msgs.append(msg)
+        if msg.metadata.num_pending == 0:
+            self._end(ended=True)
+        elif len(self._msgs) >= self._size:
+            self._end(ended=False)
+
+    def _end(self, ended: bool) -> None:
+        self.ended = self.ended or ended
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from .connection import (
     purge,
     status_of,
     tok,
+    within,
 )
 
 log = logging.getLogger("omniq.backends.nats")
@@ -137,7 +138,9 @@ class _Pull:
     long: bool
     deadline: float  # loop time after which we stop waiting for its answer
     received: int = 0
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 @dataclass
@@ -179,7 +182,8 @@ class _Dispatcher:
         self._wakes: dict[str, Subscription] = {}
         self._create_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
-        self.changed = asyncio.Event()
+        # Resolved (and replaced) whenever work may have arrived: claimers wait on it.
+        self.changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def subject(self, queue: str, priority: int) -> str:
         return f"{self._prefix}.tasks.{_qtok(queue)}.{_ptok(priority)}"
@@ -191,8 +195,9 @@ class _Dispatcher:
         return asyncio.get_running_loop().time()
 
     def _notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
+        changed, self.changed = self.changed, asyncio.get_running_loop().create_future()
+        if not changed.done():
+            changed.set_result(None)
 
     def note(self, queue: str, priority: int) -> None:
         """Work may have arrived in this lane (an enqueue or release seen or made here)."""
@@ -288,7 +293,8 @@ class _Dispatcher:
 
     def _end_pull(self, lane: _Lane) -> None:
         if lane.pull is not None:
-            lane.pull.done.set()
+            if not lane.pull.done.done():
+                lane.pull.done.set_result(None)
             lane.pull = None
 
     def _live_pull(self, lane: _Lane) -> _Pull | None:
@@ -350,8 +356,7 @@ class _Dispatcher:
         elif pull.long:
             return  # an open long poll: the server has nothing for us right now
         # A quick pull is in flight (ours, or a concurrent claim's): wait for it.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(pull.done.wait(), max(0.0, pull.deadline - self._now()))
+        await within(pull.done, pull.deadline - self._now())
 
     def _batch(self, lane: _Lane) -> int:
         now = self._now()
@@ -770,8 +775,7 @@ class NATSQueue(Store):
             if budget <= 0:
                 return []
             await dispatcher.arm(lanes, budget)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), budget)
+            await within(changed, budget)
 
     def unsettled(self) -> deque[_Unsettled]:
         # On the Backend, not the connection: a claim outlives a connection closed

@@ -35,6 +35,7 @@ from .connection import (
     status_of,
     tok,
     widen_dedupe_window,
+    within,
 )
 
 H_EXPIRES = "Omniq-Expires"
@@ -153,10 +154,9 @@ class NATSResultStorage(Store):
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
                 return True, None
-            try:
-                msg = await asyncio.wait_for(pushed, left)
-            except TimeoutError:
+            if not await within(pushed, left):
                 return True, None
+            msg = pushed.result()
             if msg is not None and msg.data and not (msg.headers or {}).get("KV-Operation"):
                 result = _result_of(msg.data)
                 return result is not None, result
