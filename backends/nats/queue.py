@@ -69,6 +69,7 @@ MAX_BATCH = 64
 LEVEL_REFRESH = 10.0  # re-discover the priority levels of a queue this often
 ETA_SLACK = 0.005
 POLL_MARGIN = 0.02  # long polls end this much before the caller's deadline
+LEASE_MARGIN = 1.5  # a long lease's NAK goes out this long before AckWait runs out
 
 # Headers on task-state entries, so scans can read them headers-only.
 H_STATE = "Omniq-State"
@@ -326,7 +327,7 @@ class _Dispatcher:
 
     async def _nak_all(self, msgs: list[Msg]) -> None:
         for msg in msgs:
-            await self._conn.publish(msg.reply, b"-NAK")
+            self._conn.publish_soon(msg.reply, b"-NAK")
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -463,6 +464,14 @@ class Receipt:
     token: str
     meta: dict[str, str]
     acked: bool = False  # a finishing purge was sent (its reply may have been lost)
+    until: float = 0.0  # when the lease taken by the claim ends
+    hold: asyncio.TimerHandle | None = None  # sends the lease's NAK (see _set_lease)
+
+    def unhold(self) -> None:
+        """The lease holder settles or extends: the pending lease NAK is not needed."""
+        if self.hold is not None:
+            self.hold.cancel()
+            self.hold = None
 
     def __str__(self) -> str:
         # What names the claim (storage.started_event puts it in the STARTED event's id).
@@ -792,20 +801,27 @@ class NATSQueue(Store):
         while unsettled and len(found) < limit:
             lost = unsettled.popleft()  # taken: concurrent claims share the list
             try:
-                entry = await self._state.get(lost.key)
+                delivery = await self._refound(lost, lease)
             except BaseException:
-                unsettled.append(lost)  # ask again next time
+                # Still maybe ours, and those found so far are: all asked again next time.
+                unsettled.append(lost)
+                self.held_again(found)
                 raise
-            if entry is not None and _state(entry) == RUNNING and entry.text(H_CLAIM) == lost.token:
-                r = Receipt(lost.reply, lost.key, entry.rev, entry.data, _attempts(entry),
-                            lost.token, _pick_meta(entry.headers))
-                # Renewed: the lease has been running while we did not know we held it.
-                if await self.fenced(r, self._running(r, lease)):
-                    await self._set_lease(r.reply, lease, -math.inf)
-                    found.append(self._delivery(r))
-                    continue
-            await self._conn.publish(lost.reply, b"-NAK")
+            if delivery is not None:
+                found.append(delivery)
         return found
+
+    async def _refound(self, lost: _Unsettled, lease: float) -> Delivery | None:
+        entry = await self._state.get(lost.key)
+        if entry is not None and _state(entry) == RUNNING and entry.text(H_CLAIM) == lost.token:
+            r = Receipt(lost.reply, lost.key, entry.rev, entry.data, _attempts(entry),
+                        lost.token, _pick_meta(entry.headers))
+            # Renewed: the lease has been running while we did not know we held it.
+            if await self.fenced(r, self._running(r, lease)):
+                await self._set_lease(r, lease, -math.inf)  # its NAK now
+                return self._delivery(r)
+        await self._conn.publish(lost.reply, b"-NAK")
+        return None
 
     async def _claim_pulled(
         self, dispatcher: _Dispatcher, lanes: Sequence[_Lane], lease: float, limit: int
@@ -837,7 +853,7 @@ class NATSQueue(Store):
         out = []
         for c in live:  # in the order they were taken
             if c.won:
-                await self._set_lease(c.receipt.reply, lease, c.arrived)
+                await self._set_lease(c.receipt, lease, c.arrived)
                 out.append(self._delivery(c.receipt))
         if not out and errors:
             raise errors[0]
@@ -849,13 +865,13 @@ class NATSQueue(Store):
         eta = float(headers.get(H_ETA) or 0)
         if eta > now + ETA_SLACK:
             # Fetched early: park it server-side until its ETA; no attempt is counted.
-            await self._conn.publish(msg.reply, _nak_payload(eta - now))
+            self._conn.publish_soon(msg.reply, _nak_payload(eta - now))
             return None
         meta = _message_meta(lane, msg)
         if meta is None:
             # No id anywhere: not written by omniq, so no task state waits for it.
             log.error("dropping a message on %s that is not an omniq task", msg.subject)
-            await self._conn.publish(msg.reply, b"+TERM")
+            self._conn.publish_soon(msg.reply, b"+TERM")
             return None
         # A client-chosen claim token: if the reply of the claim is lost, the next
         # claim finds it by it (see _refind).
@@ -903,13 +919,13 @@ class NATSQueue(Store):
         for _ in range(3):
             entry = await self._state.get(r.key)
             if entry is None or _state(entry) not in (WAITING, RUNNING):
-                await self._conn.publish(r.reply, b"+ACK")  # cancelled, purged or done
+                self._conn.publish_soon(r.reply, b"+ACK")  # cancelled, purged or done
                 return False
             now = time.time()
             busy = entry.number(H_LEASE if _state(entry) == RUNNING else H_READY) - now
             if busy > ETA_SLACK:
                 # Held by a live lease or not due yet: re-park the message until then.
-                await self._conn.publish(r.reply, _nak_payload(busy))
+                self._conn.publish_soon(r.reply, _nak_payload(busy))
                 return False
             # The stored entry is the truth (an operator may have rewritten it).
             r.meta = {**r.meta, **_pick_meta(entry.headers)}
@@ -933,12 +949,22 @@ class NATSQueue(Store):
         until = time.time() + lease
         return _state_headers(r.meta, RUNNING, attempts, lease=until, claim=r.token)
 
-    async def _set_lease(self, reply: str, lease: float, arrived: float) -> None:
-        """Make the server redeliver after `lease` s, unless AckWait already means that."""
-        age = asyncio.get_running_loop().time() - arrived
-        if abs(lease - ACK_WAIT) <= 1.0 and age < 1.0:
-            return
-        await self._conn.publish(reply, _nak_payload(lease))
+    async def _set_lease(self, r: Receipt, lease: float, arrived: float) -> None:
+        """Make the server redeliver the message once the lease has run out, not when its
+        AckWait does. A short lease: one delayed NAK now. A long one: the NAK only if the
+        task still runs shortly before AckWait would bring its message back, so a task
+        that ends sooner (most do) costs no message for it."""
+        loop = asyncio.get_running_loop()
+        if lease < ACK_WAIT - 1.0:
+            self._conn.publish_soon(r.reply, _nak_payload(lease))
+        elif lease > ACK_WAIT + 1.0:
+            r.until = time.time() + lease
+            at = max(0.0, arrived + ACK_WAIT - LEASE_MARGIN - loop.time())
+            r.hold = loop.call_later(at, self._hold, r)
+
+    def _hold(self, r: Receipt) -> None:
+        r.hold = None
+        self._conn.publish_soon(r.reply, _nak_payload(r.until - time.time()))
 
     def held_again(self, deliveries: Sequence[Delivery]) -> None:
         """Claims that stand but whose caller will never see them (the rest of a fused
@@ -993,6 +1019,7 @@ class NATSQueue(Store):
     async def settle(self, r: Receipt, failed: bool, first: _Tagged | None = None) -> bool:
         """`ack`: the state first, then the message; if we die in between, the redelivery
         finds no state (or a dead letter) and is dropped."""
+        r.unhold()
         if failed:
             done = await self.fenced(r, _state_headers(r.meta, FAILED, r.attempts, claim=r.token))
         else:
@@ -1000,7 +1027,7 @@ class NATSQueue(Store):
         if not done:
             return False
         await self._settle_unique(r.meta)
-        await self._conn.publish(r.reply, b"+ACK")
+        self._conn.publish_soon(r.reply, b"+ACK")
         return True
 
     @boundary
@@ -1012,6 +1039,7 @@ class NATSQueue(Store):
     async def retry(self, delivery: Delivery, delay: float) -> bool:
         await self._ready()
         r = receipt_of(delivery)
+        r.unhold()
         ready = time.time() + max(0.0, delay)
         headers = _state_headers(r.meta, WAITING, r.attempts, ready=ready, claim=r.token)
         if not await self.fenced(r, headers):
@@ -1023,6 +1051,7 @@ class NATSQueue(Store):
     async def release(self, delivery: Delivery) -> None:
         dispatcher = await self._lanes()
         r = receipt_of(delivery)
+        r.unhold()
         headers = _state_headers(r.meta, WAITING, max(0, r.attempts - 1), claim=r.token)
         if not await self.fenced(r, headers):
             return
@@ -1035,12 +1064,13 @@ class NATSQueue(Store):
     async def extend(self, delivery: Delivery, lease: float) -> bool:
         await self._ready()
         r = receipt_of(delivery)
+        r.unhold()
         if not await self.fenced(r, self._running(r, lease)):
             return False  # another delivery claimed it, or it was settled
         if abs(lease - ACK_WAIT) <= 1.0:
-            await self._conn.publish(r.reply, b"+WPI")
+            self._conn.publish_soon(r.reply, b"+WPI")
         else:
-            await self._conn.publish(r.reply, _nak_payload(lease))
+            self._conn.publish_soon(r.reply, _nak_payload(lease))
         return True
 
     # --- inspection and maintenance ---------------------------------------------
