@@ -196,6 +196,60 @@ def test_stores_opened_before_a_restart_work_after_it(
     asyncio.run(body())
 
 
+def test_a_write_while_the_server_is_down_fails_at_once_and_is_never_sent_later(
+    private_server: Callable[..., NatsServer],
+) -> None:
+    # nats-py used to keep such a publish and send it once reconnected: the event landed
+    # after its caller had been told it failed (5 s later), ahead of older events that
+    # the event buffer then wrote back in order.
+    server = private_server(jetstream=True)
+
+    async def body() -> None:
+        events = nats_backend.NATSEventStorage(server.url, prefix="od")
+        first = TaskEvent(task_id=_task().id, event_type=EventType.ENQUEUED)
+        await events.append(first)
+        server.stop()
+        deadline = time.monotonic() + 10
+        while events._conn.nc.is_connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        late = TaskEvent(task_id=first.task_id, event_type=EventType.STARTED, attempt=1)
+        began = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await events.append(late)
+        assert time.monotonic() - began < 0.5  # not the request timeout (5 s)
+        server.start()
+        got = await _eventually(lambda: events.get(first.task_id))
+        await asyncio.sleep(0.5)  # anything nats-py held would have gone out by now
+        assert [e.id for e in await events.get(first.task_id)] == [e.id for e in got] == [first.id]
+        await events.close()
+
+    asyncio.run(body())
+
+
+def test_stores_of_one_place_share_one_backend_and_connection(shared_prefix: str) -> None:
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        r = nats_backend.create("results", {"servers": [SHARED], "prefix": shared_prefix})
+        e = nats_backend.create("events", {"url": SHARED, "prefix": shared_prefix})
+        assert q.backend is r.backend is e.backend
+        assert nats_backend.create("queue", {"servers": [SHARED], "prefix": "other"}).backend \
+            is not q.backend
+        for store in (q, r, e):
+            await store.open()
+        assert q._conn.nc is r._conn.nc is e._conn.nc
+        await q.close()
+        await r.close()
+        assert e._conn.nc.is_connected  # the last store still uses it
+        await e.close()
+
+    asyncio.run(body())
+
+
+def test_unknown_settings_are_refused_once() -> None:
+    with pytest.raises(ConfigError, match="does not use 'dsn'"):
+        nats_backend.create("queue", {"dsn": "x", "prefix": "p"})
+
+
 # --- fork ------------------------------------------------------------------------
 
 
