@@ -81,18 +81,21 @@ class NATSBackend:
 
     JetStream has no transaction across streams and buckets, so a fused operation is the
     fewest sequential round trips its order guarantees allow, with everything independent
-    sent in one write to the socket and awaited together:
+    sent in one write to the socket and its replies awaited together:
 
-    - submit: the task's state and its ENQUEUED event together (1), then the task's
-      message, which makes it claimable (1): 2 round trips, as the generic path's
-      enqueue alone (3 with its event).
-    - claim: the compare-and-set claims of a whole batch (1), then the STARTED events of
-      the claims that won (1): 2 round trips per batch instead of 2 per task; plus one
-      read of the results of redelivered tasks (a task whose worker died after storing
-      its result is settled instead of run again).
-    - finish: the result, a conditional create (1), then the outcome event and the fenced
-      removal of the task's state together (1), and the message's ack (no reply): 2
-      round trips, against 3 for the generic path.
+    - submit: the task's state with its ENQUEUED event (1), then the task's message,
+      which makes it claimable, once the event is stored (1). A task with a unique key:
+      the key is taken before the event is written (4).
+    - claim: the compare-and-set leases of a whole batch (1), then the STARTED events of
+      those won (1): 2 per batch, where the generic path takes 2 per task. A redelivered
+      task's result is read first (1 more, only then): one whose worker died between its
+      result and its ack is settled instead of run again.
+    - finish: the result, a conditional create (1), then the outcome event with the fenced
+      removal of the task's state (1); the message's ack rides on a later write.
+
+    The generic path needs as many round trips per task for submit and finish; what the
+    fused ones save is writes to the socket (each a system call that wakes the server)
+    and, for claims, the per-task round trips of a batch.
     """
 
     def __init__(self, settings: NATSSettings) -> None:
@@ -322,7 +325,11 @@ class Store:
         self.backend = backend
         self.prefix = backend.prefix
         self._conn = backend.conn
-        self._using = False
+        # Who uses this store: `backend.queue()` hands the same object to every user of
+        # the place in the process (a client, its embedded worker, `omniq status`'s
+        # probe), so each open() counts, and a store used without open() counts once.
+        self._opens = 0
+        self._lazy = False
         self._name_things()
 
     def _name_things(self) -> None:
@@ -335,26 +342,32 @@ class Store:
         return self.backend.translate(exc, (self.ROLE,))
 
     async def _ready(self) -> Link:
-        if not self._using:
-            self._using = True
+        if not self._opens and not self._lazy:
+            self._lazy = True
             self.backend.acquire()
         return await self.backend.ready(self)
 
     async def ready(self) -> Link:
         return await self._ready()
 
+    @boundary
     async def open(self) -> None:
+        self._opens += 1
+        self.backend.acquire()
         try:
             await self._ready()
-        except OmniQError:
+        except BaseException:
+            await self.close()  # not opened: its caller will not close it
             raise
-        except Exception as exc:
-            raise self.translate(exc) or exc from exc
 
     async def close(self) -> None:
-        if self._using:
-            self._using = False
-            await self.backend.release()
+        if self._opens:
+            self._opens -= 1
+        elif self._lazy:
+            self._lazy = False
+        else:
+            return
+        await self.backend.release()
 
     async def __aenter__(self: S) -> S:
         await self.open()

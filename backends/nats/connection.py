@@ -280,7 +280,7 @@ class Connection:
             await asyncio.wait_for(nc.connect(**self._connect_args(link)), OPEN_BUDGET)
             # Replies of our requests, multiplexed on one subscription.
             link.inbox = nc.new_inbox() + "."
-            await nc.subscribe(link.inbox + "*", cb=_bound_cb(_on_reply, link))
+            await nc.subscribe(link.inbox + "*", cb=bound_cb(_on_reply, link))
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), 1.0)
@@ -299,8 +299,8 @@ class Connection:
             "reconnect_time_wait": 0.1,
             "pending_size": 0,  # see the class docstring
             "error_cb": self._on_error,
-            "disconnected_cb": _bound_cb(self._on_disconnect, link),
-            "reconnected_cb": _bound_cb(self._on_reconnect, link),
+            "disconnected_cb": bound_cb(self._on_disconnect, link),
+            "reconnected_cb": bound_cb(self._on_reconnect, link),
             **self._options,
         }
 
@@ -483,7 +483,7 @@ def ack_of(reply: Msg) -> dict[str, Any]:
     return data
 
 
-def _bound_cb(fn: Callable[..., Awaitable[R]], *args: Any) -> Callable[..., Awaitable[R]]:
+def bound_cb(fn: Callable[..., Awaitable[R]], *args: Any) -> Callable[..., Awaitable[R]]:
     """An async callback with bound arguments that nats-py accepts as a coroutine
     function (it checks with asyncio.iscoroutinefunction, which a plain partial fails)."""
 

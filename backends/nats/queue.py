@@ -44,7 +44,7 @@ from .connection import (
     Connection,
     Entry,
     Link,
-    _bound_cb,
+    bound_cb,
     boundary,
     ensure_bucket,
     ensure_stream,
@@ -219,7 +219,7 @@ class _Dispatcher:
     async def _levels_of(self, queue: str) -> set[int]:
         if queue not in self._wakes:
             self._wakes[queue] = await self._conn.nc.subscribe(
-                self.wake_subject(queue), cb=_bound_cb(self._on_wake, queue)
+                self.wake_subject(queue), cb=bound_cb(self._on_wake, queue)
             )
         if self._now() - self._levels_at.get(queue, -math.inf) > LEVEL_REFRESH:
             self._levels_at[queue] = self._now()
@@ -267,7 +267,7 @@ class _Dispatcher:
         if lane is None:
             lane = _Lane(queue, priority, consumer, self._conn.nc.new_inbox())
             lane.sub = await self._conn.nc.subscribe(
-                lane.inbox, cb=_bound_cb(self._on_message, lane)
+                lane.inbox, cb=bound_cb(self._on_message, lane)
             )
             self._lanes[(queue, priority)] = lane
         lane.lost = False

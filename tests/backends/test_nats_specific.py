@@ -512,7 +512,10 @@ def test_many_first_opens_of_one_prefix_all_succeed() -> None:
 
     async def body() -> None:
         for prefix in prefixes:
-            handles = [nats_backend.NATSQueue(SHARED, prefix=prefix) for _ in range(16)]
+            # As 16 processes would: a Backend (and connection) each, so settings that
+            # differ in something harmless.
+            handles = [nats_backend.NATSQueue(SHARED, prefix=prefix, request_timeout=5 + i / 100)
+                       for i in range(16)]
             outcomes = await asyncio.gather(*(h.open() for h in handles), return_exceptions=True)
             for h in handles:
                 await h.close()
@@ -523,3 +526,23 @@ def test_many_first_opens_of_one_prefix_all_succeed() -> None:
     finally:
         for prefix in prefixes:
             drop_namespace("nats", prefix, SHARED)
+
+
+def test_a_store_handed_to_two_users_stays_open_for_the_one_left(shared_prefix: str) -> None:
+    # A client and `omniq status`'s probe in one process get the same store object.
+    async def body() -> None:
+        settings = {"servers": [SHARED], "prefix": shared_prefix}
+        mine = nats_backend.create("queue", settings)
+        probe = nats_backend.create("queue", settings)
+        assert probe is mine
+        await mine.open()
+        await probe.open()
+        await probe.close()
+        t = _task()
+        await mine.enqueue(t)  # still open, and its connection still the same
+        d = await mine.dequeue(["default"], 30, 5)
+        assert d is not None and d.task == t and await mine.ack(d)
+        await mine.close()
+        assert mine._conn.current() is None  # the last user closed it
+
+    asyncio.run(body())
