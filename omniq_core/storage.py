@@ -195,8 +195,11 @@ class EventStorage(Protocol):
 
 @runtime_checkable
 class FusedOps(Protocol):
-    """One-round-trip writes of a Backend that holds all three roles of a worker or
-    client (one Redis, one PostgreSQL database, one NATS account, one SQLite file set).
+    """Fused writes of a Backend that holds all three roles of a worker or client (one
+    Redis, one PostgreSQL database, one NATS account, one SQLite file set, one local
+    directory): one round trip each where the technology has transactions or scripts
+    (Redis, PostgreSQL, SQLite, files: one store-thread call), two on NATS (no multi-key
+    atomic writes).
     The worker and client use them when `fused_ops()` finds them; otherwise they write
     to the three stores one by one (mixed setups). Same guarantees as the generic path:
     ENQUEUED sorts before anything else of the task, STARTED is stored before the task
