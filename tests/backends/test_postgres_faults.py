@@ -224,7 +224,7 @@ def test_a_worker_under_chaos_leaves_one_outcome_per_task(
         settings = WorkerSettings(queues=(queue,), concurrency=8, lease=LEASE, burst=True,
                                   poll_interval=0.2)
         worker = Worker(*stores, settings)
-        proxy.chaos(0.05, kinds=FAULTS, delay=LATE)
+        proxy.chaos(0.1, kinds=FAULTS, delay=LATE)
         try:
             await worker.run()
         finally:

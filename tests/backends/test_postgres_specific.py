@@ -119,14 +119,14 @@ def test_tls_and_libpq_options_are_passed_through() -> None:
         "tls": {"ca": "/etc/ca.pem", "cert": "/etc/c.pem", "key": "/etc/k.pem"},
         "options": {"application_name": "billing", "max_size": 3},
     })
-    conninfo = store._conninfo
+    conninfo = store.backend.place.conninfo
     for part in ("sslmode=verify-full", "sslrootcert=/etc/ca.pem", "sslcert=/etc/c.pem",
                  "sslkey=/etc/k.pem", "application_name=billing", "port=6543"):
         assert part in conninfo
     assert "secret" not in repr(store)
     assert "sslmode=require" in registry.create(
         "postgres", "events", {"dsn": "postgresql://h/db", "tls": True}
-    )._conninfo
+    ).backend.place.conninfo
 
 
 def test_bad_settings_are_config_errors() -> None:
@@ -328,7 +328,7 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_working(schema: str) -> None:
             await s.close()
 
     run(body)
-    assert _versions(schema) == [1, 2]
+    assert _versions(schema) == [1, 2, 3]
 
 
 def _unique_rows(schema: str) -> list[tuple[Any, ...]]:
@@ -491,7 +491,7 @@ def test_forked_child_reconnects_and_leaves_the_parent_alone(schema: str) -> Non
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(store.open())
-        sessions = [c.info.backend_pid for c in store._state.pool._idle]
+        sessions = [c.info.backend_pid for c in _pool(store).idle]
         child_task = Task(func="m:f", queue="forked")
         pid = os.fork()
         if pid == 0:  # child: new loop, must not reuse the parent's sockets
@@ -508,10 +508,16 @@ def test_forked_child_reconnects_and_leaves_the_parent_alone(schema: str) -> Non
         got = loop.run_until_complete(store.get_task(child_task.id))
         assert got == child_task
         # The parent kept its own sessions: the child did not close them.
-        assert [c.info.backend_pid for c in store._state.pool._idle] == sessions
+        assert [c.info.backend_pid for c in _pool(store).idle] == sessions
         loop.run_until_complete(store.close())
     finally:
         loop.close()
+
+
+def _pool(store: Any) -> Any:
+    state = store.backend._bound._value
+    assert state is not None
+    return state.pool
 
 
 def test_store_moves_to_a_new_event_loop(schema: str) -> None:
