@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import secrets
 import select
@@ -309,6 +310,13 @@ class _Listener:
         self._kick = asyncio.Event()  # a channel was added, or a waiter is in a hurry
         self._task: asyncio.Task[None] | None = None
         self._conn: Conn | None = None
+        self.connections = 0  # made so far
+        self.notes = 0  # notifications heard so far
+
+    def mark(self, channel: str) -> tuple[int, int] | None:
+        """What changes whenever a notification on `channel` may have come (None when
+        one could be missed: not listening on it)."""
+        return (self.connections, self.notes) if channel in self._heard else None
 
     async def ensure(self, channel: str, patience: float) -> bool:
         """Listen on `channel` (or hurry a reconnect); True once its notifications
@@ -340,6 +348,7 @@ class _Listener:
                     del self._waiters[(channel, key)]
 
     def _deliver(self, channel: str, payload: str) -> None:
+        self.notes += 1
         key, body = payload, None
         if channel in self._framed:
             size, _, rest = payload.partition(":")
@@ -373,6 +382,7 @@ class _Listener:
 
     async def _listen(self) -> None:
         conn = self._conn = await _connect(self._conninfo)
+        self.connections += 1
         try:
             while True:
                 self._kick.clear()
@@ -658,17 +668,18 @@ def _claim_sql(fused: bool) -> str:
 
     Fused (a worker's claim), the same statement settles the tasks whose result is
     stored (their worker died between the result and the ack) and stores the STARTED
-    event of each task the worker will run. When nothing was claimed, one row of NULLs
-    carries the seconds until something falls due (the waiter's pause)."""
+    event of each task the worker will run. When fewer than %(limit)s were there, a last
+    row of NULLs carries the seconds until another task of these queues falls due
+    (NULL: none), which is how long a waiting claim may sleep unless notified."""
     return (
         "WITH " + _picked(fused) + ", " + _claimed(fused)
         + (_settle_stored() + _started() if fused else "")
         + " SELECT id, queue, payload, attempts, token, starts, n, NULL::float8 FROM claimed"
         " UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, extract(epoch FROM"
         " (SELECT min(d.due) FROM unnest(%(queues)s::text[]) AS q(name) CROSS JOIN LATERAL"
-        " (SELECT due FROM {s}.tasks WHERE queue = q.name AND state <> 'failed'"
-        " ORDER BY due LIMIT 1) d) - now())::float8 WHERE NOT EXISTS (TABLE claimed)"
-        " ORDER BY 7"
+        " (SELECT due FROM {s}.tasks t WHERE queue = q.name AND state <> 'failed'"
+        " AND NOT EXISTS (SELECT FROM picked p WHERE p.id = t.id) ORDER BY due LIMIT 1) d)"
+        " - now())::float8 WHERE (SELECT count(*) FROM picked) < %(limit)s ORDER BY 7"
     )
 
 
@@ -986,6 +997,9 @@ class PostgresBackend:
         self._bound: Bound[_State] = Bound(self._new_state, _abandon_state)
         # Tokens of claims we never heard back from -> when their lease ends (monotonic).
         self._unsettled: dict[int, float] = {}
+        # Queues a claim found drained: the listener's mark then, and until when
+        # (monotonic) nothing falls due there; a claim may wait before looking again.
+        self._quiet: dict[tuple[str, ...], tuple[tuple[int, int], float]] = {}
         self._users = 0
         self._forgotten = False
         self._queue: PostgreSQLQueue | None = None
@@ -1132,11 +1146,14 @@ class PostgresBackend:
         check: Check[T],
         timeout: float | None,
         from_note: Callable[[str], T | None] | None = None,
+        quiet: float | None = None,
     ) -> T | None:
         """Run `check` until it gives a value or `timeout` passes, sleeping between
         checks until a notification for one of `keys` (or a bounded poll). `check`
         also gives the seconds until its answer may change, if it knows; a
-        notification with a body is turned into the value by `from_note`."""
+        notification with a body is turned into the value by `from_note`. With
+        `quiet`, the first check is skipped: nothing can change for that long unless
+        a notification comes."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         state = self._bound.get()
@@ -1146,7 +1163,8 @@ class PostgresBackend:
             listening = await listener.ensure(channel, max(0.0, min(budget, self._connect_timeout)))
             fut = listener.watch(channel, keys)
             try:
-                found, hint = await check()
+                found, hint = (None, quiet) if quiet and listening else await check()
+                quiet = None
                 if found is not None:
                     return found
                 pause = self._pause(listening, hint, deadline)
@@ -1244,7 +1262,22 @@ class PostgresBackend:
         if timeout <= 0:
             got, _ = await once()
             return got or []
-        return await self._wait_for(self._qchan, names, once, timeout) or []
+        quiet = self._quiet_left(names)
+        return await self._wait_for(self._qchan, names, once, timeout, quiet=quiet) or []
+
+    def _note_mark(self) -> tuple[int, int] | None:
+        state = self._bound.current()
+        return None if state is None else state.listener.mark(self._qchan)
+
+    def _quiet_left(self, queues: list[str]) -> float | None:
+        """Seconds a claim may sleep before looking, because the last claim on these
+        queues found them drained and no notification came since (an idle worker's
+        claim right after a short batch then costs no statement)."""
+        found = self._quiet.pop(tuple(queues), None)
+        if found is None or found[0] != self._note_mark():
+            return None
+        left = found[1] - time.monotonic()
+        return left if left > 0 else None
 
     async def _claim_once(
         self, queues: list[str], lease: float, limit: int, worker_id: str | None
@@ -1260,6 +1293,7 @@ class PostgresBackend:
                                   "lease": lease}
         if worker_id is not None:
             params.update(self._started_params(worker_id))
+        mark = self._note_mark()  # before asking: a note that crosses the reply counts
         try:
             rows = await self._all("claim" if worker_id is None else "claim_started", params)
         except _LOST_REPLY:
@@ -1267,8 +1301,11 @@ class PostgresBackend:
             raise
         got, late, hint = [], [], None
         for row in rows:
-            if row[0] is None:  # nothing claimed: when something falls due
+            if row[0] is None:  # the queues are drained: until when nothing falls due
                 hint = row[7]
+                if mark is not None:
+                    until = time.monotonic() + (math.inf if hint is None else hint)
+                    self._quiet[tuple(queues)] = (mark, until)
                 continue
             delivery = _delivery(row[:5])
             got.append(delivery)
