@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import secrets
 import select
@@ -110,6 +109,9 @@ _NOTE_MAX = 7900
 # decides on STARTED in SQL only for rows whose digest still matches (not rewritten by
 # someone else, not written in another format); the others are decided after decoding.
 _SEAL = f"omniq-task-v{FORMAT_VERSION}:".encode()
+# Longest a waiting claim sleeps on "nothing can have changed" (its queues drained, no
+# notification since) before it looks again all the same.
+_QUIET_MAX = 30.0
 
 
 # --- naming and errors -------------------------------------------------------
@@ -1146,14 +1148,14 @@ class PostgresBackend:
         check: Check[T],
         timeout: float | None,
         from_note: Callable[[str], T | None] | None = None,
-        quiet: float | None = None,
+        quiet: Callable[[], float | None] | None = None,
     ) -> T | None:
         """Run `check` until it gives a value or `timeout` passes, sleeping between
         checks until a notification for one of `keys` (or a bounded poll). `check`
         also gives the seconds until its answer may change, if it knows; a
-        notification with a body is turned into the value by `from_note`. With
-        `quiet`, the first check is skipped: nothing can change for that long unless
-        a notification comes."""
+        notification with a body is turned into the value by `from_note`. A check
+        is skipped while `quiet` says for how long nothing can change (unless a
+        notification comes)."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         state = self._bound.get()
@@ -1163,8 +1165,8 @@ class PostgresBackend:
             listening = await listener.ensure(channel, max(0.0, min(budget, self._connect_timeout)))
             fut = listener.watch(channel, keys)
             try:
-                found, hint = (None, quiet) if quiet and listening else await check()
-                quiet = None
+                asleep = quiet() if quiet is not None and listening else None
+                found, hint = (None, asleep) if asleep else await check()
                 if found is not None:
                     return found
                 pause = self._pause(listening, hint, deadline)
@@ -1262,7 +1264,9 @@ class PostgresBackend:
         if timeout <= 0:
             got, _ = await once()
             return got or []
-        quiet = self._quiet_left(names)
+        def quiet() -> float | None:
+            return self._quiet_left(names)
+
         return await self._wait_for(self._qchan, names, once, timeout, quiet=quiet) or []
 
     def _note_mark(self) -> tuple[int, int] | None:
@@ -1273,7 +1277,7 @@ class PostgresBackend:
         """Seconds a claim may sleep before looking, because the last claim on these
         queues found them drained and no notification came since (an idle worker's
         claim right after a short batch then costs no statement)."""
-        found = self._quiet.pop(tuple(queues), None)
+        found = self._quiet.get(tuple(queues))
         if found is None or found[0] != self._note_mark():
             return None
         left = found[1] - time.monotonic()
@@ -1304,8 +1308,8 @@ class PostgresBackend:
             if row[0] is None:  # the queues are drained: until when nothing falls due
                 hint = row[7]
                 if mark is not None:
-                    until = time.monotonic() + (math.inf if hint is None else hint)
-                    self._quiet[tuple(queues)] = (mark, until)
+                    wait = _QUIET_MAX if hint is None else min(hint, _QUIET_MAX)
+                    self._quiet[tuple(queues)] = (mark, time.monotonic() + wait)
                 continue
             delivery = _delivery(row[:5])
             got.append(delivery)
