@@ -12,8 +12,10 @@ plus the writer's event_id, unique).
 A process holds one `PostgresBackend` per connection settings and schema: one small
 pool, and once something waits, one LISTEN connection whose notifications wake
 waiters in this process (waits still re-check at a bounded interval in case a
-notification is lost). Its stores share both, and its fused operations (submit,
-claim, finish: omniq.storage.FusedOps) are one statement each.
+notification is lost; a claim on queues it found drained, every 30 s). Its stores
+share both, and its fused operations (submit, claim, finish: omniq.storage.FusedOps)
+are one statement each. Appends hold the schema's event lock in shared mode until
+they commit, and cursor readers wait for them, so a cursor never skips an event.
 
 A write may reach the server while its reply is lost (or comes after
 `command_timeout`, default 10 s): the caller sees BackendUnavailable and may send it
@@ -414,8 +416,9 @@ class _Listener:
             reader.cancel()
             kicked.cancel()
             await asyncio.wait({reader, kicked})
-        if not reader.cancelled() and reader.exception() is not None:
-            raise reader.exception()  # type: ignore[misc]
+        lost = None if reader.cancelled() else reader.exception()
+        if lost is not None:
+            raise lost
 
     async def _receive(self, conn: Conn) -> None:
         async for note in conn.notifies():
@@ -1055,6 +1058,7 @@ class PostgresBackend:
                 await state.close()
         self._bound.drop()
 
+    @boundary
     async def open(self) -> None:
         state = await self._ready()
         await state.pool.warm(self.place.min_size)
@@ -1305,11 +1309,9 @@ class PostgresBackend:
             raise
         got, late, hint = [], [], None
         for row in rows:
-            if row[0] is None:  # the queues are drained: until when nothing falls due
+            if row[0] is None:  # fewer than asked for: the queues are drained
                 hint = row[7]
-                if mark is not None:
-                    wait = _QUIET_MAX if hint is None else min(hint, _QUIET_MAX)
-                    self._quiet[tuple(queues)] = (mark, time.monotonic() + wait)
+                self._drained(queues, mark, hint)
                 continue
             delivery = _delivery(row[:5])
             got.append(delivery)
@@ -1318,6 +1320,13 @@ class PostgresBackend:
         if late:  # rows from before the digest, or payloads of another format
             await self._append_started(got, late, lease)
         return got or None, hint
+
+    def _drained(self, queues: list[str], mark: tuple[int, int] | None, due: float | None) -> None:
+        """Nothing of `queues` falls due for `due` seconds (None: nothing waits), unless
+        a notification comes after `mark`."""
+        if mark is not None:
+            wait = _QUIET_MAX if due is None else min(due, _QUIET_MAX)
+            self._quiet[tuple(queues)] = (mark, time.monotonic() + wait)
 
     def _started_params(self, worker_id: str) -> dict[str, Any]:
         now = utcnow()
