@@ -776,6 +776,7 @@ def test_outage_raises_unavailable_then_the_same_stores_recover(
         await other.store(early)
         assert await r.wait(early.task_id, 5) == early  # the listener is up
 
+        late_task = Task(func="m:f")
         await asyncio.to_thread(private_server.stop)
         outage: list[Callable[[], Awaitable[Any]]] = [
             lambda: q.enqueue(Task(func="m:f")),
@@ -783,12 +784,16 @@ def test_outage_raises_unavailable_then_the_same_stores_recover(
             lambda: r.get(early.task_id),
             lambda: r.wait(new_task_id(), 2),
             lambda: e.append(TaskEvent(task_id=before.id, event_type=EventType.STARTED)),
+            # the fused operations of their Backend
+            lambda: q.backend.submit(late_task, TaskEvent(late_task.id, EventType.ENQUEUED)),
+            lambda: q.backend.claim(["default"], 30, 1, 4, "w1"),
         ]
         for op in outage:
             with pytest.raises(BackendUnavailable, match="unavailable"):
                 await op()
         await asyncio.to_thread(private_server.start)
 
+        assert await q.backend.submit(late_task, TaskEvent(late_task.id, EventType.ENQUEUED))
         d = await q.dequeue(["default"], 30, 5)
         assert d is not None and d.task.id == before.id
         await e.append(TaskEvent(task_id=before.id, event_type=EventType.STARTED))
