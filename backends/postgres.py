@@ -1453,6 +1453,9 @@ class _Store:
 
     @boundary
     async def open(self) -> None:
+        if not self._attached:  # opened again after close
+            self._attached = True
+            self.backend._attach()
         await self.backend.open()
 
     async def close(self) -> None:

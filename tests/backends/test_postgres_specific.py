@@ -501,6 +501,10 @@ def test_the_last_store_to_close_closes_the_backend(schema: str) -> None:
         assert await asyncio.to_thread(_sessions, app) >= 1
         await second.close()
         assert await asyncio.to_thread(_sessions, app) == 0
+        await second.open()  # opened again: in use until closed again
+        assert await second.get(early.task_id) == early
+        await second.close()
+        assert await asyncio.to_thread(_sessions, app) == 0
         await writer.close()
 
     run(body)
