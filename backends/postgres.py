@@ -43,7 +43,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import psycopg
@@ -978,6 +978,7 @@ def backend_for(settings: PostgresSettings | Mapping[str, Any]) -> PostgresBacke
 # What storage.started_event gives every STARTED event, encoded once per claim: the
 # fused claim puts each task's id, queue, attempt and event id into it in SQL.
 _TEMPLATE_TASK = Task(func="-", id="-", queue="-")
+_DAWN = datetime.min.replace(tzinfo=UTC)
 
 
 class PostgresBackend:
@@ -1201,11 +1202,16 @@ class PostgresBackend:
 
     def _task_params(self, task: Task) -> dict[str, Any]:
         payload = encode_task(task)
+        # Sealed only if storage.runs_now depends on nothing but its expiry and attempt
+        # (asked for the first attempt, at the dawn of time); any other task is decided
+        # after decoding, whatever rule runs_now has.
+        sealed = runs_now(Delivery(task, 1), _DAWN)
         return {
             "id": task.id, "queue": task.queue, "priority": task.priority, "eta": task.eta,
             "expires": task.expires_at, "max_attempts": min(task.max_retries + 1, 2**31 - 1),
-            "digest": hashlib.sha256(_SEAL + payload).digest(), "key": task.unique_key,
-            "ttl": task.unique_ttl, "payload": payload, "qchan": self._qchan,
+            "digest": hashlib.sha256(_SEAL + payload).digest() if sealed else None,
+            "key": task.unique_key, "ttl": task.unique_ttl, "payload": payload,
+            "qchan": self._qchan,
         }
 
     def _event_params(self, event: TaskEvent) -> dict[str, Any]:

@@ -550,6 +550,36 @@ def test_a_fused_claim_writes_started_only_for_what_the_worker_runs(schema: str)
     run(body)
 
 
+def test_a_task_runs_now_holds_back_gets_no_started_from_a_fused_claim(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rule of storage.runs_now that SQL does not know (issue 11 adds one: tasks that
+    wait for others) is kept: such a task is not sealed at enqueue, so the claim
+    decides after decoding."""
+    from omniq import storage
+    from omniq.backends import postgres
+
+    def runs_now(delivery: Any, now: Any = None) -> bool:
+        return delivery.task.kwargs.get("hold") is None and storage.runs_now(delivery, now)
+
+    monkeypatch.setattr(postgres, "runs_now", runs_now)
+
+    async def body() -> None:
+        b = make("queue", DSN, schema).backend
+        held, plain = Task(func="m:f", queue="hold", kwargs={"hold": 1}), Task(func="m:f",
+                                                                                queue="hold")
+        for t in (held, plain):
+            await b.submit(t, TaskEvent(t.id, EventType.ENQUEUED, queue="hold"))
+        sent = _count_statements(b)
+        assert len(await b.claim(["hold"], 30, 0, 2, "w1")) == 2
+        assert dict(sent) == {"claim_started": 1}  # nothing left to decide after decoding
+        assert [e.event_type for e in await b.events().get(held.id)] == [EventType.ENQUEUED]
+        assert len(await b.events().get(plain.id)) == 2
+        await b.queue().close()
+
+    run(body)
+
+
 def test_a_fused_claim_settles_a_failed_result_as_a_dead_letter(schema: str) -> None:
     async def body() -> None:
         b = make("queue", DSN, schema).backend
