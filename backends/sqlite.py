@@ -1139,7 +1139,9 @@ class _LeaseWatch:
 
 
 class SQLiteQueue(_SQLiteStore):
-    """A task queue in one SQLite file; a claim is one atomic UPDATE ... RETURNING."""
+    """A task queue in one SQLite file; a claim is one atomic UPDATE ... RETURNING.
+    Dead letters stay in omniq_tasks (state 2), indexed by failure time; named records
+    (schedules, cancel requests) live beside the tasks in omniq_records."""
 
     role = "queue"
 

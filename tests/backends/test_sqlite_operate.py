@@ -128,7 +128,8 @@ def test_failed_pages_by_the_stored_microsecond_and_never_splits_a_tie(
         since = await q.failed(since=every[4].failed_at)  # inclusive
         assert [f.task.id for f in since] == [f.task.id for f in every[:5]]
         only_ta = await q.failed(queue="ta", limit=2)  # the second ends inside the tie
-        assert [f.task.id for f in only_ta] == [f.task.id for f in every if f.task.queue == "ta"][:3]
+        in_ta = [f.task.id for f in every if f.task.queue == "ta"]
+        assert [f.task.id for f in only_ta] == in_ta[:3]
         assert await q.failed(limit=0) == []
         await q.close()
 
