@@ -375,8 +375,8 @@ class Worker:
                 if t.done() and not t.cancelled():
                     t.exception()  # retrieved: a duty's crash was logged where it happened
                 elif not t.done():
-                    log.warning("background duty %s did not stop; left behind",
-                                t.get_coro().__qualname__)
+                    name = getattr(t.get_coro(), "__qualname__", t.get_name())
+                    log.warning("background duty %s did not stop; left behind", name)
             await self._unregister()
             self._threads.shutdown()
         return self.tasks_done
