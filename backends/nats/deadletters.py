@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 import nats.errors
@@ -107,13 +107,11 @@ class FailureIndex:
 
     # --- writes ---------------------------------------------------------------------------
 
-    async def send(self, meta: Mapping[str, str], claim: str) -> asyncio.Future[Msg]:
+    async def send(self, task_id: str, queue: str, claim: str) -> asyncio.Future[Msg]:
         """Publish the record of a dead letter about to be written (its reply: `seq_of`).
         Its message id is the claim token: sent again, it is stored once."""
-        task_id = meta[H_ID]
-        headers = {H_ID: task_id, H_QUEUE: meta.get(H_QUEUE, ""), H_CLAIM: claim,
-                   "Nats-Msg-Id": f"f:{claim}"}
-        return await self._conn.send(self.subject(meta.get(H_QUEUE, ""), task_id), b"", headers)
+        headers = {H_ID: task_id, H_QUEUE: queue, H_CLAIM: claim, "Nats-Msg-Id": f"f:{claim}"}
+        return await self._conn.send(self.subject(queue, task_id), b"", headers)
 
     @staticmethod
     def seq_of(reply: Msg) -> int:

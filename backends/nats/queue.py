@@ -1058,7 +1058,8 @@ class NATSQueue(Store):
         """The state becomes a dead letter, fenced; its failure record goes out in the
         same write to the socket. A record whose state write lost (the lease had run
         out) is deleted again; sent again after a lost reply, it is stored once."""
-        record = await self._index.send(r.meta, r.token)
+        task_id = r.meta.get(H_ID) or r.key[2:]
+        record = await self._index.send(task_id, r.meta.get(H_QUEUE) or "default", r.token)
         headers = _state_headers(r.meta, FAILED, r.attempts, claim=r.token)
         try:
             done = await self.fenced(r, {**headers, H_INDEXED: "1"})
@@ -1227,14 +1228,29 @@ class NATSQueue(Store):
                                 None if before is None else us_of(before), limit + 1)
         async with contextlib.aclosing(walk) as windows:
             async for records in windows:
-                found += await self._current(records, seen)
-                found.sort(key=lambda f: (f[0].at, f[0].seq), reverse=True)
-                if len(found) > limit and found[limit][0].at != found[limit - 1][0].at:
-                    break  # the page is full, and does not end inside one failure time
+                if await self._add_current(found, records, seen, limit):
+                    break
         end = min(limit, len(found))
         while 0 < end < len(found) and found[end][0].at == found[end - 1][0].at:
             end += 1
         return [FailedTask(task, at_us(record.at)) for record, task in found[:end]]
+
+    async def _add_current(
+        self, found: list[tuple[Record, Task]], records: Sequence[Record], seen: set[str],
+        limit: int,
+    ) -> bool:
+        """Add the current ones of these records (newest first), reading no more states
+        than the page needs; whether the page is full, and does not end inside a group
+        of one failure time."""
+        i = 0
+        while i < len(records):
+            need = max(8, limit + 1 - len(found))  # (8: a few stale ones, or a tie)
+            found += await self._current(records[i : i + need], seen)
+            i += need
+            found.sort(key=lambda f: (f[0].at, f[0].seq), reverse=True)
+            if len(found) > limit and found[limit][0].at != found[limit - 1][0].at:
+                return True
+        return False
 
     async def _current(
         self, records: Sequence[Record], seen: set[str]
@@ -1275,6 +1291,8 @@ class NATSQueue(Store):
         replies = await self._conn.replies([await self._state.send_get(k) for k in keys])
         dead = [e for k, reply in zip(keys, replies, strict=True)
                 if (e := self._state.entry_of(k, reply)) is not None and _state(e) == FAILED]
+        if not dead:
+            return 0
         sent = [await self._state.send_purge_at(e.key, e.rev) for e in dead]
         purged = await self._conn.replies(sent)
         gone = [e for e, reply in zip(dead, purged, strict=True) if Bucket.purged_of(reply)]
