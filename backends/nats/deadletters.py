@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
@@ -137,18 +138,18 @@ class FailureIndex:
     # --- the walk, newest first -------------------------------------------------------------
 
     async def walk(
-        self, queue: str | None, since: int | None, before: int | None, width: int
+        self, queue: str | None, since: int | None, before: int | None, want: int
     ) -> AsyncGenerator[list[Record], None]:
         """Records of `queue` (or all) with `since` <= failure time < `before`, newest
-        first, in windows of sequences (`width` first, then wider)."""
+        first, in windows of sequences holding about `want` records (then twice that)."""
         subject = self.subject(queue)
         top = await self._top(subject, before)
         if top is None:
             return
         upper, above = top
+        density = 1.0  # records of the subject per sequence, as the last window showed
         while upper >= 1:
-            start = max(1, upper - width + 1)
-            reader = await Reader.open(self._conn, self.stream, subject, seq=start)
+            reader, start, density = await self._reader(subject, upper, above, want, density)
             try:
                 found = await self._window(reader, upper, above)
             finally:
@@ -159,7 +160,30 @@ class FailureIndex:
                 yield kept
             if len(kept) < len(records) or reader.start > start or start == 1:
                 return  # older than `since` (so is everything below), or the first record
-            upper, above, width = reader.start - 1, reader.pending, width * 2
+            upper, above, want = reader.start - 1, reader.pending, want * 2
+
+    async def _reader(
+        self, subject: str, upper: int, above: int, want: int, density: float
+    ) -> tuple[Reader, int, float]:
+        """A consumer whose window, from its start up to `upper`, holds about `want`
+        records; placed once more, lower, before anything is pulled if it holds too few
+        (records deleted there, or another queue's)."""
+        reader, start, density = await self._place(subject, upper, above, want, density)
+        if reader.pending - above < want and reader.start == start > 1:
+            await reader.close()
+            reader, start, density = await self._place(subject, upper, above, want, density)
+        return reader, start, density
+
+    async def _place(
+        self, subject: str, upper: int, above: int, want: int, density: float
+    ) -> tuple[Reader, int, float]:
+        """A consumer `want` records below `upper` by `density` (records per sequence,
+        a quarter more for slack); its start, and the density its window shows."""
+        span = min(upper, math.ceil(want * 1.25 / density))
+        start = upper - span + 1
+        reader = await Reader.open(self._conn, self.stream, subject, seq=start)
+        held = max(0, reader.pending - above)
+        return reader, start, max(held / span, density / 16)  # none seen: 16 times as wide
 
     async def _top(self, subject: str, before: int | None) -> tuple[int, int] | None:
         """The highest sequence to read and how many records of `subject` lie above it."""

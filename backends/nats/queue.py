@@ -6,7 +6,11 @@ lane: JetStream has no priorities, so each level is its own lane, tried highest 
 (waiting / running / failed / cancelled, attempts, ready and lease times). Claims,
 leases, cancels and dead letters are compare-and-set writes on that key, so the stream
 only dispatches and the key decides. ``u.<unique key>`` -> task id, ``w.<worker id>`` ->
-worker registry.
+worker registry, ``m.failed`` -> how far the failure records moved from an older omniq go.
+
+Dead letters are listed by failure time through their records in the stream
+``P_failed`` (deadletters.py); named records live in the bucket ``P_records``
+(records.py).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from .connection import (
     at_us,
     bound_cb,
     boundary,
+    describe,
     ensure_bucket,
     ensure_stream,
     in_chunks,
@@ -1165,14 +1170,22 @@ class NATSQueue(Store):
                 oldest[queue] = min(oldest.get(queue, since), since)
             elif kind == "failed":
                 dead.append(entry)
-        # Dead letters that an older omniq still running beside wrote: records now.
-        await self._index.backfill(self._state, unindexed(dead), keep_time=False)
+        await self._index_older(unindexed(dead))
         return [
             QueueStats(queue=name, queued=c["queued"], scheduled=c["scheduled"],
                        running=c["running"], failed=c["failed"],
                        oldest_ready_at=from_timestamp(oldest.get(name)))
             for name, c in sorted(counts.items())
         ]
+
+    async def _index_older(self, dead: list[Entry]) -> None:
+        """Records for dead letters that an older omniq still running beside wrote
+        (stamped now). Best effort: stats are read by those who may not write."""
+        try:
+            await self._index.backfill(self._state, dead, keep_time=False)
+        except Exception as exc:
+            log.warning("NATS: could not index %d dead letters of an older omniq: %s",
+                        len(dead), describe(exc))
 
     @boundary
     async def purge(self, queue: str | None = None) -> int:

@@ -656,13 +656,23 @@ def test_failed_costs_the_same_however_many_dead_letters(
             assert len(page) == 5 and page[0].failed_at > page[-1].failed_at
             costs.append((wire.requests, wire.trips, dict(wire.sent)))
         # The newest record (1 direct get), a consumer at the window's start, one pull of
-        # its 6 records, the consumer's deletion (not awaited), 6 states (one round trip).
-        assert costs[0] == costs[1] == (10, 4, {"DIRECT": 7, "CONSUMER": 3}), costs
+        # its 8 records (6 wanted, a quarter more), the consumer's deletion (not awaited),
+        # 8 states (one round trip).
+        assert costs[0] == costs[1] == (12, 4, {"DIRECT": 9, "CONSUMER": 3}), costs
         wire.reset()
         page = await q.failed("fa", limit=3)
         assert len(page) == 3 and {f.task.queue for f in page} == {"fa"}
-        # Its first window (4 sequences) held 2 of queue fa: a second one, twice as wide.
-        assert wire.trips == 7
+        # Its first consumer's window held 2 of queue fa, not 4: placed once more, lower
+        # (by the density seen) before its one pull.
+        assert (wire.trips, wire.sent["CONSUMER"]) == (5, 5)
+        # Holes among the newest records (dead letters forgotten, or queued again): the
+        # same, one more placement.
+        newest = await q.failed(limit=8)
+        assert await q.forget([f.task.id for f in newest[1:6:2]]) == 3
+        wire.reset()
+        page = await q.failed(limit=5)
+        assert [f.task.id for f in page] == [newest[i].task.id for i in (0, 2, 4, 6, 7)]
+        assert (wire.trips, wire.sent["CONSUMER"]) == (5, 5)
         await q.close()
 
     asyncio.run(body())
