@@ -804,6 +804,21 @@ def test_a_dead_letter_queued_again_loses_its_record_before_it_runs(shared_prefi
     asyncio.run(body())
 
 
+def test_purge_drops_the_records_of_the_dead_letters_it_drops(shared_prefix: str) -> None:
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        kept = await _dead(q, "keep")
+        for _ in range(3):
+            await _dead(q, "pq")
+        await q.enqueue(_task("pq"))
+        assert await q.purge("pq") == 4
+        assert [f.task.id for f in await q.failed()] == [kept.id]
+        assert (await _failed_stream(q)).messages == 1
+        await q.close()
+
+    asyncio.run(body())
+
+
 def test_forget_frees_the_key_and_the_records_and_counts_once(
     shared_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
