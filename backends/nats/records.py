@@ -1,12 +1,14 @@
 """Named records beside the NATS queue (schedules, their state, cancel requests): the KV
 bucket ``P_records``, one key ``<kind>.<name>`` each.
 
-A bucket of their own, not keys in the queue's: listing a kind asks the server which
-keys exist, and the server answers that by matching the filter against every subject of
-the bucket's stream. Beside 100k task states that costs it the 100k; here, only the
-records. `list_records` is one stream-info request naming the kind's keys (no consumer
-made), then their values in one round trip: a busy worker's look for cancel requests,
-once a second, is one request while there are none.
+A bucket of their own, not keys ``r.<kind>.<name>`` in the queue's: listing a kind asks
+the server which keys exist, and the server answers that by matching the filter against
+every subject of the bucket's stream. Measured on nats-server 2.9.10 beside 100k task
+states, with 3 cancel requests: a consumer scan of ``r.cancel.*`` took 50-234 ms (3
+requests, 3 round trips), the stream-info answer alone 11-67 ms; here 0.3 ms. Busy
+workers ask once a second each. `list_records` is one stream-info request naming the
+kind's keys (no consumer made), then their values in one round trip: 1 request while
+there are none (0.3 ms), 1 + n in 2 round trips for n.
 """
 
 from __future__ import annotations
