@@ -86,8 +86,8 @@ class Record:
 
     def current(self, entry: Entry | None) -> bool:
         """Whether the task is still the dead letter this record was written for."""
-        return entry is not None and entry.text(H_STATE) == FAILED and \
-            entry.text(H_CLAIM) == self.claim
+        return (entry is not None and entry.text(H_STATE) == FAILED
+                and entry.text(H_CLAIM) == self.claim)
 
 
 class FailureIndex:
@@ -104,8 +104,8 @@ class FailureIndex:
         q = "*" if queue is None else self._qtok(queue)
         return f"{self._base}.{q}.{'*' if task_id is None else tok(task_id)}"
 
-    async def setup(self, conn: Connection) -> None:
-        await ensure_stream(conn.js, api.StreamConfig(
+    async def setup(self) -> None:
+        await ensure_stream(self._conn.js, api.StreamConfig(
             name=self.stream,
             subjects=[f"{self._base}.>"],
             retention=api.RetentionPolicy.LIMITS,
@@ -272,12 +272,13 @@ class FailureIndex:
             await self._conn.replies(marks)  # a lost race: its record is stale, and harmless
 
     async def _send_moved(self, entry: Entry, keep_time: bool) -> asyncio.Future[Msg]:
-        task_id = entry.text(H_ID) or entry.key[2:]
-        headers = {H_ID: task_id, H_QUEUE: entry.text(H_QUEUE), H_CLAIM: entry.text(H_CLAIM),
+        # (Entries of an older omniq may lack the id header: their key is the id then.)
+        task_id, queue = entry.text(H_ID) or entry.key[2:], entry.text(H_QUEUE) or "default"
+        headers = {H_ID: task_id, H_QUEUE: queue, H_CLAIM: entry.text(H_CLAIM),
                    "Nats-Msg-Id": f"m:{task_id}:{entry.rev}"}
         if keep_time:
             headers[H_FAILED_AT] = str(round(entry.stored * 1e6))
-        return await self._conn.send(self.subject(entry.text(H_QUEUE), task_id), b"", headers)
+        return await self._conn.send(self.subject(queue, task_id), b"", headers)
 
 
 def _unindexed(entry: Entry) -> bool:

@@ -616,7 +616,7 @@ class NATSQueue(Store):
             ),
         )
         await ensure_bucket(js, self._state.name)
-        await self._index.setup(self._conn)
+        await self._index.setup()
         await self._records.setup()
         await self._index.migrate(self._state)
 
