@@ -245,6 +245,7 @@ class ProcessRunner:
             _start_forkserver_deaf_to_stops()
         self._idle: list[_Child] = []
         self._busy: set[_Child] = set()
+        self._spawned: weakref.WeakSet[_Child] = weakref.WeakSet()  # every child, for close()
         self._closed = False
         _LIVE.add(self)
 
@@ -301,11 +302,21 @@ class ProcessRunner:
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=_child_main, args=(child_end, life_read), name="omniq-task"
         )
+        child = _Child(process, parent_end, life_write)
+        self._spawned.add(child)
         # Starting a child (and the fork server, the first time) blocks: not on the loop.
-        await asyncio.to_thread(process.start)
-        child_end.close()
-        life_read.close()
-        return _Child(process, parent_end, life_write)
+        # A caller cancelled meanwhile (a forced stop) must not leave the child behind:
+        # the interpreter would wait for it at exit.
+        start = asyncio.ensure_future(asyncio.to_thread(process.start))
+        try:
+            await asyncio.shield(start)
+        except asyncio.CancelledError:
+            start.add_done_callback(lambda _: _kill(child))
+            raise
+        finally:
+            child_end.close()
+            life_read.close()
+        return child
 
     async def _wait_reply(
         self, child: _Child, timeout: float | None, progress: Progress | None
@@ -349,6 +360,9 @@ class ProcessRunner:
         for child in list(self._busy):
             _kill(child)
         self._busy.clear()
+        for child in list(self._spawned):  # one whose caller was cancelled while it started
+            if child not in idle and child.process.exitcode is None:
+                _kill(child)
         for child in idle:
             child.process.join(1.0)
             if child.process.exitcode is None:

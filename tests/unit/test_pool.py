@@ -285,3 +285,41 @@ def test_worker_with_process_pool_records_timeout_crash_and_errors() -> None:
         assert add and add.value == 42
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_run_cancelled_while_its_child_starts_leaves_no_child_behind() -> None:
+    """A forced stop can cancel a run while its child process is being started: that
+    child must not outlive close() (the interpreter would wait for it at exit)."""
+
+    async def main() -> list[int]:
+        runner = ProcessRunner(1)
+        run = asyncio.ensure_future(runner.run(Task(func=f"{HERE}:pid")))
+        for _ in range(100):  # until its child is being started
+            await asyncio.sleep(0)
+            if len(runner._spawned):
+                break
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        await asyncio.sleep(1.0)  # the start finishes meanwhile
+        started = [c.process.pid for c in runner._spawned if c.process.pid]
+        runner.close()
+        return started
+
+    for pid_ in asyncio.run(main()):
+        deadline = time.monotonic() + 5
+        while _alive(pid_):
+            assert time.monotonic() < deadline, f"child {pid_} outlived close()"
+            time.sleep(0.05)
+
+
+def _alive(process_id: int) -> bool:
+    try:
+        os.kill(process_id, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{process_id}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
