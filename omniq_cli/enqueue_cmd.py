@@ -522,9 +522,13 @@ async def _enqueue_all(config: OmniQConfig, specs: list[TaskSpec], as_json: bool
 # --- the command ----------------------------------------------------------------------------
 
 
-def _duration(flag: str, help: str, positive: bool = False) -> Any:
+def duration_option(flag: str, help: str, positive: bool = False) -> Any:
+    """A DURATION option (`positive`: more than zero); also used by `omniq schedule add`."""
     kind = common.Checked("duration", positive_duration) if positive else common.DURATION
     return click.option(flag, type=kind, metavar="DURATION", help=help)
+
+
+_duration = duration_option
 
 
 @common.command("enqueue", help=HELP, epilog=EPILOG)
