@@ -43,6 +43,13 @@ def line(text: str = "", *, flush: bool = False) -> None:
         sys.stdout.flush()
 
 
+def write(text: str, *, err: bool = False) -> None:
+    """Text as it came (a shell task's output), to stdout or stderr, flushed."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text)
+    stream.flush()
+
+
 def json_line(value: Any, *, flush: bool = False) -> None:
     """One JSON document on one line of stdout (`--json`; JSON lines for streams)."""
     line(to_json(value), flush=flush)
@@ -134,6 +141,8 @@ _EVENT_STYLE = {
     "cancelled": "yellow",
     "retried": "yellow",
     "started": "cyan",
+    "progress": "blue",
+    "output": "dim",
 }
 
 
@@ -236,6 +245,8 @@ class TaskBar:
 
     def __init__(self, label: str) -> None:
         self.label = label
+        self._state = "waiting"
+        self._message: str | None = None
         self._bar: Any = None
         self._task: Any = None
 
@@ -263,15 +274,27 @@ class TaskBar:
         )
         self._bar.start()
         _LIVE.append(self._bar)
-        self._task = self._bar.add_task(self.label, total=None)
+        self._task = self._bar.add_task(self._describe(), total=None)
+
+    def state(self, text: str) -> None:
+        """waiting, running, ...: shown until the task reports a message of its own."""
+        self._state = text
+        if self._bar is not None:
+            self._bar.update(self._task, description=self._describe())
 
     def update(self, done: float, total: float | None, message: str | None) -> None:
         if self._bar is None:
             return
+        self._state = "running"
+        if message:
+            self._message = " ".join(str(message).split())
+        self._bar.update(self._task, completed=done, total=total, description=self._describe())
+
+    def _describe(self) -> str:
         from rich.markup import escape
 
-        text = self.label if not message else f"{self.label}: {' '.join(message.split())}"
-        self._bar.update(self._task, completed=done, total=total, description=escape(text[:80]))
+        text = f"{self.label} {self._message or self._state}"
+        return escape(text if len(text) <= 80 else text[:79] + "…")
 
     def stop(self) -> None:
         if self._bar is not None:
@@ -281,9 +304,11 @@ class TaskBar:
 
 
 @contextlib.contextmanager
-def task_bar(label: str) -> Iterator[TaskBar]:
+def task_bar(label: str, draw: bool = True) -> Iterator[TaskBar]:
+    """A TaskBar, drawn when `draw` and stderr is a terminal."""
     bar = TaskBar(label)
-    bar.start()
+    if draw:
+        bar.start()
     try:
         yield bar
     finally:
