@@ -141,19 +141,23 @@ def test_three_workers_enqueue_each_slot_once_and_pause_resume(
     workers = [home.start_worker("-q", "ticks", ready=False) for _ in range(3)]
     for worker in workers:
         worker.wait_log(" started: ")
-    wait_until(lambda: len(fired_ids(*workers)) >= 4, 30, "four slots fired")
+    wait_until(lambda: len(fired_ids(*workers)) >= 3, 30, "three slots fired")
 
     ok(home, "schedule", "pause", "tick")
-    time.sleep(1.5)  # a fire that began before the pause may still finish
+    time.sleep(1.2)  # a fire that began before the pause may still finish
     before = fired_ids(*workers)
-    time.sleep(2.0)
+    time.sleep(1.5)
     assert fired_ids(*workers) == before  # paused: nothing more
-    listed = json_lines(ok(home, "schedule", "list", "--json"))
-    assert [(r["name"], r["paused"], r["next_slot"]) for r in listed] == [("tick", True, None)]
+    (shown,) = json_lines(ok(home, "schedule", "list", "--json"))
+    assert (shown["paused"], shown["next_slot"]) == (True, None)
+    early = sorted(slot_of(home, t) for t in before)
+    assert shown["last_slot"] is not None and _time(shown["last_slot"]) == _time(early[-1])
+    # Until the pause, every slot of the 1 s grid was enqueued, once.
+    times = [_time(s) for s in early]
+    assert [b - a for a, b in itertools.pairwise(times)] == \
+        [timedelta(seconds=1)] * (len(times) - 1)
     ok(home, "schedule", "resume", "tick")
     wait_until(lambda: len(fired_ids(*workers)) > len(before), 30, "a slot after the resume")
-    ok(home, "schedule", "pause", "tick")
-    time.sleep(1.5)
     for worker in workers:
         worker.send(signal.SIGTERM)
         assert worker.wait() == 0
@@ -162,13 +166,6 @@ def test_three_workers_enqueue_each_slot_once_and_pause_resume(
     assert len(set(ids)) == len(ids)
     slots = [slot_of(home, t) for t in ids]
     assert len(set(slots)) == len(slots), "a slot was enqueued twice"
-    # Until the pause, every slot of the 1 s grid was enqueued, once.
-    early = sorted(slot_of(home, t) for t in before)
-    times = [_time(s) for s in early]
-    assert [b - a for a, b in itertools.pairwise(times)] == \
-        [timedelta(seconds=1)] * (len(times) - 1)
-    (shown,) = json_lines(ok(home, "schedule", "list", "--json"))
-    assert shown["last_slot"] is not None and _time(shown["last_slot"]) == max(map(_time, slots))
     event = json_lines(ok(home, "events", ids[0], "--json"))[0]
     assert event["details"]["schedule"] == "tick" and event["details"]["slot"] == slots[0]
 
