@@ -4,7 +4,8 @@ Two designs under one `base_dir` (a local path, or an fsspec URL such as
 s3://bucket/prefix for results and events)::
 
     results/ results-index/ events/ .tmp/   the stores (stores.py, on files.py)
-    queue/                                  the queue, local POSIX only (queue.py)
+    queue/                                  the queue, local POSIX only (queue.py; its
+                                            dead letters by failure time: failed.py)
 
 A `FileBackend` (backend.py) is one place in one process: it owns the filesystem object
 and the threads the blocking calls run on, and hands out the three roles. On a local

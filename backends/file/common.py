@@ -11,6 +11,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from omniq.errors import BackendError, BackendUnavailable, OmniQError, redact
@@ -99,13 +100,42 @@ def write_tmp(tmp_dir: str, data: bytes, durable: bool) -> str:
     return path
 
 
+def rename_into(src: str, dest: str, stop: str, sync: Callable[[str], None]) -> None:
+    """Rename `src` to `dest`, making its missing folders below `stop` (each durable in
+    its parent when `sync` fsyncs). FileNotFoundError only when `src` is gone: a folder
+    pruned between its making and the rename is made again."""
+    for _ in range(RACES):
+        try:
+            os.rename(src, dest)
+        except FileNotFoundError:
+            if not os.path.lexists(src):
+                raise
+            with contextlib.suppress(FileNotFoundError):  # a parent pruned meanwhile: again
+                _make_folders(os.path.dirname(dest), stop, sync)
+            continue
+        sync(os.path.dirname(dest))
+        return
+    raise BackendError(f"file store: could not move a file into {dest}: its folder keeps going")
+
+
+def _make_folders(path: str, stop: str, sync: Callable[[str], None]) -> None:
+    missing: list[str] = []
+    while path != stop and not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
+        sync(os.path.dirname(folder))
+
+
 def sweep_tmp(tmp_dir: str) -> None:
     """Drop temp files a killed writer left behind (old enough to be nobody's)."""
     cutoff = time.time() - TMP_MAX_AGE
     with contextlib.suppress(FileNotFoundError), os.scandir(tmp_dir) as it:
         for entry in it:
             with contextlib.suppress(OSError):
-                if entry.stat().st_mtime < cutoff:
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:  # (a hint's link too)
                     os.unlink(entry.path)
 
 

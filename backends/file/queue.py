@@ -4,15 +4,18 @@ one atomic rename, so whoever wins a rename owns the task and losers see ENOENT:
     queue/tmp/<random>                          being written; never visible
     queue/ready/<queue>/<P>~<T>~<sid>~<n>       waiting; T in the future = scheduled
     queue/leased/<ms>~<beat>~<token>~<queue>~<ready name>   held by one worker
-    queue/failed/<queue>/<ready name>           dead letters
+    queue/failed/<queue>/<YYYYMMDD>/<HHMM>/<F>~<sid>   dead letters, by failure time
+    queue/dead/<sid>                            symlink naming its dead letter (failed.py)
     queue/ids/<sid>                             the task id, while it is unfinished or dead
     queue/unique/<sha256(key)>                  the id of the unfinished task holding the key
     queue/held/<sha256(key)>                    a finished task's id; mtime = held until
     queue/workers/<sid>.json                    mtime = the worker's expiry
+    queue/records/<kind>/<name>                 named records (schedules, cancel requests)
 
 P = 10**9 - priority (so higher runs first), T = ready time in microseconds
-(enqueue time, ETA or retry time), n = attempts already made. Names sort as
-the dequeue order within one queue directory.
+(enqueue time, ETA or retry time), n = attempts already made, F = failure time in
+microseconds. Names sort as the dequeue order within one queue directory; dead letters
+sort by failure time (see failed.py for that index and its cost).
 
 Enqueue writes tmp/, fsyncs, renames into ready/ and fsyncs the directory, so
 an enqueue that returned survives a crash and a killed producer leaves only a
@@ -39,21 +42,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
 import os
 import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from omniq.errors import BackendError, ConfigError, CorruptRecord, OmniQError, redact
 from omniq.models import (
     Delivery,
+    FailedTask,
     QueueStats,
     Task,
     WorkerInfo,
     check_queue_name,
+    check_record_name,
 )
 from omniq.serialization import (
     decode_task_or_placeholder,
@@ -63,12 +70,14 @@ from omniq.serialization import (
 )
 from omniq.storage import LocalSignal, PollingBackoff
 
+from . import failed as dead_letters
 from .common import (
     TMP_MAX_AGE,
     fsync_dir,
     local_path,
     now_us,
     read_quiet,
+    rename_into,
     sid_of,
     sweep_tmp,
     unlink_quiet,
@@ -95,7 +104,8 @@ _clock_last = 0
 
 
 def _ready_time() -> int:
-    """Microseconds, strictly increasing in this process: FIFO within one producer."""
+    """Microseconds, strictly increasing in this process: FIFO within one producer, and
+    no two dead letters it files share a failure time (paging by time skips none)."""
     global _clock_last
     with _clock_lock:
         _clock_last = max(now_us(), _clock_last + 1)
@@ -225,7 +235,8 @@ def _mtime(path: str) -> float | None:
 class Maildir:
     """The queue's blocking half: every method runs on the Backend's queue thread."""
 
-    AREAS = ("tmp", "ready", "leased", "failed", "ids", "unique", "held", "workers")
+    AREAS = ("tmp", "ready", "leased", "failed", "dead", "ids", "unique", "held", "workers",
+             "records")
 
     def __init__(self, root: str, durable: bool) -> None:
         self.root = root
@@ -240,7 +251,10 @@ class Maildir:
         self._seen: dict[str, float] = {}  # leased name -> monotonic time first seen
         self._reaped_at = 0.0
         self._swept_at = time.monotonic()
+        self.hints = dead_letters.Hints(root, self._sync)
         self._restore_set_aside()
+        for queue in _listdir(self.dirs["failed"]):
+            self._file_legacy(queue)
 
     # -- small helpers --
 
@@ -262,18 +276,41 @@ class Maildir:
         return os.path.join(self.dirs["ids"], sid)
 
     def _find(self, sid: str) -> Iterator[_Spot]:
-        """The task's file wherever it is: ready, failed or leased."""
-        for area in ("ready", "failed"):
-            for queue in _listdir(self.dirs[area]):
-                folder = os.path.join(self.dirs[area], queue)
-                for name in _listdir(folder):
-                    ready = _Ready.parse(name)
-                    if ready is not None and ready.sid == sid:
-                        yield _Spot(area, queue, os.path.join(folder, name))
+        """The task's file wherever it is: failed (by its hint, at once), ready or leased."""
+        dead = self._dead_spot(sid, legacy=False)
+        if dead is not None:
+            yield dead
+        for queue in _listdir(self.dirs["ready"]):
+            folder = os.path.join(self.dirs["ready"], queue)
+            for name in _listdir(folder):
+                ready = _Ready.parse(name)
+                if ready is not None and ready.sid == sid:
+                    yield _Spot("ready", queue, os.path.join(folder, name))
         for name in _listdir(self.dirs["leased"]):
             lease = _Lease.parse(name)
             if lease is not None and lease.ready.sid == sid:
                 yield _Spot("leased", lease.queue, self._leased(name))
+        legacy = self._legacy_spot(sid)  # filed by an older OmniQ running beside us
+        if legacy is not None:
+            yield legacy
+
+    def _dead_spot(self, sid: str, legacy: bool = True) -> _Spot | None:
+        """The task's dead letter: by its hint, else (if `legacy`) one an older OmniQ filed."""
+        dead = self.hints.find(sid)
+        if dead is not None:
+            return _Spot("failed", dead.queue, dead.path)
+        return self._legacy_spot(sid) if legacy else None
+
+    def _legacy_spot(self, sid: str) -> _Spot | None:
+        for queue in _listdir(self.dirs["failed"]):
+            path = dead_letters.legacy_of(os.path.join(self.dirs["failed"], queue), sid)
+            if path is not None:
+                return _Spot("failed", queue, path)
+        return None
+
+    def _file_legacy(self, queue: str) -> None:
+        top = os.path.join(self.dirs["failed"], queue)
+        dead_letters.file_legacy(top, queue, self.hints, self._sync)
 
     def _remove_if(self, path: str, doomed: Callable[[str], bool]) -> bool:
         """Remove `path` if `doomed(its moved-aside copy)`, else put it back. Of processes
@@ -336,8 +373,10 @@ class Maildir:
         known = self._register_id(sid, task.id)
         if not known.new and known.dead is None:
             return False  # queued, scheduled or running: left as it is
-        if known.dead is not None and not self._remove_if(known.dead.path, lambda _: True):
-            return False  # a concurrent enqueue of this id queued it again first
+        if known.dead is not None:
+            if not self._remove_if(known.dead.path, lambda _: True):
+                return False  # a concurrent enqueue of this id queued it again first
+            self._buried(known.dead.path)
         ready_us = _ready_time()
         if task.eta is not None:
             ready_us = max(ready_us, us(task.eta))
@@ -354,16 +393,20 @@ class Maildir:
     def _register_id(self, sid: str, task_id: str) -> _Known:
         """Take the id's marker; if it was taken, say where the task of that id is."""
         path = self._id_path(sid)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            for pause in (0.0, _IN_FLIGHT):
-                # An enqueue of this id may be between its marker and its rename: look twice.
-                time.sleep(pause)
-                spot = next(self._find(sid), None)
-                if spot is not None:
-                    return _Known(new=False, dead=spot if spot.area == "failed" else None)
-            return _Known(new=True)  # a marker its task outlived (or a crash left): reuse it
+        for pause in (0.0, _IN_FLIGHT, None):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                if pause is None:  # a marker its task outlived (or a crash left): reuse it
+                    return _Known(new=True)
+            # An enqueue of this id may be between its marker and its rename, or a finish,
+            # cancel or forget between its file's removal and its marker's: look twice,
+            # taking the marker if it went meanwhile.
+            time.sleep(pause)
+            spot = next(self._find(sid), None)
+            if spot is not None:
+                return _Known(new=False, dead=spot if spot.area == "failed" else None)
         try:
             os.write(fd, task_id.encode())  # the real id, for a task whose sid is a hash
         finally:
@@ -614,10 +657,7 @@ class Maildir:
     def ack(self, token: str, task: Task, failed: bool) -> bool:
         def finish(lease: _Lease) -> None:
             if failed:  # a dead letter keeps its id marker: enqueue of its id revives it
-                folder = self._dir("failed", lease.queue)
-                dead = lease.ready.again(lease.ready.attempts + 1)
-                os.rename(self._leased(lease.name), os.path.join(folder, dead))
-                self._sync(folder)
+                self._bury(lease)
             else:
                 os.unlink(self._leased(lease.name))
                 unlink_quiet(self._id_path(lease.ready.sid))
@@ -641,10 +681,13 @@ class Maildir:
         _bump(self.root)
         return True
 
-    def release(self, token: str) -> None:
+    def release(self, token: str, delay: float = 0.0) -> None:
         def hand_back(lease: _Lease) -> None:
             folder = self._dir("ready", lease.queue)
-            os.rename(self._leased(lease.name), os.path.join(folder, lease.ready.name))
+            name = lease.ready.name  # at once: back in its place in the queue
+            if delay > 0:  # scheduled: its attempt count unchanged
+                name = lease.ready.again(lease.ready.attempts, now_us() + int(delay * 1e6))
+            os.rename(self._leased(lease.name), os.path.join(folder, name))
             self._sync(folder)
 
         if self._on_lease(token, hand_back):
@@ -664,20 +707,24 @@ class Maildir:
 
     def _discard(self, folder: str, name: str) -> bool:
         """Remove a waiting or dead task (its id and unique key go too); False if it moved."""
+        dead = dead_letters.parse_dead(name)
+        ready = _Ready.parse(name)
+        sid = dead[1] if dead is not None else ready.sid if ready is not None else None
         grave = os.path.join(self.dirs["tmp"], secrets.token_hex(8))
         try:
             os.rename(os.path.join(folder, name), grave)
         except FileNotFoundError:
             return False
+        task_id = None if sid is None else self._task_id(sid)  # (read from its marker)
+        if sid is not None:  # the marker at once: see _register_id
+            unlink_quiet(self._id_path(sid))
         data = read_quiet(grave)
         os.unlink(grave)
         self._sync(folder)
-        ready = _Ready.parse(name)
-        if ready is not None:
-            unlink_quiet(self._id_path(ready.sid))
-            if data is not None:
-                task, _ = decode_task_or_placeholder(data, self._task_id(ready.sid))
-                self._unlock(task)
+        if dead is not None:
+            self._buried(os.path.join(folder, name))
+        if data is not None and task_id is not None:
+            self._unlock(decode_task_or_placeholder(data, task_id)[0])
         return True
 
     def cancel(self, task_id: str) -> bool:
@@ -693,13 +740,14 @@ class Maildir:
 
     def get_task(self, task_id: str) -> Task | None:
         for _ in range(3):
-            spots = list(self._find(sid_of(task_id)))
-            if not spots:
-                return None
-            for spot in spots:
+            seen = False
+            for spot in self._find(sid_of(task_id)):  # a dead letter at once, by its hint
+                seen = True
                 data = read_quiet(spot.path)
                 if data is not None:
                     return decode_task_or_placeholder(data, task_id, spot.queue)[0]
+            if not seen:
+                return None
             # Every copy moved while we looked (claimed, reaped): look again.
         return None
 
@@ -716,7 +764,7 @@ class Maildir:
             if lease is not None:
                 add(lease.queue, "running")
         for queue in _listdir(self.dirs["failed"]):
-            add(queue, "failed", len(_listdir(os.path.join(self.dirs["failed"], queue))))
+            add(queue, "failed", dead_letters.count(os.path.join(self.dirs["failed"], queue)))
         return [
             QueueStats(queue=queue, queued=per.get("queued", 0),
                        scheduled=per.get("scheduled", 0), running=per.get("running", 0),
@@ -745,14 +793,103 @@ class Maildir:
 
     def purge(self, queue: str | None) -> int:
         count = 0
-        for area in ("ready", "failed"):
-            queues = [queue] if queue is not None else _listdir(self.dirs[area])
-            for name in queues:
-                folder = os.path.join(self.dirs[area], name)
-                count += sum(self._discard(folder, n) for n in _listdir(folder))
+        for name in [queue] if queue is not None else _listdir(self.dirs["ready"]):
+            folder = os.path.join(self.dirs["ready"], name)
+            count += sum(self._discard(folder, n) for n in _listdir(folder))
+        for name in [queue] if queue is not None else _listdir(self.dirs["failed"]):
+            every = list(dead_letters.every(os.path.join(self.dirs["failed"], name)))
+            count += sum(self._discard(folder, n) for folder, n in every)
         self._listings.clear()
         _bump(self.root)
         return count
+
+    # -- dead letters (failed.py) --
+
+    def _bury(self, lease: _Lease) -> None:
+        """File the leased task as a dead letter: its hint first (durable when the queue
+        is), then the one rename that makes it dead."""
+        failed_us, sid = _ready_time(), lease.ready.sid
+        rel = dead_letters.dead_rel(lease.queue, failed_us, sid)
+        self.hints.point(sid, lease.queue, failed_us)
+        top = self._dir("failed", lease.queue)
+        rename_into(self._leased(lease.name), os.path.join(self.dirs["failed"], rel), top,
+                    self._sync)
+
+    def _buried(self, path: str) -> None:
+        """The dead letter at `path` was removed: its hint and emptied folders go too."""
+        parsed = dead_letters.parse_dead(os.path.basename(path))
+        if parsed is None:
+            return  # filed by an older OmniQ: no hint, no folders
+        queue = os.path.relpath(path, self.dirs["failed"]).split(os.sep)[0]
+        self.hints.drop(parsed[1], queue, parsed[0])
+        dead_letters.prune(os.path.dirname(path), os.path.join(self.dirs["failed"], queue))
+
+    def failed(
+        self, queue: str | None, since_us: int | None, before_us: int | None, limit: int
+    ) -> list[FailedTask]:
+        """Newest failure first, reading folders only as far as `limit` takes it."""
+        if limit <= 0:
+            return []
+        queues = [queue] if queue is not None else _listdir(self.dirs["failed"])
+        streams = [self._newest(name, since_us, before_us) for name in queues]
+        found: list[FailedTask] = []
+        for dead in heapq.merge(*streams, key=lambda d: d.failed_us, reverse=True):
+            data = read_quiet(dead.path)
+            if data is None:
+                continue  # retried or forgotten since it was listed
+            task, _ = decode_task_or_placeholder(data, self._task_id(dead.sid), dead.queue)
+            found.append(FailedTask(task, utc(dead.failed_us)))
+            if len(found) >= limit:
+                break
+        return found
+
+    def _newest(
+        self, queue: str, since_us: int | None, before_us: int | None
+    ) -> Iterator[dead_letters.Dead]:
+        top = os.path.join(self.dirs["failed"], queue)
+        names = _listdir(top)
+        if any(dead_letters.is_legacy(n) for n in names):  # an older OmniQ runs beside us
+            self._file_legacy(queue)
+            names = _listdir(top)
+        return dead_letters.newest(top, queue, since_us, before_us, names)
+
+    def forget(self, task_ids: Sequence[str]) -> int:
+        count = 0
+        for task_id in dict.fromkeys(task_ids):
+            spot = self._dead_spot(sid_of(task_id))
+            if spot is not None:
+                count += self._discard(os.path.dirname(spot.path), os.path.basename(spot.path))
+        return count
+
+    # -- named records --
+
+    def _record(self, kind: str, name: str) -> str:
+        return os.path.join(self.dirs["records"], kind, name)
+
+    def put_record(self, kind: str, name: str, data: bytes) -> None:
+        tmp = write_tmp(self.dirs["tmp"], data, self.durable)
+        try:  # a rename replaces the old record whole: readers see one or the other
+            rename_into(tmp, self._record(kind, name), self.dirs["records"], self._sync)
+        except BaseException:
+            unlink_quiet(tmp)
+            raise
+
+    def get_record(self, kind: str, name: str) -> bytes | None:
+        return read_quiet(self._record(kind, name))
+
+    def list_records(self, kind: str) -> list[tuple[str, bytes]]:
+        """One listing (none there: one failed listing) and a read per record."""
+        folder = os.path.join(self.dirs["records"], kind)
+        found = ((name, read_quiet(os.path.join(folder, name))) for name in _listdir(folder))
+        return [(name, data) for name, data in found if data is not None]
+
+    def delete_record(self, kind: str, name: str) -> bool:
+        try:
+            os.unlink(self._record(kind, name))
+        except FileNotFoundError:
+            return False
+        self._sync(os.path.dirname(self._record(kind, name)))
+        return True
 
     # -- worker registry --
 
@@ -898,8 +1035,8 @@ class FileQueue:
             self.backend.signal.notify("ready")
         return retried
 
-    async def release(self, delivery: Delivery) -> None:
-        await self._call(Maildir.release, delivery.receipt)
+    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
+        await self._call(Maildir.release, delivery.receipt, delay)
         self.backend.signal.notify("ready")
 
     async def extend(self, delivery: Delivery, lease: float) -> bool:
@@ -916,6 +1053,38 @@ class FileQueue:
 
     async def purge(self, queue: str | None = None) -> int:
         return await self._call(Maildir.purge, queue)
+
+    async def failed(
+        self,
+        queue: str | None = None,
+        since: datetime | None = None,
+        before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[FailedTask]:
+        if queue is not None:
+            check_queue_name(queue)
+        since_us = None if since is None else us(since)
+        before_us = None if before is None else us(before)
+        return await self._call(Maildir.failed, queue, since_us, before_us, limit)
+
+    async def forget(self, task_ids: Sequence[str]) -> int:
+        return await self._call(Maildir.forget, list(task_ids)) if task_ids else 0
+
+    async def put_record(self, kind: str, name: str, data: bytes) -> None:
+        check_record_name(kind, name)
+        await self._call(Maildir.put_record, kind, name, bytes(data))
+
+    async def get_record(self, kind: str, name: str) -> bytes | None:
+        check_record_name(kind, name)
+        return await self._call(Maildir.get_record, kind, name)
+
+    async def list_records(self, kind: str) -> list[tuple[str, bytes]]:
+        check_record_name(kind, "x")  # (the kind is a folder name: checked like a name)
+        return await self._call(Maildir.list_records, kind)
+
+    async def delete_record(self, kind: str, name: str) -> bool:
+        check_record_name(kind, name)
+        return await self._call(Maildir.delete_record, kind, name)
 
     async def register_worker(self, info: WorkerInfo, ttl: float) -> None:
         await self._call(Maildir.register_worker, info, ttl)

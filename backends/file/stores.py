@@ -144,6 +144,13 @@ def get_result(files: Files, task_id: str) -> TaskResult | None:
     return None if data is None else decode_result(data)
 
 
+def get_results(files: Files, task_ids: Sequence[str]) -> dict[str, TaskResult]:
+    """Several results in one read_all: on object stores the GETs go out concurrently."""
+    rels = {_result_rel(sid_of(task_id)): task_id for task_id in task_ids}
+    stored = files.read_all(list(rels))
+    return {rels[rel]: decode_result(data) for rel, data in stored.items()}
+
+
 def _delete_result(files: Files, task_id: str) -> bool:
     result = get_result(files, task_id)
     if result is not None:
@@ -471,6 +478,12 @@ class FileResultStorage(_Handle):
         if result is None or result.is_expired():
             return None
         return result
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskResult]:
+        if not task_ids:
+            return {}
+        found = await self._call(get_results, list(dict.fromkeys(task_ids)))
+        return {task_id: r for task_id, r in found.items() if not r.is_expired()}
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskResult | None:
         return await poll_for_result(self.get, self.backend.signal, task_id, timeout)

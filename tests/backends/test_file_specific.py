@@ -31,6 +31,7 @@ from omniq.backends.file import (
     common,
     stores,
 )
+from omniq.backends.file import failed as file_failed
 from omniq.backends.file import queue as file_queue
 from omniq.errors import BackendError, BackendUnavailable, ConfigError
 from omniq.models import (
@@ -921,3 +922,310 @@ def test_a_killed_worker_on_the_fused_path_loses_no_task_and_stores_one_outcome(
         await client.close()
 
     run(body())
+
+
+# --- issue 11: dead letters by failure time, records, results in bulk ------------------------
+
+_DAY_US, _MINUTE_US = 86_400_000_000, 60_000_000
+
+
+async def fail_all(q: FileQueue, queue: str, n: int) -> None:
+    for _ in range(n):
+        d = await q.dequeue([queue], 30, 0)
+        assert d is not None and await q.ack(d, failed=True) is True
+
+
+def count_listings(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[str]:
+    """Every folder listed from now on, relative to `root`."""
+    listed: list[str] = []
+    real = os.listdir
+
+    def listing(path: Any = ".") -> list[str]:
+        listed.append(os.path.relpath(path, root))
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listing)
+    return listed
+
+
+def test_failed_lists_only_the_newest_folders_and_finds_dead_letters_by_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """60 dead letters over 3 days and 5 minutes a day, 200 waiting tasks: a page of 6
+    lists 3 folders and reads 6 files; get_task, forget and a retry list none."""
+    noon = (common.us(utcnow()) // _DAY_US - 3) * _DAY_US + _DAY_US // 2
+    times = [noon + d * _DAY_US + m * _MINUTE_US + k
+             for d in range(3) for m in range(5) for k in range(4)]
+
+    async def body() -> None:
+        q = FileQueue(tmp_path, durable=False)
+        tasks = [Task(func="m:f", queue="dl") for _ in times]
+        for t in tasks:
+            await q.enqueue(t)
+        for _ in range(200):
+            await q.enqueue(Task(func="m:f", queue="busy"))
+        clock = iter(times)
+        with monkeypatch.context() as m:
+            m.setattr(file_queue, "_ready_time", lambda: next(clock))
+            await fail_all(q, "dl", len(tasks))
+        listed = count_listings(monkeypatch, tmp_path / "queue")
+        page = await q.failed("dl", limit=6)
+        assert [f.task.id for f in page] == [t.id for t in tasks[::-1][:6]]
+        assert [common.us(f.failed_at) for f in page] == times[::-1][:6]  # the stored us
+        day, last, before_last = (file_failed.bucket_of(t) for t in (times[-1], times[-1],
+                                                                        times[-5]))
+        assert listed == ["failed/dl", f"failed/dl/{day[:8]}", f"failed/dl/{last}",
+                          f"failed/dl/{before_last}"]
+        listed.clear()
+        older = await q.failed(before=page[-1].failed_at, limit=60)
+        assert [f.task.id for f in older] == [t.id for t in tasks[::-1][6:]]
+        assert not [p for p in listed if p.startswith("ready")]
+        listed.clear()
+        first_day = await q.failed("dl", before=common.utc(noon + 3_600_000_000), limit=3)
+        assert [f.task.id for f in first_day] == [t.id for t in tasks[19:16:-1]]
+        assert listed[:2] == ["failed/dl", f"failed/dl/{file_failed.bucket_of(times[0])[:8]}"]
+        listed.clear()
+        since = await q.failed("dl", since=page[2].failed_at)
+        assert [f.task.id for f in since] == [t.id for t in tasks[::-1][:3]]
+        listed.clear()
+        assert await q.get_task(tasks[0].id) == tasks[0]
+        assert await q.enqueue(tasks[1]) == tasks[1].id  # a retry: out of the tree
+        assert await q.forget([tasks[2].id]) == 1
+        assert listed == []  # found by their hints
+        assert await q.forget([tasks[1].id]) == 0  # no dead letter: only the queues' tops
+        assert listed == ["failed", "failed/dl"]  # (for one an older OmniQ may have filed)
+        assert {s.queue: s.failed for s in await q.stats()} == {"busy": 0, "dl": 58}
+        await q.close()
+
+    run(body())
+
+
+def test_dead_letters_of_the_flat_layout_are_moved_into_the_index(tmp_path: Path) -> None:
+    """Filed by the OmniQ of issue 10 (failed/<queue>/<ready name>), before this one
+    opened the store or while it runs beside it: listed by failure time (their ctime),
+    found by id, forgotten and retried."""
+    root = tmp_path / "queue"
+    (root / "failed" / "old").mkdir(parents=True)
+    (root / "ids").mkdir()
+
+    def file_old(t: Task) -> tuple[int, int]:
+        name = f"1000000000~{time.time_ns() // 1000:017d}~{t.id}~1"
+        (root / "ids" / t.id).write_text(t.id)
+        before = time.time_ns() // 1000
+        (root / "tmp").mkdir(exist_ok=True)
+        (root / "tmp" / name).write_bytes(encode_task(t))
+        os.rename(root / "tmp" / name, root / "failed" / "old" / name)
+        return before, time.time_ns() // 1000
+
+    old = [Task(func="m:f", queue="old") for _ in range(3)]
+    spans = []
+    for t in old:
+        spans.append(file_old(t))
+        time.sleep(0.002)
+
+    async def body() -> None:
+        backend = LocalFileBackend(tmp_path)
+        q = backend.queue()
+        await q.open()
+        assert [p.name for p in (root / "failed" / "old").iterdir() if "~" in p.name] == []
+        listed = await q.failed()
+        assert [f.task for f in listed] == old[::-1]
+        for f, (before, after) in zip(listed, spans[::-1], strict=True):
+            assert before - 5000 <= common.us(f.failed_at) <= after + 5000
+        assert await q.get_task(old[0].id) == old[0]
+        assert [(s.queue, s.failed) for s in await q.stats()] == [("old", 3)]
+        assert await q.forget([old[0].id]) == 1
+        assert await q.enqueue(old[1]) == old[1].id
+        d = await q.dequeue(["old"], 30, 0)
+        assert d is not None and d.task == old[1] and d.attempt == 1
+        # An OmniQ of issue 10 still running beside this one files more.
+        late, later = Task(func="m:f", queue="old"), Task(func="m:f", queue="old")
+        file_old(late)
+        assert await q.get_task(late.id) == late
+        assert await q.forget([late.id]) == 1
+        file_old(later)
+        assert [f.task.id for f in await q.failed("old")] == [later.id, old[2].id]
+        await q.close()
+
+    run(body())
+
+
+def test_forget_frees_the_key_the_hint_and_the_folders(tmp_path: Path) -> None:
+    async def body() -> None:
+        q = FileQueue(tmp_path)
+        t = Task(func="m:f", queue="fk", unique_key="only", unique_ttl=3600)
+        await q.enqueue(t)
+        await fail_all(q, "fk", 1)
+        (path,) = (tmp_path / "queue" / "failed" / "fk").glob("*/*/*")
+        hint = tmp_path / "queue" / "dead" / t.id
+        assert os.readlink(hint) == f"fk/{path.name.split('~')[0]}"
+        other = Task(func="m:f", queue="fk", unique_key="only")
+        assert await q.enqueue(other) == t.id  # the key is held for its unique_ttl
+        assert await q.forget([t.id, other.id, t.id]) == 1
+        assert await q.enqueue(other) == other.id  # freed with its dead letter
+        assert not hint.exists() and not (tmp_path / "queue" / "ids" / t.id).exists()
+        assert list((tmp_path / "queue" / "failed" / "fk").iterdir()) == []
+        assert await q.forget([]) == 0
+        await q.close()
+
+    run(body())
+
+
+def test_an_undecodable_dead_letter_is_listed_as_a_placeholder(tmp_path: Path) -> None:
+    async def body() -> None:
+        q = FileQueue(tmp_path)
+        odd = Task(func="m:f", id="nightly:2030-01-31=1", queue="bad")  # hashed sid
+        await q.enqueue(odd)
+        await fail_all(q, "bad", 1)
+        (path,) = (tmp_path / "queue" / "failed" / "bad").glob("*/*/*")
+        path.write_bytes(b"{not json")
+        (dead,) = await q.failed("bad")
+        assert (dead.task.id, dead.task.func, dead.task.queue) == (odd.id, UNDECODABLE_FUNC,
+                                                                   "bad")
+        assert await q.forget([odd.id]) == 1
+        assert await q.failed() == []
+        await q.close()
+
+    run(body())
+
+
+def test_records_are_files_beside_the_queue_and_refuse_unsafe_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body() -> None:
+        q = FileQueue(tmp_path)
+        for bad in ("..", "../x", "a/b", ".hidden", ""):
+            with pytest.raises(ValueError):
+                await q.get_record("cancel", bad)
+            with pytest.raises(ValueError):
+                await q.delete_record("cancel", bad)
+            with pytest.raises(ValueError):
+                await q.list_records(bad)
+        await q.put_record("schedule", "nightly", b"v1")
+        assert (tmp_path / "queue" / "records" / "schedule" / "nightly").read_bytes() == b"v1"
+        other = LocalFileBackend(tmp_path).queue()  # as another process has it
+        await other.open()
+        await other.put_record("schedule", "nightly", b"v2")
+        assert await q.get_record("schedule", "nightly") == b"v2"
+        listed = count_listings(monkeypatch, tmp_path / "queue")
+        assert await q.list_records("cancel") == []  # a busy worker's look, once a second
+        assert listed == ["records/cancel"]
+        await other.close()
+        await q.close()
+
+    run(body())
+
+
+def test_a_fused_claim_stores_no_started_for_a_task_that_waits_for_others(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        b = LocalFileBackend(tmp_path)
+        first = Task(func="m:f")
+        waits = Task(func="m:f", after=(first.id,))
+        for t in (first, waits):
+            await b.submit(t, enqueued(t))
+        got = await b.claim(["default"], 30, 0, 4, "w1")
+        assert [d.task.id for d in got] == [first.id, waits.id]
+        assert kinds(await b.events().get(first.id)) == [("enqueued", 0), ("started", 1)]
+        assert kinds(await b.events().get(waits.id)) == [("enqueued", 0)]
+        q = b.queue()
+        await q.release(got[1], 30)  # its dependency runs: back later, attempt not counted
+        assert [(s.scheduled, s.running) for s in await q.stats()] == [(1, 1)]
+        (name,) = os.listdir(tmp_path / "queue" / "ready" / "default")
+        assert name.endswith(f"~{waits.id}~0")
+        await b.close()
+
+    run(body())
+
+
+def test_get_many_on_s3_reads_concurrently_in_one_thread_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s3 = TECHS["file-s3"]
+    if s3.unavailable():
+        pytest.skip(str(s3.unavailable()))
+    base = f"s3://{s3.BUCKET}/many-{uuid.uuid4().hex[:8]}"
+
+    async def body() -> None:
+        store = FileResultStorage(base, s3.storage_options(s3.endpoint()))
+        await store.open()
+        stored = [result() for _ in range(8)]
+        for r in stored:
+            await store.store(r)
+        fs = store.backend.files().fs  # type: ignore[attr-defined]
+        real_cat, real_run = fs._cat_file, FileBackend.run
+        seen = {"now": 0, "most": 0, "calls": 0}
+
+        async def slow_cat(path: str, *args: Any, **kw: Any) -> Any:
+            seen["now"] += 1
+            seen["most"] = max(seen["most"], seen["now"])
+            try:
+                await asyncio.sleep(0.05)
+                return await real_cat(path, *args, **kw)
+            finally:
+                seen["now"] -= 1
+
+        async def counted_run(self: Any, lane: str, fn: Any, *args: Any) -> Any:
+            seen["calls"] += 1
+            return await real_run(self, lane, fn, *args)
+
+        monkeypatch.setattr(fs, "_cat_file", slow_cat)
+        monkeypatch.setattr(FileBackend, "run", counted_run)
+        got = await store.get_many([r.task_id for r in stored] + [new_task_id()])
+        assert got == {r.task_id: r for r in stored}
+        assert seen["calls"] == 1 and seen["most"] == len(stored) + 1
+        await store.close()
+
+    run(body())
+
+
+DEAD_LETTER_CHURN = """
+    import random, sys, time
+    from omniq.backends.file.queue import Maildir
+
+    root, role, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    box, rnd, end = Maildir(root, durable=False), random.Random(seed), time.time() + 1.5
+    while time.time() < end:
+        if role == "fail":
+            for d in box.claim(["q"], 30, 4):
+                box.ack(d.receipt, d.task, True)
+            continue
+        page = box.failed("q", None, None, 50)
+        picked = rnd.sample(page, min(5, len(page)))
+        if rnd.random() < 0.5:
+            box.forget([f.task.id for f in picked])
+            continue
+        for f in picked:
+            box.enqueue(f.task)  # a retry
+"""
+
+
+def test_dead_letters_failed_retried_and_forgotten_at_once_stay_consistent(
+    tmp_path: Path,
+) -> None:
+    """Two processes fail tasks while three retry or forget what failed() lists: every
+    task is in one place, with its id marker, and every dead letter has its hint. (When
+    forget unlinked the marker after its other work, a retry could reuse a marker about
+    to go, and the next retry queued a second copy of the task.)"""
+    root = tmp_path / "queue"
+
+    async def fill() -> None:
+        q = FileQueue(tmp_path, durable=False)
+        for _ in range(1500):
+            await q.enqueue(Task(func="m:f", queue="q"))
+        await q.close()
+
+    run(fill())
+    roles = ["fail", "fail", "churn", "churn", "churn"]
+    procs = [python(DEAD_LETTER_CHURN, str(root), role, str(i)) for i, role in enumerate(roles)]
+    assert [p.wait(60) for p in procs] == [0] * len(roles)
+    box = file_queue.Maildir(str(root), durable=False)
+    dead = [file_failed.parse_dead(n) for _, n in file_failed.every(str(root / "failed" / "q"))]
+    ready = [file_queue._Ready.parse(n) for n in os.listdir(root / "ready" / "q")]
+    sids = [d[1] for d in dead if d] + [r.sid for r in ready if r]
+    assert len(sids) == len(set(sids)) < 1500  # some were forgotten
+    assert not os.listdir(root / "leased")
+    assert sorted(os.listdir(root / "ids")) == sorted(sids)
+    assert all(box.hints.find(d[1]) for d in dead if d)
+    assert len(box.failed("q", None, None, 5000)) == len(dead) > 0
