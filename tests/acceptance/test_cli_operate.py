@@ -409,3 +409,24 @@ def test_logs_follow_a_shell_task_live(tech: str, deploy: Deploy) -> None:
     python = home.enqueue("omniq.examples:add", "1", "1")
     refused = home.run("logs", python)
     assert refused.returncode == 5 and "not a shell command" in refused.stderr
+
+
+@pytest.mark.parametrize(("answer", "code", "left"), [("y\n", 0, 0), ("n\n", 5, 1)])
+def test_purge_failed_asks_on_a_terminal(deploy: Deploy, answer: str, code: int,
+                                         left: int) -> None:
+    home = deploy("sqlite")
+    home.submit("omniq.examples:fail", "boom")
+    home.burst()
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen([*CLI, "purge", "--failed", "--since", "1h"], cwd=home.path,
+                                env=home.env, stdin=terminal, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        os.write(controller, answer.encode())
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert proc.returncode == code, err
+    assert "Delete 1 failed task failed in the last 1h? [y/N]" in err
+    assert len(json_lines(ok(home, "failed", "--json"))) == left
