@@ -13,8 +13,6 @@ import logging
 import os
 import signal
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -274,16 +272,13 @@ def exit_if_task_threads_linger(code: int) -> None:
     A thread cannot be killed: a sync task still running after the drain (its task was
     released back to the queue) would keep the interpreter from exiting until it ends.
     """
-    lingering = [t for t in threading.enumerate() if t.name.startswith("omniq-task")]
-    deadline = time.monotonic() + 0.3
-    for thread in lingering:  # idle pool threads are on their way out: let them go
-        thread.join(max(0.0, deadline - time.monotonic()))
-    lingering = [t for t in lingering if t.is_alive()]
-    if not lingering:
+    from omniq import threads
+
+    # Idle threads hold no work; busy ones get a moment to finish their job.
+    busy = threads.lingering(grace=0.3)
+    if not busy:
         return
-    log.warning(
-        "exiting without waiting for %d task threads (their tasks were released)", len(lingering)
-    )
+    log.warning("exiting without waiting for %d task threads (their tasks were released)", busy)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

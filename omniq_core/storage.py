@@ -7,8 +7,6 @@ thread that runs blocking drivers live here, once.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import os
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
@@ -27,6 +25,7 @@ from omniq.models import (
     WorkerInfo,
     utcnow,
 )
+from omniq.threads import Threads
 
 T = TypeVar("T")
 
@@ -196,8 +195,11 @@ class EventStorage(Protocol):
 
 @runtime_checkable
 class FusedOps(Protocol):
-    """One-round-trip writes of a Backend that holds all three roles of a worker or
-    client (one Redis, one PostgreSQL database, one NATS account, one SQLite file set).
+    """Fused writes of a Backend that holds all three roles of a worker or client (one
+    Redis, one PostgreSQL database, one NATS account, one SQLite file set, one local
+    directory): one round trip each where the technology has transactions or scripts
+    (Redis, PostgreSQL, SQLite, files: one store-thread call), two on NATS (no multi-key
+    atomic writes).
     The worker and client use them when `fused_ops()` finds them; otherwise they write
     to the three stores one by one (mixed setups). Same guarantees as the generic path:
     ENQUEUED sorts before anything else of the task, STARTED is stored before the task
@@ -324,37 +326,16 @@ class NumberedCursors:
             raise BackendError(f"{cursor!r} is not a {self.store} event cursor") from None
 
 
-class BlockingRunner:
-    """One dedicated thread per backend for blocking drivers (sqlite3, fsspec).
-
-    Keeps the event loop free and gives a driver connection one owning thread.
-    Re-created after fork so a forked child does not reuse the parent's thread.
-    """
+class BlockingRunner(Threads):
+    """One dedicated thread for a blocking driver (fsspec): keeps the event loop free and
+    gives the driver one owning thread; a forked child gets its own thread. A thin facade
+    of `omniq.threads.Threads` (`await runner.run(fn, *args)`; `shutdown()` waits)."""
 
     def __init__(self, name: str) -> None:
-        self._name = name
-        self._pid = os.getpid()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        super().__init__(name, 1)
 
-    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._pool is None or self._pid != os.getpid():
-            with self._lock:
-                if self._pool is None or self._pid != os.getpid():
-                    self._pid = os.getpid()
-                    self._pool = concurrent.futures.ThreadPoolExecutor(
-                        max_workers=1, thread_name_prefix=self._name
-                    )
-        return self._pool
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor(), fn, *args)
-
-    def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+    def shutdown(self, wait: bool = True) -> None:
+        super().shutdown(wait)
 
 
 class LocalSignal:

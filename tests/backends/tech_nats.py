@@ -35,14 +35,23 @@ async def make(role: str, tmp_path: Path, namespace: str) -> Any:
     return registry.create("nats", role, {"servers": [SERVER], "prefix": prefix})  # type: ignore[arg-type]
 
 
+async def make_backend(tmp_path: Path, namespace: str) -> Any:
+    """The three roles on the process's one Backend for this prefix, with its fused ops."""
+    from omniq.backends.nats import NATSSettings, backend_for
+
+    prefix = f"ct_{namespace}"
+    _prefixes.add(prefix)
+    return backend_for(NATSSettings(servers=[SERVER], prefix=prefix))
+
+
 async def corrupt_task(store: Any, task_id: str, queue: str, payload: bytes) -> None:
     """Overwrite a waiting task's stored payload in place, as an operator's `nats kv put`
     would: the state entry (the truth) changes, its headers and the message stay."""
     from omniq.backends import nats as nats_backend
 
-    key = nats_backend._task_key(task_id)
+    key = nats_backend.task_key(task_id)
     entry = await store._state.get(key)
-    assert entry is not None and entry.state == "waiting", entry
+    assert entry is not None and entry.text("Omniq-State") == "waiting", entry
     headers = {k: v for k, v in entry.headers.items() if k.startswith("Omniq-")}
     assert await store._state.put(key, payload, headers, last=entry.rev) is not None
 

@@ -34,3 +34,11 @@ async def corrupt_task(store: Any, task_id: str, queue: str, payload: bytes) -> 
     finally:
         conn.close()
     assert changed == 1, f"task {task_id} is not stored in queue {queue}"
+
+
+async def make_backend(tmp_path: Path, namespace: str) -> Any:
+    """The three roles in one directory: the process's one Backend for those files."""
+    from omniq.backends.sqlite import shared_backend
+
+    base = tmp_path / "sqlite"
+    return shared_backend({role: str(base / f"{namespace}-{role}.db") for role in ROLES})  # type: ignore[misc]

@@ -51,6 +51,15 @@ class Net:
         """A store on the same data that bypasses the proxy (for setting up and checking)."""
         return cls(SHARED_NATS, prefix=self.prefix)  # type: ignore[call-arg]
 
+    async def backend(self) -> Any:
+        """A Backend through the proxy, its three stores open (for the fused operations)."""
+        settings = nats_backend.NATSSettings(servers=[self.url], prefix=self.prefix,
+                                             request_timeout=TIMEOUT)
+        backend = nats_backend.backend_for(settings)
+        for store in _stores(backend):
+            await _eventually(store.open)
+        return backend
+
     def inject(self, kind: str, match: bytes) -> None:
         if kind == "lose_request":
             self.proxy.lose_request(match=match)
@@ -88,6 +97,18 @@ def _task(**kw: Any) -> Task:
 async def _close(*stores: Any) -> None:
     for store in stores:
         await store.close()
+
+
+def _stores(backend: Any) -> list[Any]:
+    return [backend.queue(), backend.results(), backend.events()]
+
+
+def _enqueued(t: Task) -> TaskEvent:
+    return TaskEvent(t.id, EventType.ENQUEUED, queue=t.queue)
+
+
+def _kinds(events: list[TaskEvent]) -> list[tuple[str, int]]:
+    return [(e.event_type.value, e.attempt) for e in events]
 
 
 # --- one fault aimed at one write ------------------------------------------------------
@@ -262,6 +283,92 @@ def test_an_enqueue_sent_again_queues_the_task_once(net: Net, kind: str, step: s
         assert await q.dequeue(["default"], 30, 0) is None
         assert await q.ack(d) is True
         await q.close()
+
+    asyncio.run(body())
+
+
+# --- the fused operations (one Backend holding the three roles) --------------------------
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+@pytest.mark.parametrize("step", ["state", "message"])
+def test_a_fused_submit_sent_again_queues_the_task_once(net: Net, kind: str, step: str) -> None:
+    async def body() -> None:
+        b = await net.backend()
+        t = _task()
+        event = _enqueued(t)
+        # The state goes out with the ENQUEUED event, the message after it.
+        match = b"Omniq-State: waiting" if step == "state" else f"HPUB {net.prefix}.tasks.".encode()
+        net.inject(kind, match)
+        with pytest.raises(BackendUnavailable):
+            await b.submit(t, event)
+        assert await _eventually(lambda: b.submit(t, event)) == t.id
+        info = await b.queue()._conn.js.stream_info(f"{net.prefix}_tasks")
+        assert info.state.messages == 1  # a publish sent again was dropped by its msg id
+        assert _kinds(await b.events().get(t.id)) == [("enqueued", 0)]
+        (d,) = await b.claim(["default"], 30, 5, 4, "w1")
+        assert d.task == t and d.attempt == 1
+        await _close(*_stores(b))
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+@pytest.mark.parametrize("step", ["lease", "started"])
+def test_a_fused_claim_whose_reply_never_came_is_delivered_by_the_next_claim(
+    net: Net, kind: str, step: str
+) -> None:
+    async def body() -> None:
+        b = await net.backend()
+        tasks = [_task() for _ in range(3)]
+        for t in tasks:
+            await b.submit(t, _enqueued(t))
+        # The batch's leases go out together; then the STARTED events of those won.
+        match = b"Omniq-State: running" if step == "lease" else f"{net.prefix}.events.".encode()
+        net.inject(kind, match)
+        with pytest.raises(BackendUnavailable):
+            await b.claim(["default"], 30, 2, 3, "w1")
+        got: list[Any] = []
+        while len(got) < 3:  # taken or not, each comes now as its first attempt, once
+            got += await _eventually(lambda: b.claim(["default"], 30, 5, 3, "w1"))
+        assert sorted(d.task.id for d in got) == sorted(t.id for t in tasks)
+        assert {d.attempt for d in got} == {1}
+        assert await b.claim(["default"], 30, 0, 3, "w1") == []
+        for d in got:
+            assert _kinds(await b.events().get(d.task_id)) == [("enqueued", 0), ("started", 1)]
+        await _close(*_stores(b))
+
+    asyncio.run(body())
+
+
+def _finish_match(net: Net, step: str) -> bytes:
+    if step == "result":
+        return f"$KV.{net.prefix}_results.".encode()
+    if step == "event":  # goes out with the fenced removal of the task's state
+        return f"{net.prefix}.events.".encode()
+    return f"$JS.API.STREAM.PURGE.KV_{net.prefix}_queue".encode()
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+@pytest.mark.parametrize("step", ["result", "event", "ack"])
+def test_a_fused_finish_sent_again_stores_one_outcome(net: Net, kind: str, step: str) -> None:
+    async def body() -> None:
+        b = await net.backend()
+        t = _task()
+        await b.submit(t, _enqueued(t))
+        (d,) = await b.claim(["default"], 30, 5, 1, "w1")
+        result = TaskResult(t.id, TaskStatus.COMPLETED, value=3, attempts=1, worker_id="w1")
+        done = TaskEvent(t.id, EventType.COMPLETED, attempt=1, worker_id="w1")
+        net.inject(kind, _finish_match(net, step))
+        with pytest.raises(BackendUnavailable):
+            await b.finish(d, result, done, failed=False)
+        assert await _eventually(lambda: b.finish(d, result, done, failed=False)) is True
+        assert await b.results().get(t.id) == result
+        assert _kinds(await b.events().get(t.id)) == [
+            ("enqueued", 0), ("started", 1), ("completed", 1)
+        ]
+        assert await b.queue().get_task(t.id) is None and await b.queue().stats() == []
+        await _close(*_stores(b))
 
     asyncio.run(body())
 

@@ -196,6 +196,60 @@ def test_stores_opened_before_a_restart_work_after_it(
     asyncio.run(body())
 
 
+def test_a_write_while_the_server_is_down_fails_at_once_and_is_never_sent_later(
+    private_server: Callable[..., NatsServer],
+) -> None:
+    # nats-py used to keep such a publish and send it once reconnected: the event landed
+    # after its caller had been told it failed (5 s later), ahead of older events that
+    # the event buffer then wrote back in order.
+    server = private_server(jetstream=True)
+
+    async def body() -> None:
+        events = nats_backend.NATSEventStorage(server.url, prefix="od")
+        first = TaskEvent(task_id=_task().id, event_type=EventType.ENQUEUED)
+        await events.append(first)
+        server.stop()
+        deadline = time.monotonic() + 10
+        while events._conn.nc.is_connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        late = TaskEvent(task_id=first.task_id, event_type=EventType.STARTED, attempt=1)
+        began = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await events.append(late)
+        assert time.monotonic() - began < 0.5  # not the request timeout (5 s)
+        server.start()
+        got = await _eventually(lambda: events.get(first.task_id))
+        await asyncio.sleep(0.5)  # anything nats-py held would have gone out by now
+        assert [e.id for e in await events.get(first.task_id)] == [e.id for e in got] == [first.id]
+        await events.close()
+
+    asyncio.run(body())
+
+
+def test_stores_of_one_place_share_one_backend_and_connection(shared_prefix: str) -> None:
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        r = nats_backend.create("results", {"servers": [SHARED], "prefix": shared_prefix})
+        e = nats_backend.create("events", {"url": SHARED, "prefix": shared_prefix})
+        assert q.backend is r.backend is e.backend
+        assert nats_backend.create("queue", {"servers": [SHARED], "prefix": "other"}).backend \
+            is not q.backend
+        for store in (q, r, e):
+            await store.open()
+        assert q._conn.nc is r._conn.nc is e._conn.nc
+        await q.close()
+        await r.close()
+        assert e._conn.nc.is_connected  # the last store still uses it
+        await e.close()
+
+    asyncio.run(body())
+
+
+def test_unknown_settings_are_refused_once() -> None:
+    with pytest.raises(ConfigError, match="does not use 'dsn'"):
+        nats_backend.create("queue", {"dsn": "x", "prefix": "p"})
+
+
 # --- fork ------------------------------------------------------------------------
 
 
@@ -286,7 +340,7 @@ def test_unique_key_survives_a_holder_that_vanished(shared_prefix: str) -> None:
         q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
         first = await q.enqueue(_task(unique_key="job"))
         # Simulate a crash between finishing the task and freeing its key.
-        await q._state.purge(nats_backend._task_key(first))
+        await q._state.purge(nats_backend.task_key(first))
         second = await q.enqueue(_task(unique_key="job"))
         assert second != first
         assert await q.enqueue(_task(unique_key="job")) == second
@@ -312,7 +366,7 @@ def test_a_message_that_is_not_a_task_is_dropped(shared_prefix: str) -> None:
 
 
 def _h(name: str) -> str:
-    return str(getattr(nats_backend, name))
+    return str(getattr(nats_backend.queue, name))
 
 
 async def _plant(q: Any, task_id: str, payload: bytes, queue: str, *, legacy: bool) -> None:
@@ -321,7 +375,7 @@ async def _plant(q: Any, task_id: str, payload: bytes, queue: str, *, legacy: bo
     await q.open()
     meta = {} if legacy else {_h("H_ID"): task_id, _h("H_PRIORITY"): "0"}
     state = {**meta, _h("H_STATE"): "waiting", _h("H_QUEUE"): queue, _h("H_ATTEMPTS"): "0"}
-    rev = await q._state.put(nats_backend._task_key(task_id), payload, state)
+    rev = await q._state.put(nats_backend.task_key(task_id), payload, state)
     headers = {**meta, _h("H_REV"): str(rev), "Nats-Msg-Id": task_id}
     await q._conn.js.publish(f"{q.prefix}.tasks.{queue}.p0", payload, headers=headers)
 
@@ -458,7 +512,10 @@ def test_many_first_opens_of_one_prefix_all_succeed() -> None:
 
     async def body() -> None:
         for prefix in prefixes:
-            handles = [nats_backend.NATSQueue(SHARED, prefix=prefix) for _ in range(16)]
+            # As 16 processes would: a Backend (and connection) each, so settings that
+            # differ in something harmless.
+            handles = [nats_backend.NATSQueue(SHARED, prefix=prefix, request_timeout=5 + i / 100)
+                       for i in range(16)]
             outcomes = await asyncio.gather(*(h.open() for h in handles), return_exceptions=True)
             for h in handles:
                 await h.close()
@@ -469,3 +526,23 @@ def test_many_first_opens_of_one_prefix_all_succeed() -> None:
     finally:
         for prefix in prefixes:
             drop_namespace("nats", prefix, SHARED)
+
+
+def test_a_store_handed_to_two_users_stays_open_for_the_one_left(shared_prefix: str) -> None:
+    # A client and `omniq status`'s probe in one process get the same store object.
+    async def body() -> None:
+        settings = {"servers": [SHARED], "prefix": shared_prefix}
+        mine = nats_backend.create("queue", settings)
+        probe = nats_backend.create("queue", settings)
+        assert probe is mine
+        await mine.open()
+        await probe.open()
+        await probe.close()
+        t = _task()
+        await mine.enqueue(t)  # still open, and its connection still the same
+        d = await mine.dequeue(["default"], 30, 5)
+        assert d is not None and d.task == t and await mine.ack(d)
+        await mine.close()
+        assert mine._conn.current() is None  # the last user closed it
+
+    asyncio.run(body())

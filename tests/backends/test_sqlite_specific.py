@@ -22,6 +22,7 @@ from omniq.backends.sqlite import (
     _META_DDL,
     _QUEUE_SCHEMA,
     _RESULTS_SCHEMA,
+    SQLiteBackend,
     SQLiteEventStorage,
     SQLiteQueue,
     SQLiteResultStorage,
@@ -38,6 +39,7 @@ from omniq.models import (
     utcnow,
 )
 from omniq.serialization import encode_task
+from omniq.storage import fused_ops
 
 LEASE = 60.0
 
@@ -200,9 +202,8 @@ def _hammer(path: Path, errors: list[BaseException], rounds: int) -> None:
     """One thread, its own event loop and its own handles: like another process."""
 
     async def main() -> None:
-        q = await opened(SQLiteQueue(database_path=path / "queue.db", busy_timeout=0.2))
-        r = await opened(SQLiteResultStorage(database_path=path / "results.db", busy_timeout=0.2))
-        e = await opened(SQLiteEventStorage(database_path=path / "events.db", busy_timeout=0.2))
+        own = SQLiteBackend(path, busy_timeout=0.2)  # not the process's shared one
+        q, r, e = [await opened(s) for s in (own.queue(), own.results(), own.events())]
         try:
             for _ in range(rounds):
                 await q.enqueue(Task(func="omniq.examples:add", args=(1, 2)))
@@ -449,13 +450,13 @@ def test_conditional_writes_are_right_inside_a_shared_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     groups: list[int] = []
-    run_grouped = sqlite_backend._SQLiteStore._run_grouped
+    run_grouped = sqlite_backend.SQLiteBackend._run_grouped
 
-    def counted(self: Any, calls: list[Any]) -> Any:
-        groups.append(len(calls))
-        return run_grouped(self, calls)
+    def counted(self: Any, jobs: list[Any]) -> Any:
+        groups.append(len(jobs))
+        return run_grouped(self, jobs)
 
-    monkeypatch.setattr(sqlite_backend._SQLiteStore, "_run_grouped", counted)
+    monkeypatch.setattr(sqlite_backend.SQLiteBackend, "_run_grouped", counted)
 
     async def main() -> None:
         q = await opened(SQLiteQueue(database_path=tmp_path / "queue.db"))
@@ -515,9 +516,10 @@ def test_lease_expiry_survives_a_clock_step(
     monkeypatch.setattr(sqlite_backend, "time", host)
 
     async def main() -> None:
-        holder = await opened(SQLiteQueue(database_path=tmp_path / "queue.db"))
-        other = await opened(SQLiteQueue(database_path=tmp_path / "queue.db"))
-        host.thread = other._runner._thread.ident  # type: ignore[union-attr]
+        # Two Backends of their own: two hosts.
+        holder = await opened(SQLiteBackend(tmp_path).queue())
+        other = await opened(SQLiteBackend(tmp_path).queue())
+        host.thread = await other._call(lambda conn: threading.get_ident())
         task_id = await holder.enqueue(Task(func="omniq.examples:add", args=(1, 2)))
         d = await holder.dequeue(["default"], 1.0, 0)
         assert d is not None
@@ -617,7 +619,7 @@ def _previous_version_file(path: Path, task: Task, dead_task: Task, event_data: 
     conn.execute("PRAGMA journal_mode=WAL")
     for schema in (_QUEUE_SCHEMA, _RESULTS_SCHEMA, _EVENTS_SCHEMA):
         for statement in (_META_DDL, *schema.steps[0]):
-            conn.execute(statement)
+            conn.execute(statement.format(s="main"))
         conn.execute("INSERT INTO omniq_schema VALUES (?, 1)", (schema.component,))
     now = time.time()
     conn.execute(
@@ -722,3 +724,210 @@ def test_a_solo_call_runs_outside_the_shared_commit(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert _auto_vacuum(path) == 2
+
+
+# --- one Backend per directory, fused operations ----------------------------------------
+
+
+def _roles(base: Path, **kw: Any) -> tuple[Any, Any, Any]:
+    return tuple(  # type: ignore[return-value]
+        registry.create("sqlite", role, {"path": str(base / f"{role}.db"), **kw})
+        for role in ("queue", "results", "events")
+    )
+
+
+def test_the_roles_of_one_directory_share_one_backend(tmp_path: Path) -> None:
+    q, r, e = _roles(tmp_path / "home")
+    assert q.backend is r.backend is e.backend
+    assert fused_ops(q, r, e) is q.backend
+    q2, _, _ = _roles(tmp_path / "home")
+    assert q2 is not q and q2.backend is q.backend  # another client: its own handles
+    elsewhere = registry.create("sqlite", "results", {"path": str(tmp_path / "x" / "r.db")})
+    assert elsewhere.backend is not q.backend and fused_ops(q, elsewhere, e) is None
+    # A second file set in the same directory gets a Backend of its own.
+    other = registry.create("sqlite", "queue", {"path": str(tmp_path / "home" / "q2.db")})
+    assert other.backend is not q.backend
+    slower = registry.create(
+        "sqlite", "queue", {"path": str(tmp_path / "home" / "queue.db"),
+                            "options": {"busy_timeout": 1}}
+    )
+    assert slower.backend is not q.backend
+
+
+def test_unknown_settings_are_refused_naming_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'url'.*base_dir, options, path"):
+        registry.create("sqlite", "queue", {"path": str(tmp_path / "q.db"), "url": "x://"})
+
+
+def test_one_call_and_one_transaction_per_fused_operation(tmp_path: Path) -> None:
+    async def main() -> None:
+        q, r, e = _roles(tmp_path)
+        for s in (q, r, e):
+            await s.open()
+        b = q.backend
+        statements: list[str] = []
+        await q._call(lambda conn: conn.set_trace_callback(statements.append))
+        calls: list[str] = []
+        submit = b._threads.submit
+
+        def counted(job: Any) -> Any:
+            calls.append(job.fn.__name__)
+            return submit(job)
+
+        b._threads.submit = counted
+        t = Task(func="omniq.examples:add", args=(1, 2))
+        await b.submit(t, TaskEvent(t.id, EventType.ENQUEUED, queue=t.queue))
+        (d,) = await b.claim(["default"], LEASE, 0, 5, "w1")
+        result = TaskResult(t.id, TaskStatus.COMPLETED, value=3, attempts=1)
+        assert await b.finish(d, result, TaskEvent(t.id, EventType.COMPLETED), failed=False)
+        assert calls == ["_submit_here", "_claim_here", "_finish_here"]
+        transactions = [x for x in statements if x in ("BEGIN IMMEDIATE", "COMMIT")]
+        assert transactions == ["BEGIN IMMEDIATE", "COMMIT"] * 3
+        assert [ev.event_type for ev in await e.get(t.id)] == [
+            EventType.ENQUEUED, EventType.STARTED, EventType.COMPLETED
+        ]
+        for s in (q, r, e):
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_fused_claim_hands_its_tasks_back(tmp_path: Path) -> None:
+    async def main() -> None:
+        q, r, e = _roles(tmp_path)
+        b = q.backend
+        for _ in range(10):
+            tasks = [Task(func="omniq.examples:add", args=(1, 2)) for _ in range(3)]
+            for t in tasks:
+                await b.submit(t, TaskEvent(t.id, EventType.ENQUEUED, queue=t.queue))
+            pending = asyncio.create_task(b.claim(["default"], LEASE, 5, 3, "gone"))
+            await asyncio.sleep(0)
+            pending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+            got = await b.claim(["default"], LEASE, 5, 3, "w1")
+            assert sorted(d.task.id for d in got) == sorted(t.id for t in tasks)
+            assert all(d.attempt == 1 for d in got)
+            for d in got:
+                assert await q.ack(d)
+        for s in (q, r, e):
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_roles_bound_later_are_attached_in_the_one_order(tmp_path: Path) -> None:
+    def attached(conn: sqlite3.Connection) -> list[str]:
+        return [Path(row[2]).name for row in conn.execute("PRAGMA database_list") if row[2]]
+
+    async def main() -> None:
+        b = SQLiteBackend(tmp_path)
+        q = await opened(b.queue())
+        assert await q._call(attached) == ["queue.db"]
+        r = await opened(b.results())
+        e = await opened(b.events())
+        # Lock and commit order: a result before its event before the ack.
+        assert await q._call(attached) == ["results.db", "events.db", "queue.db"]
+        for s in (q, r, e):
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_fused_operations_on_one_file_holding_every_role(tmp_path: Path) -> None:
+    async def main() -> None:
+        path = tmp_path / "omniq.db"
+        q = await opened(SQLiteQueue(database_path=path))
+        r = await opened(SQLiteResultStorage(database_path=path))
+        e = await opened(SQLiteEventStorage(database_path=path))
+        b = fused_ops(q, r, e)
+        assert b is q.backend
+        t = Task(func="omniq.examples:add", args=(1, 2))
+        await b.submit(t, TaskEvent(t.id, EventType.ENQUEUED, queue=t.queue))
+        (d,) = await b.claim(["default"], LEASE, 0, 2, "w1")
+        result = TaskResult(t.id, TaskStatus.COMPLETED, value=3, attempts=1)
+        assert await b.finish(d, result, TaskEvent(t.id, EventType.COMPLETED), failed=False)
+        assert await r.wait(t.id, 1) == result
+        assert len(await e.get(t.id)) == 3 and await q.stats() == []
+        for s in (q, r, e):
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_a_released_task_goes_first_and_waits_since_it_was_ready(tmp_path: Path) -> None:
+    async def main() -> None:
+        q = await opened(SQLiteQueue(database_path=tmp_path / "queue.db"))
+        before = utcnow()
+        first = Task(func="omniq.examples:add", args=(1, 2))
+        await q.enqueue(first)
+        await asyncio.sleep(0.05)
+        later = [Task(func="omniq.examples:add", args=(i, 2)) for i in range(3)]
+        for t in later:
+            await q.enqueue(t)
+        (a, b) = await q.dequeue_many(["default"], LEASE, 0, 2)
+        await q.release(b)
+        await q.release(a)
+        got = await q.dequeue_many(["default"], LEASE, 0, 5)
+        assert [d.task.id for d in got] == [first.id, later[0].id, later[1].id, later[2].id]
+        for d in got[2:]:
+            await q.release(d)
+        (stats,) = await q.stats()
+        oldest = stats.oldest_ready_at
+        assert oldest is not None and oldest > before - timedelta(seconds=1)
+        assert oldest >= before + timedelta(seconds=0.04)  # later[1]'s enqueue, not 1970
+        await q.close()
+
+    asyncio.run(main())
+
+
+def test_an_in_memory_store_has_a_private_backend(tmp_path: Path) -> None:
+    async def main() -> None:
+        q = await opened(SQLiteQueue(database_path=":memory:"))
+        other = await opened(SQLiteQueue(database_path=":memory:"))
+        assert q.backend is not other.backend
+        r = await opened(q.backend.results())  # the other roles live in the same memory
+        e = await opened(q.backend.events())
+        b = fused_ops(q, r, e)
+        assert b is q.backend
+        t = Task(func="omniq.examples:add", args=(1, 2))
+        await b.submit(t, TaskEvent(t.id, EventType.ENQUEUED, queue=t.queue))
+        assert await other.get_task(t.id) is None
+        (d,) = await b.claim(["default"], LEASE, 0, 1, "w1")
+        assert await b.finish(d, ok(t.id, 3), TaskEvent(t.id, EventType.COMPLETED), failed=False)
+        assert [ev.event_type for ev in await e.get(t.id)] == [
+            EventType.ENQUEUED, EventType.STARTED, EventType.COMPLETED
+        ]
+        for s in (q, other, r, e):
+            await s.close()
+
+    asyncio.run(main())
+    assert not any(tmp_path.iterdir()) and not Path(":memory:").exists()
+
+
+def test_checkpoints_run_on_their_own_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_backend, "_CHECKPOINT_EVERY", 10)
+    ran: list[str] = []
+    checkpoint = sqlite_backend.SQLiteBackend._checkpoint
+
+    def recorded(self: Any, jobs: list[Any]) -> Any:
+        ran.append(threading.current_thread().name)
+        return checkpoint(self, jobs)
+
+    monkeypatch.setattr(sqlite_backend.SQLiteBackend, "_checkpoint", recorded)
+
+    async def main() -> None:
+        e = await opened(SQLiteEventStorage(database_path=tmp_path / "events.db"))
+        for _ in range(25):
+            await e.append(TaskEvent(task_id=new_task_id(), event_type=EventType.ENQUEUED))
+        await e.close()  # waits for the checkpoint thread too
+
+    asyncio.run(main())
+    assert ran == ["omniq-sqlite-checkpoint"] * 2
+    conn = sqlite3.connect(tmp_path / "events.db")
+    try:
+        assert conn.execute("SELECT count(*) FROM omniq_events").fetchone() == (25,)
+    finally:
+        conn.close()
