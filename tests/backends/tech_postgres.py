@@ -75,13 +75,22 @@ async def make(role: str, tmp_path: Path, namespace: str) -> Any:
     return registry.create("postgres", role, settings)
 
 
+async def make_backend(tmp_path: Path, namespace: str) -> Any:
+    """The three roles on one Backend, with its fused operations: the process's one
+    Backend for the namespace's schema."""
+    from omniq.backends.postgres import backend_for
+
+    return backend_for({"dsn": DSN, "schema": schema_for(namespace)})
+
+
 async def corrupt_task(store: Any, task_id: str, queue: str, payload: bytes) -> None:
     """Overwrite a stored task's payload in place, as an operator's bad write would."""
     import psycopg
     from psycopg import sql
 
     query = sql.SQL("UPDATE {}.tasks SET payload = %s WHERE id = %s AND queue = %s")
+    schema = store.backend.place.schema
     async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
-        cur = await conn.execute(query.format(sql.Identifier(store._schema)),
+        cur = await conn.execute(query.format(sql.Identifier(schema)),
                                  (payload, task_id, queue))
         assert cur.rowcount == 1, f"task {task_id} is not stored in queue {queue}"

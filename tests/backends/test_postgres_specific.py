@@ -1,10 +1,14 @@
-"""PostgreSQL-only behaviour: DSNs, errors, schema names, migrations, LISTEN, outages, fork."""
+"""PostgreSQL-only behaviour: DSNs, errors, schema names, migrations, one Backend per
+place (its connections, its fused claim's details, its result waits), LISTEN, outages,
+fork."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -119,14 +123,14 @@ def test_tls_and_libpq_options_are_passed_through() -> None:
         "tls": {"ca": "/etc/ca.pem", "cert": "/etc/c.pem", "key": "/etc/k.pem"},
         "options": {"application_name": "billing", "max_size": 3},
     })
-    conninfo = store._conninfo
+    conninfo = store.backend.place.conninfo
     for part in ("sslmode=verify-full", "sslrootcert=/etc/ca.pem", "sslcert=/etc/c.pem",
                  "sslkey=/etc/k.pem", "application_name=billing", "port=6543"):
         assert part in conninfo
     assert "secret" not in repr(store)
     assert "sslmode=require" in registry.create(
         "postgres", "events", {"dsn": "postgresql://h/db", "tls": True}
-    )._conninfo
+    ).backend.place.conninfo
 
 
 def test_bad_settings_are_config_errors() -> None:
@@ -150,6 +154,11 @@ def test_bad_settings_are_config_errors() -> None:
             await store.open()
 
     run(body)
+
+
+def test_unknown_settings_are_refused_once() -> None:
+    with pytest.raises(ConfigError, match=r"'prefix'.*it takes:.*schema"):
+        registry.create("postgres", "queue", {"dsn": "postgresql://h/db", "prefix": "x"})
 
 
 # --- errors never show the password -------------------------------------------
@@ -328,7 +337,7 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_working(schema: str) -> None:
             await s.close()
 
     run(body)
-    assert _versions(schema) == [1, 2]
+    assert _versions(schema) == [1, 2, 3]
 
 
 def _unique_rows(schema: str) -> list[tuple[Any, ...]]:
@@ -420,6 +429,248 @@ def test_a_dead_letter_queued_again_goes_behind_the_waiting_tasks(schema: str) -
     run(body)
 
 
+# --- one Backend per place ---------------------------------------------------------
+
+
+def _sessions(application_name: str) -> int:
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                           (application_name,)).fetchone()
+        return int(row[0]) if row else 0
+
+
+def _sessions_left(application_name: str) -> int:
+    """Sessions still there after their client closed them (a server process leaves
+    pg_stat_activity a moment after the client hung up)."""
+    deadline = time.monotonic() + 5
+    while (left := _sessions(application_name)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def test_stores_of_one_place_share_one_backend(schema: str) -> None:
+    from omniq.storage import fused_ops
+
+    q, r, e = (make(role, DSN, schema) for role in ("queue", "results", "events"))
+    assert q.backend is r.backend is e.backend
+    assert fused_ops(q, r, e) is q.backend
+    assert make("queue", DSN, schema + "_other").backend is not q.backend
+    assert make("queue", DSN, schema, poll_interval=5).backend is not q.backend
+
+
+def test_a_worker_and_its_client_use_one_pool_and_one_listener(schema: str) -> None:
+    """Issue 10: all three roles of a worker and a client waiting for results, on one
+    DSN, hold at most max_size pooled connections plus one LISTEN connection (before,
+    every store had its own pool and listener: up to 3 x 4 + 3)."""
+    from omniq.worker import Worker, WorkerSettings
+
+    app = "omniq-count-" + uuid.uuid4().hex[:8]
+    peak: list[int] = []
+
+    async def body() -> None:
+        q, r, e = (make(role, DSN, schema, application_name=app, max_size=4)
+                   for role in ("queue", "results", "events"))
+        for s in (q, r, e):
+            await s.open()
+        tasks = [Task(func="omniq.examples:add", args=(i, 1), queue="count") for i in range(40)]
+        worker = Worker(q, r, e, WorkerSettings(queues=("count",), concurrency=8, burst=False,
+                                                register=True))
+        running = asyncio.create_task(worker.run())
+        for t in tasks:
+            await q.backend.submit(t, TaskEvent(t.id, EventType.ENQUEUED, queue="count"))
+        waits = [r.wait(t.id, 30) for t in tasks]
+        peak.append(await asyncio.to_thread(_sessions, app))
+        assert all(result is not None for result in await asyncio.gather(*waits))
+        peak.append(await asyncio.to_thread(_sessions, app))
+        worker.request_stop()
+        await running
+        for s in (q, r, e):
+            await s.close()
+        peak.append(await asyncio.to_thread(_sessions_left, app))
+
+    run(body)
+    assert 2 <= max(peak[:2]) <= 4 + 1, peak  # the pool (max_size 4) and the listener
+    assert peak[2] == 0  # the last store closed them all
+
+
+def test_the_last_store_to_close_closes_the_backend(schema: str) -> None:
+    app = "omniq-close-" + uuid.uuid4().hex[:8]
+
+    async def body() -> None:
+        first, second = (make("results", DSN, schema, application_name=app) for _ in range(2))
+        writer = make("results", DSN, schema)
+        await first.open()
+        waiting = asyncio.create_task(second.wait(ok().task_id, 0.1))  # the listener starts
+        assert await waiting is None
+        early = ok()
+        waiter = asyncio.create_task(second.wait(early.task_id, 10))
+        await asyncio.sleep(0.1)
+        await first.close()  # the other store of the Backend goes on, its wait too
+        await writer.store(early)
+        assert await waiter == early
+        assert await asyncio.to_thread(_sessions, app) >= 1
+        await second.close()
+        assert await asyncio.to_thread(_sessions_left, app) == 0
+        await second.open()  # opened again: in use until closed again
+        assert await second.get(early.task_id) == early
+        await second.close()
+        assert await asyncio.to_thread(_sessions_left, app) == 0
+        await writer.close()
+
+    run(body)
+
+
+# --- the fused claim: decided in SQL, or after decoding ---------------------------------
+
+
+def _set(schema: str, column: str, value: Any, task_id: str) -> None:
+    from psycopg import sql
+
+    query = sql.SQL("UPDATE {}.tasks SET {} = %s WHERE id = %s").format(
+        sql.Identifier(schema), sql.Identifier(column))
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        assert conn.execute(query, (value, task_id)).rowcount == 1
+
+
+def test_a_fused_claim_writes_started_only_for_what_the_worker_runs(schema: str) -> None:
+    """SQL decides on STARTED for rows whose digest still seals their payload; a row
+    from before it (digest NULL) is decided after decoding, and a payload someone else
+    rewrote gets none (the worker fails it undecoded)."""
+    from omniq.storage import started_event
+
+    async def body() -> None:
+        b = make("queue", DSN, schema).backend
+        legacy, rewritten, plain = (Task(func="m:f", queue="seal", args=(i,)) for i in range(3))
+        for t in (legacy, rewritten, plain):
+            await b.submit(t, TaskEvent(t.id, EventType.ENQUEUED, queue="seal"))
+        _set(schema, "digest", None, legacy.id)
+        await tech_postgres.corrupt_task(b.queue(), rewritten.id, "seal", b"not json")
+        got = {d.task_id: d for d in await b.claim(["seal"], 30, 0, 3, "w1")}
+        assert got[rewritten.id].problem is not None
+        for t, started in ((legacy, True), (rewritten, False), (plain, True)):
+            events = await b.events().get(t.id)
+            assert [e.event_type for e in events] == [
+                EventType.ENQUEUED, *([EventType.STARTED] if started else [])
+            ], t
+            if started:
+                expected = started_event(got[t.id], "w1")
+                assert events[1].id == expected.id and events[1].worker_id == "w1"
+        await b.queue().close()
+
+    run(body)
+
+
+def test_a_task_runs_now_holds_back_gets_no_started_from_a_fused_claim(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rule of storage.runs_now that SQL does not know (issue 11 adds one: tasks that
+    wait for others) is kept: such a task is not sealed at enqueue, so the claim
+    decides after decoding."""
+    from omniq import storage
+    from omniq.backends import postgres
+
+    def runs_now(delivery: Any, now: Any = None) -> bool:
+        return delivery.task.kwargs.get("hold") is None and storage.runs_now(delivery, now)
+
+    monkeypatch.setattr(postgres, "runs_now", runs_now)
+
+    async def body() -> None:
+        b = make("queue", DSN, schema).backend
+        held, plain = Task(func="m:f", queue="hold", kwargs={"hold": 1}), Task(func="m:f",
+                                                                                queue="hold")
+        for t in (held, plain):
+            await b.submit(t, TaskEvent(t.id, EventType.ENQUEUED, queue="hold"))
+        sent = _count_statements(b)
+        assert len(await b.claim(["hold"], 30, 0, 2, "w1")) == 2
+        assert dict(sent) == {"claim_started": 1}  # nothing left to decide after decoding
+        assert [e.event_type for e in await b.events().get(held.id)] == [EventType.ENQUEUED]
+        assert len(await b.events().get(plain.id)) == 2
+        await b.queue().close()
+
+    run(body)
+
+
+def test_a_fused_claim_settles_a_failed_result_as_a_dead_letter(schema: str) -> None:
+    async def body() -> None:
+        b = make("queue", DSN, schema).backend
+        t = Task(func="m:f", queue="settle", max_retries=2, unique_key="settle-key")
+        await b.submit(t, TaskEvent(t.id, EventType.ENQUEUED, queue="settle"))
+        assert len(await b.claim(["settle"], 0.3, 0, 1, "w1")) == 1
+        failed = TaskResult(t.id, TaskStatus.FAILED, error_type="E", attempts=1)
+        assert await b.results().store(failed) is True  # and its worker died
+        assert await b.claim(["settle"], 30, 1, 1, "w2") == []
+        stats = {s.queue: s for s in await b.queue().stats()}
+        assert (stats["settle"].failed, stats["settle"].running) == (1, 0)
+        # The key was released with it: a new task of that key is taken.
+        again = Task(func="m:f", queue="settle", unique_key="settle-key")
+        assert await b.submit(again, TaskEvent(again.id, EventType.ENQUEUED)) == again.id
+        await b.queue().close()
+
+    run(body)
+
+
+def test_a_claim_after_a_drained_queue_waits_without_a_statement(schema: str) -> None:
+    """A claim that took fewer tasks than it asked for leaves the next waiting claim
+    asleep until a notification (an idle worker's loop after a short batch)."""
+
+    async def body() -> None:
+        b = make("queue", DSN, schema, poll_interval=120).backend
+        producer = make("queue", DSN, schema)
+        sent = _count_statements(b)
+        first = Task(func="m:f", queue="quiet")
+        await producer.enqueue(first)
+        assert len(await b.claim(["quiet"], 30, 1, 4, "w1")) == 1
+        assert sent["claim_started"] == 1
+        assert await b.claim(["quiet"], 30, 0.3, 4, "w1") == []
+        assert sent["claim_started"] == 1  # slept: nothing could have come
+        later = Task(func="m:f", queue="quiet")
+        waiting = asyncio.create_task(b.claim(["quiet"], 30, 10, 4, "w1"))
+        await asyncio.sleep(0.2)
+        await producer.enqueue(later)
+        assert [d.task_id for d in await asyncio.wait_for(waiting, 5)] == [later.id]
+        for s in (b.queue(), producer):
+            await s.close()
+
+    run(body)
+
+
+def _count_statements(backend: Any) -> Counter[str]:
+    """Count the statements `backend` sends, by name."""
+    sent: Counter[str] = Counter()
+    execute = backend._execute
+
+    async def counted(name: str, params: Any, fetch: str) -> Any:
+        sent[name] += 1
+        return await execute(name, params, fetch)
+
+    backend._execute = counted
+    return sent
+
+
+# --- result waits ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [10, 20_000], ids=["in-the-notification", "too-big"])
+def test_a_result_wait_costs_one_read(size: int, schema: str) -> None:
+    """The notification of a stored result carries the result when it fits (NOTIFY
+    takes < 8000 bytes), so the waiter's one read is the one before it sleeps."""
+
+    async def body() -> None:
+        waiter = make("results", DSN, schema, poll_interval=120)
+        writer = make("results", DSN, schema)
+        sent = _count_statements(waiter.backend)
+        r = ok(value="x" * size)
+        waiting = asyncio.create_task(waiter.wait(r.task_id, 30))
+        await asyncio.sleep(0.3)
+        await writer.store(r)
+        assert await asyncio.wait_for(waiting, 10) == r
+        assert sent["get_result"] == (1 if size < 7000 else 2)
+        for s in (waiter, writer):
+            await s.close()
+
+    run(body)
+
+
 # --- ids PostgreSQL cannot hold ------------------------------------------------------
 
 
@@ -491,7 +742,7 @@ def test_forked_child_reconnects_and_leaves_the_parent_alone(schema: str) -> Non
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(store.open())
-        sessions = [c.info.backend_pid for c in store._state.pool._idle]
+        sessions = [c.info.backend_pid for c in _pool(store).idle]
         child_task = Task(func="m:f", queue="forked")
         pid = os.fork()
         if pid == 0:  # child: new loop, must not reuse the parent's sockets
@@ -508,10 +759,16 @@ def test_forked_child_reconnects_and_leaves_the_parent_alone(schema: str) -> Non
         got = loop.run_until_complete(store.get_task(child_task.id))
         assert got == child_task
         # The parent kept its own sessions: the child did not close them.
-        assert [c.info.backend_pid for c in store._state.pool._idle] == sessions
+        assert [c.info.backend_pid for c in _pool(store).idle] == sessions
         loop.run_until_complete(store.close())
     finally:
         loop.close()
+
+
+def _pool(store: Any) -> Any:
+    state = store.backend._bound._value
+    assert state is not None
+    return state.pool
 
 
 def test_store_moves_to_a_new_event_loop(schema: str) -> None:
@@ -563,6 +820,7 @@ def test_outage_raises_unavailable_then_the_same_stores_recover(
         await other.store(early)
         assert await r.wait(early.task_id, 5) == early  # the listener is up
 
+        late_task = Task(func="m:f")
         await asyncio.to_thread(private_server.stop)
         outage: list[Callable[[], Awaitable[Any]]] = [
             lambda: q.enqueue(Task(func="m:f")),
@@ -570,12 +828,16 @@ def test_outage_raises_unavailable_then_the_same_stores_recover(
             lambda: r.get(early.task_id),
             lambda: r.wait(new_task_id(), 2),
             lambda: e.append(TaskEvent(task_id=before.id, event_type=EventType.STARTED)),
+            # the fused operations of their Backend
+            lambda: q.backend.submit(late_task, TaskEvent(late_task.id, EventType.ENQUEUED)),
+            lambda: q.backend.claim(["default"], 30, 1, 4, "w1"),
         ]
         for op in outage:
             with pytest.raises(BackendUnavailable, match="unavailable"):
                 await op()
         await asyncio.to_thread(private_server.start)
 
+        assert await q.backend.submit(late_task, TaskEvent(late_task.id, EventType.ENQUEUED))
         d = await q.dequeue(["default"], 30, 5)
         assert d is not None and d.task.id == before.id
         await e.append(TaskEvent(task_id=before.id, event_type=EventType.STARTED))
@@ -597,11 +859,15 @@ def test_outage_raises_unavailable_then_the_same_stores_recover(
 
 
 def test_cursor_reader_misses_nothing_while_many_handles_append(schema: str) -> None:
-    """Ids are assigned before commit; appends must become visible in id order or a
-    follower that already moved past an id would never see that event."""
+    """Ids are assigned before commit and appends commit in any order (they share the
+    event lock); a cursor reader waits for those in flight, or a follower that already
+    moved past an id would never see that event. Six Backends (as six processes would)
+    with a pool each append at once."""
 
     async def body() -> None:
-        writers = [make("events", DSN, schema) for _ in range(6)]
+        writers = [make("events", DSN, schema, application_name=f"omniq-w{i}")
+                   for i in range(6)]
+        assert len({w.backend for w in writers}) == 6
         reader = make("events", DSN, schema)
         for s in (*writers, reader):
             await s.open()
