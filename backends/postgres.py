@@ -6,8 +6,12 @@ Layout (one schema, default "omniq", created and migrated on first use): `tasks`
 unique_key, unique_ttl, and what a claim needs to decide on a STARTED event without
 decoding the payload: expires_at, max_attempts and a digest of the payload),
 `unique_keys` (who holds a key, and until when once its task finished), `workers`,
+`records` (kind, name, data: schedules and cancel requests beside the queue),
 `results` (task_id key, ok, expires_at) and `events` (bigint identity id = cursor,
-plus the writer's event_id, unique).
+plus the writer's event_id, unique). A task's `due` is its ETA or retry time while
+waiting, its lease end while running and its failure time once failed; dead letters
+are listed through partial indexes on that (failed(): ~1 ms for a page of 100 among
+100k tasks of which 1k failed, measured; a scan of the table took 30 ms).
 
 A process holds one `PostgresBackend` per connection settings and schema: one small
 pool, and once something waits, one LISTEN connection whose notifications wake
@@ -56,11 +60,13 @@ from omniq.backend import boundary as _boundary
 from omniq.errors import BackendError, BackendUnavailable, ConfigError, OmniQError, redact
 from omniq.models import (
     Delivery,
+    FailedTask,
     QueueStats,
     Task,
     TaskEvent,
     TaskResult,
     WorkerInfo,
+    check_record_name,
     utcnow,
 )
 from omniq.registry import Role
@@ -564,6 +570,24 @@ _MIGRATIONS: tuple[tuple[Statement, ...], ...] = (
         _events_function("events_last", "", "bigint",
                          "SELECT max(e.id) FROM {s}.events e"),
     ),
+    (
+        # Dead letters by failure time. A failed row's `due` is when it failed: every
+        # version of this backend has set it so (a dead row's due is never moved), so
+        # rows failed before this migration, and rows an older OmniQ fails beside this
+        # one, are indexed right without a new column. Partial: claims, retries and
+        # acks of running and waiting rows never touch these indexes.
+        "CREATE INDEX IF NOT EXISTS tasks_failed ON {s}.tasks (due) WHERE state = 'failed'",
+        "CREATE INDEX IF NOT EXISTS tasks_failed_queue ON {s}.tasks (queue, due)"
+        " WHERE state = 'failed'",
+        # Named records beside the queue (schedules, their state, cancel requests).
+        # Collation "C": the primary key's order is the names' code point order, so
+        # a listing sorted by name is read in index order.
+        """CREATE TABLE IF NOT EXISTS {s}.records (
+            kind text COLLATE "C" NOT NULL,
+            name text COLLATE "C" NOT NULL,
+            data bytea NOT NULL,
+            PRIMARY KEY (kind, name))""",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -747,6 +771,21 @@ def _started() -> str:
     )
 
 
+def _failed_sql(of_queue: str) -> str:
+    """Dead letters failed in [%(since)s, %(before)s), newest first: the newest
+    %(limit)s, and every other one that failed in the same microsecond as the last of
+    them (a page never ends inside such a group). Two range scans of a failure-time
+    index, each reading about one page."""
+    where = "state = 'failed'" + of_queue
+    return (
+        "WITH page AS MATERIALIZED (SELECT due FROM {s}.tasks WHERE " + where
+        + " AND due >= %(since)s AND due < %(before)s ORDER BY due DESC LIMIT %(limit)s)"
+        " SELECT id, queue, payload, due FROM {s}.tasks WHERE " + where
+        + " AND due >= (SELECT min(due) FROM page) AND due < %(before)s"
+        " ORDER BY due DESC, id"
+    )
+
+
 _SQL = {
     "version": "SELECT max(version) FROM {s}.schema_version",
     "create_schema": "CREATE SCHEMA IF NOT EXISTS {s}",
@@ -778,8 +817,9 @@ _SQL = {
     "retry": "UPDATE {s}.tasks SET state = 'waiting', token = NULL,"
     " due = now() + %s * interval '1 second'"
     " WHERE id = %s AND token = %s AND state = 'running' RETURNING pg_notify(%s, queue)",
-    "release": "UPDATE {s}.tasks SET state = 'waiting', token = NULL, due = now(),"
-    " attempts = greatest(attempts - 1, 0)"
+    # Notified even with a delay: a claim asleep on drained queues learns the new due.
+    "release": "UPDATE {s}.tasks SET state = 'waiting', token = NULL,"
+    " due = now() + %s * interval '1 second', attempts = greatest(attempts - 1, 0)"
     " WHERE id = %s AND token = %s AND state = 'running' RETURNING pg_notify(%s, queue)",
     "extend": "UPDATE {s}.tasks SET due = now() + %s * interval '1 second'"
     " WHERE id = %s AND token = %s AND state = 'running'",
@@ -793,6 +833,15 @@ _SQL = {
     " count(*) FILTER (WHERE state = 'failed'),"
     " min(due) FILTER (WHERE state = 'waiting' AND due <= now())"
     " FROM {s}.tasks GROUP BY queue ORDER BY queue",
+    "failed": _failed_sql(""),
+    "failed_queue": _failed_sql(" AND queue = %(queue)s"),
+    "forget": "WITH done AS (DELETE FROM {s}.tasks WHERE id = ANY(%s) AND state = 'failed'"
+    " RETURNING id, unique_key)" + _FREE_KEYS,
+    "put_record": "INSERT INTO {s}.records (kind, name, data) VALUES (%s, %s, %s)"
+    " ON CONFLICT (kind, name) DO UPDATE SET data = EXCLUDED.data",
+    "get_record": "SELECT data FROM {s}.records WHERE kind = %s AND name = %s",
+    "list_records": "SELECT name, data FROM {s}.records WHERE kind = %s ORDER BY name",
+    "delete_record": "DELETE FROM {s}.records WHERE kind = %s AND name = %s",
     "purge": "WITH done AS (DELETE FROM {s}.tasks WHERE state <> 'running'"
     " RETURNING id, unique_key)" + _FREE_KEYS,
     "purge_queue": "WITH done AS (DELETE FROM {s}.tasks WHERE state <> 'running'"
@@ -812,6 +861,8 @@ _SQL = {
     "store": "WITH " + _STORE + " SELECT count(*) FROM stored",
     "get_result": "SELECT payload FROM {s}.results"
     " WHERE task_id = %s AND (expires_at IS NULL OR expires_at > now())",
+    "get_results": "SELECT task_id, payload FROM {s}.results"
+    " WHERE task_id = ANY(%s) AND (expires_at IS NULL OR expires_at > now())",
     "delete_result": "DELETE FROM {s}.results WHERE task_id = %s",
     "cleanup_results": "DELETE FROM {s}.results WHERE expires_at <= %s",
     "cleanup_finished": "DELETE FROM {s}.results WHERE expires_at <= %s OR finished_at < %s",
@@ -979,6 +1030,7 @@ def backend_for(settings: PostgresSettings | Mapping[str, Any]) -> PostgresBacke
 # fused claim puts each task's id, queue, attempt and event id into it in SQL.
 _TEMPLATE_TASK = Task(func="-", id="-", queue="-")
 _DAWN = datetime.min.replace(tzinfo=UTC)
+_DUSK = datetime.max.replace(tzinfo=UTC)
 
 
 class PostgresBackend:
@@ -1476,7 +1528,12 @@ class PostgreSQLQueue(_Store):
     Every write may be sent again after a lost reply: enqueue is by id, ack/retry/
     release/extend are fenced by the claim token. The claim itself is not
     idempotent, so its tokens are chosen here and a claim whose reply never came is
-    looked up by them on the Backend's next claim (while its lease lasts).
+    looked up by them on the Backend's next claim (while its lease lasts). forget
+    and the records are idempotent too.
+
+    Every operator call is one statement: failed() (a page, read by failure time),
+    forget() (any number of ids), each record call, and list_records, which a busy
+    worker sends once a second for cancel requests (a primary-key range read).
     """
 
     @boundary
@@ -1508,9 +1565,10 @@ class PostgreSQLQueue(_Store):
         return await b._run("retry", params) > 0
 
     @boundary
-    async def release(self, delivery: Delivery) -> None:
+    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
         b = self.backend
-        await b._run("release", (delivery.task_id, delivery.receipt, b._qchan))
+        params = (max(0.0, delay), delivery.task_id, delivery.receipt, b._qchan)
+        await b._run("release", params)
 
     @boundary
     async def extend(self, delivery: Delivery, lease: float) -> bool:
@@ -1541,6 +1599,50 @@ class PostgreSQLQueue(_Store):
         ]
 
     @boundary
+    async def failed(
+        self,
+        queue: str | None = None,
+        since: datetime | None = None,
+        before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[FailedTask]:
+        if limit < 1:
+            return []
+        params = {"queue": queue, "since": since or _DAWN, "before": before or _DUSK,
+                  "limit": limit}
+        rows = await self.backend._all("failed" if queue is None else "failed_queue", params)
+        return [_failed_task(row) for row in rows]
+
+    @boundary
+    async def forget(self, task_ids: Sequence[str]) -> int:
+        ids = sorted({t for t in task_ids if _storable(t)})
+        return await self.backend._count("forget", (ids,)) if ids else 0
+
+    @boundary
+    async def put_record(self, kind: str, name: str, data: bytes) -> None:
+        check_record_name(kind, name)
+        await self.backend._run("put_record", (kind, name, bytes(data)))
+
+    @boundary
+    async def get_record(self, kind: str, name: str) -> bytes | None:
+        if not _recordable(kind, name):
+            return None
+        row = await self.backend._one("get_record", (kind, name))
+        return None if row is None else bytes(row[0])
+
+    @boundary
+    async def list_records(self, kind: str) -> list[tuple[str, bytes]]:
+        if not _recordable(kind):
+            return []
+        return [(row[0], bytes(row[1])) for row in await self.backend._all("list_records", (kind,))]
+
+    @boundary
+    async def delete_record(self, kind: str, name: str) -> bool:
+        if not _recordable(kind, name):
+            return False
+        return await self.backend._run("delete_record", (kind, name)) > 0
+
+    @boundary
     async def purge(self, queue: str | None = None) -> int:
         if queue is None:
             return await self.backend._count("purge", ())
@@ -1561,7 +1663,7 @@ class PostgreSQLQueue(_Store):
 
 class PostgreSQLResultStorage(_Store):
     """One row per task; `store` notifies waiters with the result itself (when it fits
-    a notification), so a wait costs one read."""
+    a notification), so a wait costs one read; get_many is one `= ANY` read."""
 
     @boundary
     async def store(self, result: TaskResult) -> bool:
@@ -1587,6 +1689,14 @@ class PostgreSQLResultStorage(_Store):
 
         b = self.backend
         return await b._wait_for(b._rchan, [task_id], check, timeout, _result_of_note)
+
+    @boundary
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskResult]:
+        ids = sorted({t for t in task_ids if _storable(t)})
+        if not ids:
+            return {}
+        rows = await self.backend._all("get_results", (ids,))
+        return {row[0]: decode_result(row[1]) for row in rows}
 
     @boundary
     async def delete(self, task_id: str) -> bool:
@@ -1664,6 +1774,24 @@ def _storable(task_id: str) -> bool:
     """PostgreSQL text cannot hold NUL, so no such id was ever stored: asking for one
     answers "not found" instead of a driver error."""
     return "\x00" not in task_id
+
+
+def _recordable(kind: str, name: str = "record") -> bool:
+    """Only names check_record_name allows were ever stored: asking for another one
+    answers "not found" without a round trip (put_record refuses it)."""
+    try:
+        check_record_name(kind, name)
+    except ValueError:
+        return False
+    return True
+
+
+def _failed_task(row: Sequence[Any]) -> FailedTask:
+    """A dead letter from a row (id, queue, payload, failed at); one whose payload does
+    not decode comes as a placeholder task."""
+    task_id, queue, payload, failed_at = row
+    task, _ = decode_task_or_placeholder(payload, task_id, queue)
+    return FailedTask(task=task, failed_at=failed_at.astimezone(UTC))
 
 
 def _delivery(row: Sequence[Any]) -> Delivery:

@@ -4,9 +4,10 @@ The stores talk to the shared server through tests/faultproxy.py, which loses a
 request, loses its reply (the server did the work, the client never hears of it) or
 holds the reply past the client's reply timeout. Each fault is aimed at one
 statement by a string only that statement carries (a task id, an event id, a queue
-name): the stores' own statements, then the Backend's fused ones (submit, a batch
-claim with its STARTED events, finish). Then a real Worker, on one Backend so it
-uses the fused operations, runs 200 tasks with faults at random on every connection.
+name): the stores' own statements (release with a delay and forget among them), then
+the Backend's fused ones (submit, a batch claim with its STARTED events, finish).
+Then a real Worker, on one Backend so it uses the fused operations, runs 200 tasks
+with faults at random on every connection.
 """
 
 from __future__ import annotations
@@ -226,6 +227,69 @@ def test_close_hands_back_a_claim_it_never_heard_of(proxy: FaultProxy, schema: s
         await direct.close()
 
     run(body)
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+def test_a_release_with_a_delay_whose_reply_is_lost_hands_back_once(
+    kind: str, proxy: FaultProxy, schema: str
+) -> None:
+    """Sent again, the release finds its lease gone: the attempt is not given back
+    twice, and the delay stands."""
+
+    async def body() -> None:
+        q, direct = make("queue", through(proxy), schema), make("queue", DSN, schema)
+        await q.open()
+        queue = "rel-" + uuid.uuid4().hex[:8]
+        t = add_task(queue)
+        await direct.enqueue(t)
+        d = await q.dequeue([queue], LEASE, 0)
+        assert d is not None
+        aim(proxy, kind, t.id.encode())
+        with pytest.raises(BackendUnavailable):
+            await q.release(d, 60)
+        await q.release(d, 60)
+        stats = {s.queue: s for s in await direct.stats()}
+        assert (stats[queue].scheduled, stats[queue].running) == (1, 0)
+        assert _task_row(schema, t.id) == (0, True)  # attempts, due in about a minute
+        for s in (q, direct):
+            await s.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+def test_a_forget_whose_reply_is_lost_deletes_once(
+    kind: str, proxy: FaultProxy, schema: str
+) -> None:
+    async def body() -> None:
+        q, direct = make("queue", through(proxy), schema), make("queue", DSN, schema)
+        await q.open()
+        queue = "fg-" + uuid.uuid4().hex[:8]
+        t = add_task(queue)
+        await direct.enqueue(t)
+        d = await direct.dequeue([queue], LEASE, 0)
+        assert d is not None and await direct.ack(d, failed=True) is True
+        aim(proxy, kind, t.id.encode())
+        with pytest.raises(BackendUnavailable):
+            await q.forget([t.id])
+        # Sent again: it deleted the dead letter only if the first never got there.
+        assert await q.forget([t.id]) == (1 if kind == "lose_request" else 0)
+        assert await direct.get_task(t.id) is None and await direct.failed(queue) == []
+        for s in (q, direct):
+            await s.close()
+
+    run(body)
+
+
+def _task_row(schema: str, task_id: str) -> tuple[int, bool]:
+    from psycopg import sql
+
+    query = sql.SQL("SELECT attempts, due > now() + interval '50 seconds' FROM {}.tasks"
+                    " WHERE id = %s").format(sql.Identifier(schema))
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        row = conn.execute(query, (task_id,)).fetchone()
+    assert row is not None
+    return int(row[0]), bool(row[1])
 
 
 # --- the fused operations ----------------------------------------------------------

@@ -313,6 +313,8 @@ OLD_RESULT = TaskResult(task_id=new_task_id(), status=TaskStatus.COMPLETED, valu
 
 
 def test_a_store_of_schema_1_is_migrated_and_keeps_working(schema: str) -> None:
+    from omniq.backends.postgres import SCHEMA_VERSION
+
     _schema_v1(schema)
 
     async def body() -> None:
@@ -337,7 +339,7 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_working(schema: str) -> None:
             await s.close()
 
     run(body)
-    assert _versions(schema) == [1, 2, 3]
+    assert _versions(schema) == list(range(1, SCHEMA_VERSION + 1))
 
 
 def _unique_rows(schema: str) -> list[tuple[Any, ...]]:
@@ -899,6 +901,263 @@ def test_cursor_reader_misses_nothing_while_many_handles_append(schema: str) -> 
         assert len(seen) == len(set(seen))
         assert set(seen) == sent
         for s in (*writers, reader):
+            await s.close()
+
+    run(body)
+
+
+# --- issue 11: dead letters by failure time, forget, records, get_many, waiting tasks ---
+
+
+def _sql(schema: str, text: str, params: Any = ()) -> list[tuple[Any, ...]]:
+    """Run `text` ({s} = the schema) on a connection of its own; its rows, if any."""
+    from psycopg import sql
+
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        cur = conn.execute(sql.SQL(text).format(s=sql.Identifier(schema)), params or None)
+        return cur.fetchall() if cur.description else []
+
+
+async def _dead(q: Any, queue: str, **task: Any) -> Task:
+    """A dead letter of `queue`, failed now."""
+    t = Task(func="m:f", queue=queue, **task)
+    await q.enqueue(t)
+    d = await q.dequeue([queue], 30, 0)
+    assert d is not None and d.task_id == t.id
+    assert await q.ack(d, failed=True) is True
+    return t
+
+
+def test_dead_letters_of_schema_3_and_of_an_older_omniq_beside_are_listed(schema: str) -> None:
+    """A failed row's `due` has always been its failure time, so the index added by
+    migration 4 lists rows failed before it, and rows an OmniQ of schema 3 still fails
+    beside us, at the exact time they failed."""
+    from datetime import UTC, datetime
+
+    from omniq.backends.postgres import _MIGRATIONS, SCHEMA_VERSION, _compose_statement
+    from omniq.serialization import encode_task
+
+    _sql(schema, "CREATE SCHEMA {s}")
+    _sql(schema, "CREATE TABLE {s}.schema_version (version integer PRIMARY KEY,"
+         " applied_at timestamptz NOT NULL DEFAULT now())")
+    for version in (1, 2, 3):
+        for statement in _MIGRATIONS[version - 1]:
+            _sql(schema, _compose_statement(statement, schema).replace(f'"{schema}"', "{s}"))
+        _sql(schema, "INSERT INTO {s}.schema_version (version) VALUES (%s)", (version,))
+    before = Task(func="m:f", queue="v3")
+    failed_at = datetime(2020, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    _sql(schema, "INSERT INTO {s}.tasks (id, queue, state, due, attempts, payload)"
+         " VALUES (%s, 'v3', 'failed', %s, 1, %s)", (before.id, failed_at, encode_task(before)))
+
+    async def body() -> None:
+        q = make("queue", DSN, schema)
+        assert [(f.task, f.failed_at) for f in await q.failed(queue="v3")] == [
+            (before, failed_at)]
+        beside = Task(func="m:f", queue="v3")
+        await q.enqueue(beside)
+        d = await q.dequeue(["v3"], 30, 0)
+        assert d is not None and d.task_id == beside.id
+        # What an OmniQ of schema 3 sends to fail a task (its "dead" statement).
+        _sql(schema, "UPDATE {s}.tasks SET state = 'failed', token = NULL, due = now()"
+             " WHERE id = %s AND token = %s AND state = 'running'", (d.task_id, d.receipt))
+        assert [f.task.id for f in await q.failed(queue="v3")] == [beside.id, before.id]
+        assert await q.forget([before.id]) == 1
+        await q.put_record("schedule", "nightly", b"{}")
+        assert await q.list_records("schedule") == [("nightly", b"{}")]
+        await q.close()
+
+    run(body)
+    assert _versions(schema) == list(range(1, SCHEMA_VERSION + 1))
+
+
+def _plan_of(schema: str, name: str, params: dict[str, Any]) -> str:
+    from omniq.backends.postgres import backend_for
+
+    statement = backend_for({"dsn": DSN, "schema": schema})._sql[name]
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        cur = psycopg.ClientCursor(conn)
+        return "\n".join(row[0] for row in cur.execute("EXPLAIN " + statement, params))
+
+
+def test_failed_reads_an_index_by_failure_time_never_the_table(schema: str) -> None:
+    """Among 20k waiting tasks and 200 dead letters, failed() is two short range scans
+    of the failure-time indexes, with or without a queue. (With 100k tasks of which
+    1k failed: ~1 ms a page of 100; a scan of the table took 30 ms.)"""
+    from omniq.backends.postgres import _DAWN, _DUSK
+
+    async def body() -> None:
+        q = make("queue", DSN, schema)
+        await q.open()
+        await q.close()
+
+    run(body)
+    _sql(schema, "INSERT INTO {s}.tasks (id, queue, state, due, payload)"
+         " SELECT 't' || i, 'q' || (i % 4), CASE WHEN i % 100 = 0 THEN 'failed'"
+         " ELSE 'waiting' END, now() - i * interval '1 second', '{{}}'::bytea"
+         " FROM generate_series(1, 20000) AS i")
+    _sql(schema, "ANALYZE {s}.tasks")
+    for name, queue in (("failed", None), ("failed_queue", "q1")):
+        plan = _plan_of(schema, name, {"queue": queue, "since": _DAWN, "before": _DUSK,
+                                       "limit": 100})
+        assert "Seq Scan" not in plan and "Bitmap" not in plan, plan
+        assert plan.count("Index") >= 2 and "tasks_failed" in plan, plan
+
+
+def test_failed_pages_by_the_stored_microsecond_and_keeps_a_group_whole(schema: str) -> None:
+    """The failed_at returned is the stored value (microseconds, UTC); a page never
+    ends inside a group of one failure time, so paging by `before` misses none."""
+    from datetime import UTC, datetime
+
+    async def body() -> None:
+        q = make("queue", DSN, schema)
+        dead = [await _dead(q, "mu") for _ in range(5)]
+        old = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+        new = datetime(2031, 5, 6, 7, 8, 9, 123457, tzinfo=UTC)
+        for t, at in zip(dead, (old, old, new, new, new), strict=True):
+            _sql(schema, "UPDATE {s}.tasks SET due = %s WHERE id = %s", (at, t.id))
+        first = await q.failed(queue="mu", limit=1)
+        assert sorted(f.task.id for f in first) == sorted(t.id for t in dead[2:])
+        assert {f.failed_at for f in first} == {new}
+        assert all(f.failed_at.utcoffset() == UTC.utcoffset(None) for f in first)
+        rest = await q.failed(queue="mu", before=first[-1].failed_at, limit=1)
+        assert sorted(f.task.id for f in rest) == sorted(t.id for t in dead[:2])
+        assert len(await q.failed(since=old)) == 5
+        assert len(await q.failed(since=new)) == 3
+        assert await q.failed(queue="mu", before=old) == []
+        await q.close()
+
+    run(body)
+
+
+def test_an_undecodable_dead_letter_is_listed_as_a_placeholder(schema: str) -> None:
+    async def body() -> None:
+        q = make("queue", DSN, schema)
+        bad, good = await _dead(q, "ud"), await _dead(q, "ud")
+        await tech_postgres.corrupt_task(q, bad.id, "ud", b"\xffnot json")
+        listed = await q.failed(queue="ud")
+        assert [(f.task.id, f.task.queue) for f in listed] == [(good.id, "ud"), (bad.id, "ud")]
+        assert listed[0].task == good
+        await q.close()
+
+    run(body)
+
+
+def test_forget_frees_a_dead_letters_key_as_a_purge_would(schema: str) -> None:
+    async def body() -> None:
+        q = make("queue", DSN, schema)
+        t = await _dead(q, "fk", unique_key="fk-key", unique_ttl=3600)
+        assert await q.enqueue(Task(func="m:f", queue="fk", unique_key="fk-key")) == t.id
+        assert await q.forget([t.id, t.id, "no\x00such"]) == 1
+        assert _sql(schema, "SELECT * FROM {s}.unique_keys") == []
+        again = Task(func="m:f", queue="fk", unique_key="fk-key")
+        assert await q.enqueue(again) == again.id
+        assert await q.forget([again.id]) == 0  # waiting, not dead: left alone
+        await q.close()
+
+    run(body)
+
+
+def test_operator_calls_are_one_statement_each(schema: str) -> None:
+    async def body() -> None:
+        b = make("queue", DSN, schema).backend
+        q, r = b.queue(), b.results()
+        dead = await _dead(q, "one")
+        outcome = ok(dead.id)
+        await r.store(outcome)
+        t = Task(func="m:f", queue="one")
+        await q.enqueue(t)
+        d = await q.dequeue(["one"], 30, 0)
+        sent = _count_statements(b)
+        await q.release(d, 30)
+        await q.failed()
+        await q.failed(queue="one", limit=1)
+        assert await q.forget([dead.id, t.id]) == 1
+        await q.put_record("cancel", dead.id, b"{}")
+        await q.get_record("cancel", dead.id)
+        await q.list_records("cancel")
+        await q.delete_record("cancel", dead.id)
+        assert await r.get_many([dead.id, t.id, dead.id]) == {dead.id: outcome}
+        assert dict(sent) == {
+            "release": 1, "failed": 1, "failed_queue": 1, "forget": 1, "put_record": 1,
+            "get_record": 1, "list_records": 1, "delete_record": 1, "get_results": 1,
+        }
+        sent.clear()  # nothing to ask: no round trip
+        assert await r.get_many([]) == {} and await q.forget([]) == 0
+        assert await q.get_record("cancel", "no spaces") is None
+        assert await q.list_records("no/kind") == []
+        assert await q.delete_record("cancel", "") is False
+        assert dict(sent) == {}
+        stats = {s.queue: s for s in await q.stats()}
+        assert (stats["one"].scheduled, stats["one"].running) == (1, 0)
+        await q.close()
+
+    run(body)
+
+
+def test_records_are_listed_in_code_point_order(schema: str) -> None:
+    """Whatever the database's collation: the records table's columns are "C"."""
+    names = ["b", "B", "a", "a_b", "a-b", "a.b", "9", "A:1", "a=b", "aB", "Zz", "a9"]
+
+    async def body() -> None:
+        q = make("queue", DSN, schema)
+        for name in names:
+            await q.put_record("k", name, name.encode())
+        assert await q.list_records("k") == [(n, n.encode()) for n in sorted(names)]
+        await q.close()
+
+    run(body)
+
+
+def test_a_task_that_waits_for_others_gets_no_started_from_a_fused_claim(schema: str) -> None:
+    """storage.runs_now holds back a task with `after`: it is not sealed at enqueue, so
+    the fused claim leaves its STARTED to the worker, also when it is claimed again
+    after a release with a delay."""
+
+    async def body() -> None:
+        b = make("queue", DSN, schema).backend
+        first = Task(func="m:f", queue="dep")
+        waits = Task(func="m:f", queue="dep", after=(first.id,))
+        for t in (first, waits):
+            await b.submit(t, TaskEvent(t.id, EventType.ENQUEUED, queue="dep"))
+        assert _sql(schema, "SELECT digest IS NULL FROM {s}.tasks WHERE id = %s",
+                    (waits.id,)) == [(True,)]
+        sent = _count_statements(b)
+        got = {d.task_id: d for d in await b.claim(["dep"], 30, 0, 2, "w1")}
+        assert dict(sent) == {"claim_started": 1}
+        assert [e.event_type for e in await b.events().get(waits.id)] == [EventType.ENQUEUED]
+        assert len(await b.events().get(first.id)) == 2
+        await b.queue().release(got[waits.id], 0.2)
+        again = await b.claim(["dep"], 30, 5, 1, "w1")
+        assert [(d.task_id, d.attempt) for d in again] == [(waits.id, 1)]
+        assert [e.event_type for e in await b.events().get(waits.id)] == [EventType.ENQUEUED]
+        await b.queue().close()
+
+    run(body)
+
+
+def test_a_claim_asleep_on_drained_queues_takes_a_task_released_with_a_delay(
+    schema: str,
+) -> None:
+    """A release notifies even with a delay: a claim that found its queues drained
+    (and would sleep until a notification) learns when the task falls due."""
+
+    async def body() -> None:
+        b = make("queue", DSN, schema, poll_interval=120).backend
+        other = make("queue", DSN, schema, application_name="omniq-other")
+        assert other.backend is not b
+        t = Task(func="m:f", queue="later")
+        await other.enqueue(t)
+        d = await other.dequeue(["later"], 30, 0)
+        assert d is not None
+        assert await b.claim(["later"], 30, 0, 4, "w1") == []  # drained: quiet from now
+        waiting = asyncio.create_task(b.claim(["later"], 30, 10, 4, "w1"))
+        await asyncio.sleep(0.1)
+        start = time.monotonic()
+        await other.release(d, 0.5)
+        got = await asyncio.wait_for(waiting, 5)
+        assert [(x.task_id, x.attempt) for x in got] == [(t.id, 1)]
+        assert 0.3 < time.monotonic() - start < 2
+        for s in (b.queue(), other):
             await s.close()
 
     run(body)
