@@ -238,12 +238,12 @@ def timed(home: ServerHome, *args: str) -> tuple[subprocess.CompletedProcess[str
 @pytest.mark.parametrize("tech", DURABLE)
 def test_cancel_running_tasks_async_sync_and_process(tech: str, deploy: Deploy) -> None:
     home = ops_home(deploy, tech)
-    threads = home.start_worker("-c", "4", *MODULES)
+    threads = home.start_worker("-c", "4", *MODULES, ready=False)
     procs = home.start_worker("--pool", "process", "-q", "proc", "-c", "2",
-                              "--cancel-grace", "2s", *MODULES)
+                              "--cancel-grace", "2s", *MODULES, ready=False)
     run_async = home.enqueue("omniq.examples:async_sleep", "60", "--retries", "2")
     run_sync = home.enqueue("opstasks:cooperative", "60")
-    stubborn = home.enqueue("omniq.examples:sleep", "5", "slept")
+    stubborn = home.enqueue("omniq.examples:sleep", "4", "slept")
     graceful = home.enqueue("-q", "proc", "omniq.examples:sleep", "60")
     killed = home.enqueue("-q", "proc", "omniq.examples:sleep", "60")
     for task_id in (run_async, run_sync, stubborn, graceful, killed):
