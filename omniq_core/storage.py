@@ -402,17 +402,24 @@ async def poll_for_result(
     signal: LocalSignal,
     task_id: str,
     timeout: float | None,
+    *,
+    first: float = 0.002,
+    most: float = 0.25,
+    factor: float = 1.5,
 ) -> TaskResult | None:
     """Shared `ResultStorage.wait` for stores without push: poll `get` with a
-    growing interval, woken early by results stored from this process."""
+    growing interval (`first`, times `factor` up to `most`: a store whose `get` is
+    cheap polls sooner), woken early by results stored from this process."""
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
-    backoff = PollingBackoff()
+    backoff = PollingBackoff(first, most, factor)
     while True:
         result: TaskResult | None = await get(task_id)
         if result is not None:
             return result
-        pause = backoff.next()
+        # The loop's selector (epoll) sleeps whole milliseconds, rounding up: 1.2 ms
+        # would sleep 2. The nearest whole millisecond polls when the schedule means to.
+        pause = max(0.001, round(backoff.next(), 3))
         if deadline is not None:
             remaining = deadline - loop.time()
             if remaining <= 0:

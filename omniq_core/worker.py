@@ -361,9 +361,22 @@ class Worker:
             await self._finish_running()
             await self._drain()
         finally:
+            # Bounded: a duty that swallowed its cancellation (Python 3.11's
+            # asyncio.wait_for can, gh-86296) is cancelled once more, then left behind
+            # with a warning rather than hanging the worker's shutdown forever.
+            pending = set(background)
+            for wait in (2.0, 3.0):
+                for t in pending:
+                    t.cancel()
+                _, pending = await asyncio.wait(pending, timeout=wait)
+                if not pending:
+                    break
             for t in background:
-                t.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+                if t.done() and not t.cancelled():
+                    t.exception()  # retrieved: a duty's crash was logged where it happened
+                elif not t.done():
+                    name = getattr(t.get_coro(), "__qualname__", t.get_name())
+                    log.warning("background duty %s did not stop; left behind", name)
             await self._unregister()
             self._threads.shutdown()
         return self.tasks_done

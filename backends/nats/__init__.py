@@ -4,6 +4,9 @@ Layout for prefix P (all created on first use, idempotently):
 
 - stream ``P_tasks`` (work-queue retention), subject ``P.tasks.<queue>.<priority>``,
   and the KV bucket ``P_queue`` holding each task's state: the queue (queue.py);
+- stream ``P_failed``: a failure record per dead letter, ``P.failed.<queue>.<task id>``,
+  read newest first by `failed()` (deadletters.py);
+- KV bucket ``P_records``: named records beside the queue, ``<kind>.<name>`` (records.py);
 - KV bucket ``P_results``: one key per task; ``wait`` is pushed by a subscription on
   the key's subject (stores.py);
 - stream ``P_events``: subject ``P.events.<task id>``; the cursor is the stream

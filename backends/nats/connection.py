@@ -14,6 +14,7 @@ import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import nats
@@ -86,6 +87,31 @@ def tok(text: str) -> str:
 
 def status_of(msg: Msg) -> str | None:
     return msg.headers.get("Status") if msg.headers else None
+
+
+# --- times: microseconds since the epoch, exact (no float on the way) -------------------
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+def us_of(when: datetime) -> int:
+    return (when - EPOCH) // _US
+
+
+def at_us(us: int) -> datetime:
+    return EPOCH + us * _US
+
+
+def rfc3339(us: int) -> str:
+    return f"{at_us(us):%Y-%m-%dT%H:%M:%S.%fZ}"
+
+
+def stored_ns(msg: Msg) -> int:
+    """When the server stored a message a consumer delivered, in nanoseconds (from its
+    reply subject; nats-py's metadata rounds it through a float)."""
+    tokens = (msg.reply or "").split(".")
+    return int(tokens[7] if len(tokens) == 9 else tokens[Msg.Ack.Timestamp])
 
 
 # --- errors ---------------------------------------------------------------
@@ -404,6 +430,10 @@ class Connection:
         finally:
             timer.cancel()
 
+    def forget(self, futures: Sequence[asyncio.Future[Msg]]) -> None:
+        """Stop waiting for these replies (their requests' caller gave up on them)."""
+        self._forget(futures)
+
     def _forget(self, futures: Sequence[asyncio.Future[Msg]]) -> None:
         link = self._bound.current()
         if link is None:
@@ -687,6 +717,64 @@ class _Pulled:
         self.ended = self.ended or ended
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
+
+
+class Reader:
+    """An ephemeral consumer of `subject` that starts at a stream sequence or a time.
+    Its creation tells where it really starts (`start`: a sequence below the stream's
+    first is raised to it) and how many messages of the subject lie from there to the
+    stream's end (`pending`): a caller reading a range of sequences pulls just those."""
+
+    def __init__(self, conn: Connection, stream: str, name: str, created: Mapping[str, Any]):
+        self._conn = conn
+        self._stream = stream
+        self._name = name
+        self.start = int(created["delivered"]["stream_seq"]) + 1
+        self.pending = int(created["num_pending"])
+        self._pulled = _Pulled(conn)
+        self._sub: Any = None
+
+    @classmethod
+    async def open(
+        cls, conn: Connection, stream: str, subject: str, *, seq: int = 0, at: int = 0
+    ) -> Reader:
+        """From sequence `seq`, or from the first message stored at or after `at` (us)."""
+        config: dict[str, Any] = {
+            "ack_policy": "none", "filter_subject": subject, "mem_storage": True,
+            "inactive_threshold": int(SCAN_IDLE * 1e9), "max_deliver": -1,
+        }
+        if at:
+            config.update(deliver_policy="by_start_time", opt_start_time=rfc3339(at))
+        else:
+            config.update(deliver_policy="by_start_sequence", opt_start_seq=max(1, seq))
+        created = await conn.api(f"$JS.API.CONSUMER.CREATE.{stream}",
+                                 {"stream_name": stream, "config": config})
+        return cls(conn, stream, created["name"], created)
+
+    @property
+    def ended(self) -> bool:
+        """Everything there was has been delivered."""
+        return self._pulled.ended
+
+    async def pull(self, size: int) -> list[Msg]:
+        """Up to `size` more messages, SCAN_BATCH per pull request."""
+        if self._sub is None:
+            self._sub = await self._conn.nc.subscribe(self._conn.nc.new_inbox(),
+                                                      cb=self._pulled.on_message)
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{self._name}"
+        out: list[Msg] = []
+        while len(out) < size and not self.ended:
+            out += await self._pulled.next(subject, self._sub.subject,
+                                           min(SCAN_BATCH, size - len(out)))
+        return out
+
+    async def close(self) -> None:
+        """Delete it without waiting for the answer (its idle timeout is the backstop)."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self._conn.publish(f"$JS.API.CONSUMER.DELETE.{self._stream}.{self._name}")
 
 
 @dataclass(frozen=True)

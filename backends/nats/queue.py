@@ -6,7 +6,11 @@ lane: JetStream has no priorities, so each level is its own lane, tried highest 
 (waiting / running / failed / cancelled, attempts, ready and lease times). Claims,
 leases, cancels and dead letters are compare-and-set writes on that key, so the stream
 only dispatches and the key decides. ``u.<unique key>`` -> task id, ``w.<worker id>`` ->
-worker registry.
+worker registry, ``m.failed`` -> how far the failure records moved from an older omniq go.
+
+Dead letters are listed by failure time through their records in the stream
+``P_failed`` (deadletters.py); named records live in the bucket ``P_records``
+(records.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import nats.js.errors
@@ -29,7 +34,15 @@ from nats.aio.subscription import Subscription
 from nats.js import api
 
 from omniq.errors import BackendError, BackendUnavailable, CorruptRecord
-from omniq.models import Delivery, QueueStats, Task, WorkerInfo, from_timestamp, is_queue_name
+from omniq.models import (
+    Delivery,
+    FailedTask,
+    QueueStats,
+    Task,
+    WorkerInfo,
+    from_timestamp,
+    is_queue_name,
+)
 from omniq.serialization import (
     decode_task,
     decode_task_or_placeholder,
@@ -44,16 +57,41 @@ from .connection import (
     Connection,
     Entry,
     Link,
+    at_us,
     bound_cb,
     boundary,
+    describe,
     ensure_bucket,
     ensure_stream,
     in_chunks,
     purge,
     status_of,
     tok,
+    us_of,
     within,
 )
+from .deadletters import FailureIndex, Record, stale, unindexed
+from .headers import (
+    CANCELLED,
+    FAILED,
+    H_ATTEMPTS,
+    H_CLAIM,
+    H_ETA,
+    H_ID,
+    H_INDEXED,
+    H_LEASE,
+    H_PRIORITY,
+    H_QUEUE,
+    H_READY,
+    H_REV,
+    H_STATE,
+    H_UNIQUE,
+    H_UNIQUE_TTL,
+    H_UNTIL,
+    RUNNING,
+    WAITING,
+)
+from .records import RecordBucket
 
 log = logging.getLogger("omniq.backends.nats")
 
@@ -70,24 +108,7 @@ LEVEL_REFRESH = 10.0  # re-discover the priority levels of a queue this often
 ETA_SLACK = 0.005
 POLL_MARGIN = 0.02  # long polls end this much before the caller's deadline
 LEASE_MARGIN = 1.5  # a long lease's NAK goes out this long before AckWait runs out
-
-# Headers on task-state entries, so scans can read them headers-only.
-H_STATE = "Omniq-State"
-H_QUEUE = "Omniq-Queue"
-H_ATTEMPTS = "Omniq-Attempts"
-H_READY = "Omniq-Ready"
-H_LEASE = "Omniq-Lease"
-H_UNIQUE = "Omniq-Unique"
-H_UNTIL = "Omniq-Until"
-H_ID = "Omniq-Id"
-H_PRIORITY = "Omniq-Priority"
-H_UNIQUE_TTL = "Omniq-Unique-Ttl"
-H_CLAIM = "Omniq-Claim"  # the token of the lease holder that wrote the entry
-# Headers on task messages.
-H_REV = "Omniq-Rev"
-H_ETA = "Omniq-Eta"
-
-WAITING, RUNNING, FAILED, CANCELLED = "waiting", "running", "failed", "cancelled"
+FORGET_BATCH = 256  # dead letters forgotten per round trip of each step
 
 
 # --- names ----------------------------------------------------------------
@@ -579,6 +600,8 @@ class NATSQueue(Store):
     def _name_things(self) -> None:
         self._stream = f"{self.prefix}_tasks"
         self._state = Bucket(self._conn, f"{self.prefix}_queue")
+        self._index = FailureIndex(self._conn, self.prefix, _qtok)
+        self._records = RecordBucket(self._conn, self.prefix)
 
     async def _setup(self) -> None:
         js = self._conn.js
@@ -593,6 +616,9 @@ class NATSQueue(Store):
             ),
         )
         await ensure_bucket(js, self._state.name)
+        await self._index.setup()
+        await self._records.setup()
+        await self._index.migrate(self._state)
 
     def _held(self, link: Link) -> _Held:
         held = link.extras.get("queue")
@@ -663,15 +689,18 @@ class NATSQueue(Store):
         data = encode_task(task)
         eta = task.eta.timestamp() if task.eta else 0.0
         headers = _state_headers(_meta_of(task), WAITING, 0, ready=eta)
-        last = 0
+        last, dead = 0, False
         for _ in range(5):
             rev = await self._state.put(key, data, headers, last=last)
             if rev is not None:
+                if dead:  # queued again: its failure records go before it can fail again
+                    await self._index.drop([task.id])
                 return Entry(key, rev, data, headers)
             entry = await self._state.get(key)
             if entry is not None and _state(entry) in (WAITING, RUNNING):
                 return entry
             last = 0 if entry is None else entry.rev  # gone, dead, or being cancelled
+            dead = entry is not None and _state(entry) == FAILED
         raise BackendError(f"task {task.id} is being changed by others; try again")
 
     async def _dispatch(self, dispatcher: _Dispatcher, entry: Entry) -> None:
@@ -1021,7 +1050,7 @@ class NATSQueue(Store):
         finds no state (or a dead letter) and is dropped."""
         r.unhold()
         if failed:
-            done = await self.fenced(r, _state_headers(r.meta, FAILED, r.attempts, claim=r.token))
+            done = await self._dead_letter(r)
         else:
             done = await self.finish_done(r, first)
         if not done:
@@ -1029,6 +1058,24 @@ class NATSQueue(Store):
         await self._settle_unique(r.meta)
         self._conn.publish_soon(r.reply, b"+ACK")
         return True
+
+    async def _dead_letter(self, r: Receipt) -> bool:
+        """The state becomes a dead letter, fenced; its failure record goes out in the
+        same write to the socket. A record whose state write lost (the lease had run
+        out) is deleted again; sent again after a lost reply, it is stored once."""
+        task_id = r.meta.get(H_ID) or r.key[2:]
+        record = await self._index.send(task_id, r.meta.get(H_QUEUE) or "default", r.token)
+        headers = _state_headers(r.meta, FAILED, r.attempts, claim=r.token)
+        try:
+            done = await self.fenced(r, {**headers, H_INDEXED: "1"})
+        except BaseException:
+            self._conn.forget([record])
+            raise
+        (reply,) = await self._conn.replies([record])
+        seq = self._index.seq_of(reply)  # raises when the stream refused it
+        if not done:
+            self._index.drop_soon([seq])
+        return done
 
     @boundary
     async def ack(self, delivery: Delivery, *, failed: bool = False) -> bool:
@@ -1048,12 +1095,18 @@ class NATSQueue(Store):
         return True
 
     @boundary
-    async def release(self, delivery: Delivery) -> None:
+    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
         dispatcher = await self._lanes()
         r = receipt_of(delivery)
         r.unhold()
-        headers = _state_headers(r.meta, WAITING, max(0, r.attempts - 1), claim=r.token)
+        ready = time.time() + delay if delay > 0 else 0.0  # (stats count it scheduled)
+        headers = _state_headers(r.meta, WAITING, max(0, r.attempts - 1), ready=ready,
+                                 claim=r.token)
         if not await self.fenced(r, headers):
+            return
+        if delay > 0:
+            # Parked server-side until then: no one to wake now.
+            self._conn.publish_soon(r.reply, _nak_payload(delay))
             return
         await self._conn.publish(r.reply, b"-NAK")
         queue, priority = r.meta.get(H_QUEUE) or "default", int(r.meta.get(H_PRIORITY) or 0)
@@ -1105,6 +1158,7 @@ class NATSQueue(Store):
         now = time.time()
         counts: dict[str, Counter[str]] = {}
         oldest: dict[str, float] = {}
+        dead: list[Entry] = []
         async for entry in self._state.scan("t.*", headers_only=True):
             found = _stat_of(entry, now)
             if found is None:
@@ -1114,12 +1168,24 @@ class NATSQueue(Store):
             counts.setdefault(queue, Counter())[kind] += 1
             if kind == "queued" and since:
                 oldest[queue] = min(oldest.get(queue, since), since)
+            elif kind == "failed":
+                dead.append(entry)
+        await self._index_older(unindexed(dead))
         return [
             QueueStats(queue=name, queued=c["queued"], scheduled=c["scheduled"],
                        running=c["running"], failed=c["failed"],
                        oldest_ready_at=from_timestamp(oldest.get(name)))
             for name, c in sorted(counts.items())
         ]
+
+    async def _index_older(self, dead: list[Entry]) -> None:
+        """Records for dead letters that an older omniq still running beside wrote
+        (stamped now). Best effort: stats are read by those who may not write."""
+        try:
+            await self._index.backfill(self._state, dead, keep_time=False)
+        except Exception as exc:
+            log.warning("NATS: could not index %d dead letters of an older omniq: %s",
+                        len(dead), describe(exc))
 
     @boundary
     async def purge(self, queue: str | None = None) -> int:
@@ -1151,8 +1217,125 @@ class NATSQueue(Store):
                 return None  # claimed meanwhile
         if not await self._state.purge_at(entry.key, rev or entry.rev):
             return None if state == FAILED else False  # queued again meanwhile
+        if state == FAILED:
+            await self._index.drop([_task_id_of(entry)])
         await self._free_unique(entry.text(H_UNIQUE), _task_id_of(entry))
         return state in (WAITING, FAILED)
+
+    # --- dead letters ----------------------------------------------------------------
+
+    @boundary
+    async def failed(
+        self,
+        queue: str | None = None,
+        since: datetime | None = None,
+        before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[FailedTask]:
+        await self._ready()
+        if limit <= 0:
+            return []
+        found: list[tuple[Record, Task]] = []
+        seen: set[str] = set()
+        walk = self._index.walk(queue, None if since is None else us_of(since),
+                                None if before is None else us_of(before), limit + 1)
+        async with contextlib.aclosing(walk) as windows:
+            async for records in windows:
+                if await self._add_current(found, records, seen, limit):
+                    break
+        end = min(limit, len(found))
+        while 0 < end < len(found) and found[end][0].at == found[end - 1][0].at:
+            end += 1
+        return [FailedTask(task, at_us(record.at)) for record, task in found[:end]]
+
+    async def _add_current(
+        self, found: list[tuple[Record, Task]], records: Sequence[Record], seen: set[str],
+        limit: int,
+    ) -> bool:
+        """Add the current ones of these records (newest first), reading no more states
+        than the page needs; whether the page is full, and does not end inside a group
+        of one failure time."""
+        i = 0
+        while i < len(records):
+            need = max(8, limit + 1 - len(found))  # (8: a few stale ones, or a tie)
+            found += await self._current(records[i : i + need], seen)
+            i += need
+            found.sort(key=lambda f: (f[0].at, f[0].seq), reverse=True)
+            if len(found) > limit and found[limit][0].at != found[limit - 1][0].at:
+                return True
+        return False
+
+    async def _current(
+        self, records: Sequence[Record], seen: set[str]
+    ) -> list[tuple[Record, Task]]:
+        """The records whose task is still that dead letter, with the task (the states
+        read in one round trip); the other records are stale, and go once old enough."""
+        fresh = [r for r in records if r.task_id not in seen]
+        keys = [task_key(r.task_id) for r in fresh]
+        replies = await self._conn.replies([await self._state.send_get(k) for k in keys])
+        out: list[tuple[Record, Task]] = []
+        gone: list[int] = [r.seq for r in records if r.task_id in seen and stale(r)]
+        for record, key, reply in zip(fresh, keys, replies, strict=True):
+            entry = self._state.entry_of(key, reply)
+            if entry is None or not record.current(entry) or record.task_id in seen:
+                if stale(record):
+                    gone.append(record.seq)
+                continue
+            seen.add(record.task_id)
+            queue = entry.text(H_QUEUE) or record.queue or "default"
+            task, _ = decode_task_or_placeholder(entry.data, record.task_id, queue)
+            out.append((record, task))
+        self._index.drop_soon(gone)
+        return out
+
+    @boundary
+    async def forget(self, task_ids: Sequence[str]) -> int:
+        await self._ready()
+        ids = list(dict.fromkeys(task_ids))
+        gone = 0
+        for i in range(0, len(ids), FORGET_BATCH):
+            gone += await self._forget(ids[i : i + FORGET_BATCH])
+        return gone
+
+    async def _forget(self, ids: Sequence[str]) -> int:
+        """Read the states together, purge the dead letters among them together (each
+        fenced by its revision), then their records and unique keys."""
+        keys = [task_key(t) for t in ids]
+        replies = await self._conn.replies([await self._state.send_get(k) for k in keys])
+        dead = [e for k, reply in zip(keys, replies, strict=True)
+                if (e := self._state.entry_of(k, reply)) is not None and _state(e) == FAILED]
+        if not dead:
+            return 0
+        sent = [await self._state.send_purge_at(e.key, e.rev) for e in dead]
+        purged = await self._conn.replies(sent)
+        gone = [e for e, reply in zip(dead, purged, strict=True) if Bucket.purged_of(reply)]
+        await asyncio.gather(
+            self._index.drop([_task_id_of(e) for e in gone]),
+            *(self._free_unique(e.text(H_UNIQUE), _task_id_of(e)) for e in gone),
+        )
+        return len(gone)
+
+    # --- named records --------------------------------------------------------------
+
+    @boundary
+    async def put_record(self, kind: str, name: str, data: bytes) -> None:
+        await self._ready()
+        await self._records.put(kind, name, data)
+
+    @boundary
+    async def get_record(self, kind: str, name: str) -> bytes | None:
+        await self._ready()
+        return await self._records.get(kind, name)
+
+    @boundary
+    async def list_records(self, kind: str) -> list[tuple[str, bytes]]:
+        await self._ready()
+        return await self._records.of_kind(kind)
+
+    @boundary
+    async def delete_record(self, kind: str, name: str) -> bool:
+        await self._ready()
+        return await self._records.delete(kind, name)
 
     # --- workers -------------------------------------------------------------------
 

@@ -102,7 +102,8 @@ class NATSResultStorage(Store):
         raise BackendError(f"the result of task {result.task_id} is contended; try again")
 
     async def read_many(self, task_ids: Sequence[str]) -> list[TaskResult | None]:
-        """The results of several tasks, read together (one round trip)."""
+        """The results of several tasks: direct gets sent together, their replies awaited
+        together (one round trip)."""
         sent = [await self._bucket.send_get(tok(t)) for t in task_ids]
         replies = await self._conn.replies(sent)
         out = []
@@ -110,6 +111,13 @@ class NATSResultStorage(Store):
             entry = self._bucket.entry_of(tok(task_id), reply)
             out.append(None if entry is None else _result_of(entry.data))
         return out
+
+    @boundary
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskResult]:
+        await self._ready()
+        ids = list(dict.fromkeys(task_ids))
+        found = await self.read_many(ids)
+        return {t: r for t, r in zip(ids, found, strict=True) if r is not None}
 
     @boundary
     async def get(self, task_id: str) -> TaskResult | None:

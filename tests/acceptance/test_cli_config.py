@@ -20,6 +20,7 @@ def test_show_masks_secrets_and_names_sources(cli_env: dict[str, str]) -> None:
         **cli_env,
         "OMNIQ_RESULT_STORAGE_TYPE": "postgres",
         "OMNIQ_RESULT_STORAGE_DSN": "postgresql://omniq:s3cr3t-pw@db.example:5432/omniq",
+        "OMNIQ_EVENT_STORAGE_TYPE": "redis",  # (SQLite takes no password: refused)
         "OMNIQ_EVENT_STORAGE_PASSWORD": "another-s3cr3t",
     }
     code, out, err = run_omniq(["config", "show"], env)

@@ -254,6 +254,9 @@ async def _after_settle(q: Any, t: Task, d: Any, op: str) -> None:
     elif op == "ack-failed":
         assert stats["default"].failed == 1
         assert await q.dequeue(["default"], 30, 0.5) is None
+        # Its failure record went out with the state: stored once, listed once.
+        assert [f.task for f in await q.failed()] == [t]
+        assert (await _failed_records(q)) == 1
     elif op == "retry":
         again = await q.dequeue(["default"], 30, 5)
         assert again is not None and again.task == t and again.attempt == 2
@@ -262,6 +265,108 @@ async def _after_settle(q: Any, t: Task, d: Any, op: str) -> None:
         assert stats["default"].running == 1
         assert await q.dequeue(["default"], 30, 0) is None
         assert await q.ack(d) is True
+
+
+async def _failed_records(q: Any) -> int:
+    return int((await q._conn.js.stream_info(f"{q.prefix}_failed")).state.messages)
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+def test_a_release_with_a_delay_sent_again_hands_the_task_back_once(net: Net, kind: str) -> None:
+    async def body() -> None:
+        q = net.store(nats_backend.NATSQueue)
+        t = _task()
+        await q.enqueue(t)
+        d = await q.dequeue(["default"], 30, 5)
+        assert d is not None
+        net.inject(kind, b"Omniq-State: waiting")
+        began = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await q.release(d, 4.0)  # longer than a late reply takes (2.5 s)
+        await _eventually(lambda: q.release(d, 4.0))
+        (stats,) = await q.stats()
+        assert (stats.scheduled, stats.running) == (1, 0)
+        again = await q.dequeue(["default"], 30, 10)
+        assert again is not None and again.task == t and again.attempt == 1
+        assert time.monotonic() - began > 3.5  # released once, by whichever write landed
+        assert await q.dequeue(["default"], 30, 0) is None
+        assert await q.ack(again) is True
+        await q.close()
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+@pytest.mark.parametrize("step", ["state", "records"])
+def test_a_forget_sent_again_leaves_nothing_behind(net: Net, kind: str, step: str) -> None:
+    async def body() -> None:
+        q = net.store(nats_backend.NATSQueue)
+        t = _task(unique_key="nightly")
+        await q.enqueue(t)
+        d = await q.dequeue(["default"], 30, 5)
+        assert d is not None and await q.ack(d, failed=True) is True
+        # The dead letter's fenced purge; or, once it is gone, its records' purge.
+        where = f"KV_{net.prefix}_queue" if step == "state" else f"{net.prefix}_failed"
+        net.inject(kind, f"$JS.API.STREAM.PURGE.{where}".encode())
+        with pytest.raises(BackendUnavailable):
+            await q.forget([t.id])
+        assert await _eventually(lambda: q.forget([t.id])) in (0, 1)  # 0: it went the 1st time
+        assert await q.get_task(t.id) is None and await q.failed() == []
+        assert await q.stats() == []
+        again = _task(unique_key="nightly")  # its unique key is free (or freed on use)
+        assert await q.enqueue(again) == again.id
+        await q.close()
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+def test_a_record_written_again_is_the_one_stored(net: Net, kind: str) -> None:
+    async def body() -> None:
+        q = net.store(nats_backend.NATSQueue)
+        await q.open()
+        net.inject(kind, f"$KV.{net.prefix}_records.".encode())
+        with pytest.raises(BackendUnavailable):
+            await q.put_record("cancel", "t1", b'{"kill": false}')
+        await _eventually(lambda: q.put_record("cancel", "t1", b'{"kill": false}'))
+        assert await q.list_records("cancel") == [("t1", b'{"kill": false}')]
+        net.inject(kind, f"$JS.API.STREAM.INFO.KV_{net.prefix}_records".encode())
+        with pytest.raises(BackendUnavailable):
+            await q.list_records("cancel")
+        assert await _eventually(lambda: q.list_records("cancel")) == [
+            ("t1", b'{"kill": false}')]
+        await q.close()
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+@pytest.mark.parametrize("step", ["state", "record"])
+def test_a_fused_failure_sent_again_stores_one_dead_letter_and_one_record(
+    net: Net, kind: str, step: str
+) -> None:
+    async def body() -> None:
+        b = await net.backend()
+        t = _task()
+        await b.submit(t, _enqueued(t))
+        (d,) = await b.claim(["default"], 30, 5, 1, "w1")
+        result = TaskResult(t.id, TaskStatus.FAILED, error_type="RuntimeError", attempts=1)
+        failed = TaskEvent(t.id, EventType.FAILED, attempt=1, worker_id="w1")
+        # The record, the state's dead letter and the outcome event go out together.
+        net.inject(kind, b"Omniq-State: failed" if step == "state"
+                   else f"HPUB {net.prefix}.failed.".encode())
+        with pytest.raises(BackendUnavailable):
+            await b.finish(d, result, failed, failed=True)
+        assert await _eventually(lambda: b.finish(d, result, failed, failed=True)) is True
+        q = b.queue()
+        assert [f.task for f in await q.failed()] == [t]
+        assert await _failed_records(q) == 1
+        assert _kinds(await b.events().get(t.id)) == [
+            ("enqueued", 0), ("started", 1), ("failed", 1)
+        ]
+        await _close(*_stores(b))
+
+    asyncio.run(body())
 
 
 @pytest.mark.parametrize("kind", FAULTS)

@@ -12,7 +12,9 @@ import json
 import multiprocessing
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -546,3 +548,455 @@ def test_a_store_handed_to_two_users_stays_open_for_the_one_left(shared_prefix: 
         assert mine._conn.current() is None  # the last user closed it
 
     asyncio.run(body())
+
+
+# --- issue 11: release with a delay, failed(), forget(), records, get_many ---------------
+
+US = timedelta(microseconds=1)
+
+
+def _fresh(prefix: str, **kw: Any) -> Any:
+    """A queue on a Backend of its own (as another process would have: it sets up its
+    streams, and reads the dead-letter marker, afresh)."""
+    return nats_backend.NATSQueue(SHARED, prefix=prefix,
+                                  request_timeout=5 + uuid.uuid4().int % 1000 / 1e4, **kw)
+
+
+async def _dead(q: Any, queue: str = "default", **kw: Any) -> Task:
+    t = _task(queue, **kw)
+    await q.enqueue(t)
+    d = await q.dequeue([queue], 30, 5)
+    assert d is not None and d.task.id == t.id
+    assert await q.ack(d, failed=True) is True
+    return t
+
+
+class _Wire:
+    """What a store's connection sends from now on: requests (every message published,
+    by kind) and round trips (waits for replies)."""
+
+    def __init__(self, store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sent: Counter[str] = Counter()
+        self.trips = 0
+        nc = store._conn.nc
+        publish, replies = nc.publish, store._conn.replies
+        pulled = nats_backend.connection._Pulled.next
+
+        async def counting_publish(subject: str, payload: bytes = b"", **kw: Any) -> None:
+            parts = subject.split(".")
+            self.sent[parts[2] if parts[0] == "$JS" else parts[1]] += 1
+            await publish(subject, payload, **kw)
+
+        async def counting_replies(futures: Any) -> Any:
+            self.trips += 1
+            return await replies(futures)
+
+        async def counting_pull(this: Any, *args: Any) -> Any:
+            self.trips += 1
+            return await pulled(this, *args)
+
+        monkeypatch.setattr(nc, "publish", counting_publish)
+        monkeypatch.setattr(store._conn, "replies", counting_replies)
+        monkeypatch.setattr(nats_backend.connection._Pulled, "next", counting_pull)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.sent.values())
+
+    def reset(self) -> None:
+        self.sent.clear()
+        self.trips = 0
+
+
+async def _failed_stream(q: Any) -> Any:
+    return (await q._conn.js.stream_info(f"{q.prefix}_failed")).state
+
+
+def test_a_claim_stores_no_started_for_a_task_that_waits_for_others(shared_prefix: str) -> None:
+    async def body() -> None:
+        b = nats_backend.backend_for(nats_backend.NATSSettings(servers=[SHARED],
+                                                               prefix=shared_prefix))
+        q, e = b.queue(), b.events()
+        async with q, e:
+            plain, waits = _task("dep"), _task("dep", after=(_task().id,))
+            for t in (plain, waits):
+                await q.enqueue(t)
+            got = {d.task.id: d for d in await b.claim(["dep"], 30, 2, 5, "w1")}
+            assert set(got) == {plain.id, waits.id}
+            assert [x.event_type for x in await e.get(plain.id)] == [EventType.STARTED]
+            assert await e.get(waits.id) == []
+            await q.release(got[waits.id], 0.5)
+            (stats,) = await q.stats()
+            assert (stats.scheduled, stats.running, stats.queued) == (1, 1, 0)
+            assert await b.claim(["dep"], 30, 0, 1, "w1") == []  # parked until then
+            (again,) = await b.claim(["dep"], 30, 5, 1, "w1")
+            assert again.task.id == waits.id and again.attempt == 1  # not counted
+            assert await e.get(waits.id) == []
+
+    asyncio.run(body())
+
+
+def test_failed_costs_the_same_however_many_dead_letters(
+    shared_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        for _ in range(4):
+            await asyncio.gather(*(q.enqueue(_task("bulk")) for _ in range(100)))
+        for name in ("fa", "fb") * 10:
+            await _dead(q, name)
+        wire = _Wire(q, monkeypatch)
+        costs = []
+        for more in (0, 160):
+            for _ in range(more // 2):
+                await _dead(q, "fa"), await _dead(q, "fb")
+            await q._conn.flush_soon()  # the last acks, not failed()'s requests
+            wire.reset()
+            page = await q.failed(limit=5)
+            assert len(page) == 5 and page[0].failed_at > page[-1].failed_at
+            costs.append((wire.requests, wire.trips, dict(wire.sent)))
+        # The newest record (1 direct get), a consumer at the window's start, one pull of
+        # its 8 records (6 wanted, a quarter more), the consumer's deletion (not awaited),
+        # 8 states (one round trip).
+        assert costs[0] == costs[1] == (12, 4, {"DIRECT": 9, "CONSUMER": 3}), costs
+        wire.reset()
+        page = await q.failed("fa", limit=3)
+        assert len(page) == 3 and {f.task.queue for f in page} == {"fa"}
+        # Its first consumer's window held 2 of queue fa, not 4: placed once more, lower
+        # (by the density seen) before its one pull.
+        assert (wire.trips, wire.sent["CONSUMER"]) == (5, 5)
+        # Holes among the newest records (dead letters forgotten, or queued again): the
+        # same, one more placement.
+        newest = await q.failed(limit=8)
+        assert await q.forget([f.task.id for f in newest[1:6:2]]) == 3
+        wire.reset()
+        page = await q.failed(limit=5)
+        assert [f.task.id for f in page] == [newest[i].task.id for i in (0, 2, 4, 6, 7)]
+        assert (wire.trips, wire.sent["CONSUMER"]) == (5, 5)
+        await q.close()
+
+    asyncio.run(body())
+
+
+async def _move_records(q: Any, times: dict[str, int]) -> None:
+    """Make the failure records those of a store moved from an older omniq: each with
+    the failure time given (us), oldest first, and the marker saying where they end."""
+    from omniq.backends.nats import deadletters, headers
+
+    nc = q._conn.nc
+    await nc.request(f"$JS.API.STREAM.PURGE.{q.prefix}_failed", b"{}", timeout=5)
+    for task_id, at in sorted(times.items(), key=lambda kv: kv[1]):
+        entry = await q._state.get(nats_backend.task_key(task_id))
+        heads = {headers.H_ID: task_id, headers.H_QUEUE: entry.text(headers.H_QUEUE),
+                 headers.H_CLAIM: entry.text(headers.H_CLAIM), headers.H_FAILED_AT: str(at)}
+        subject = f"{q.prefix}.failed.{entry.text(headers.H_QUEUE)}.{task_id}"
+        await q._conn.js.publish(subject, b"", headers=heads)
+    last = (await _failed_stream(q)).last_seq
+    await q._state.put(deadletters.MARKER, json.dumps({"block": last}).encode(), {})
+
+
+def test_failed_pages_by_the_stored_microsecond(shared_prefix: str) -> None:
+    from omniq.backends.nats.connection import at_us
+
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        a, b, c, d = [await _dead(q, name) for name in ("f1", "f2", "f1", "f2")]
+        base = 1_700_000_000_000_000
+        # Failure times of our choosing: two dead letters of two queues share one us.
+        await _move_records(q, {a.id: base, b.id: base + 7, c.id: base + 7, d.id: base + 9})
+        await q.close()
+        q = _fresh(shared_prefix)
+        every = await q.failed()
+        assert [f.task.id for f in every] == [d.id, c.id, b.id, a.id]  # a tie: newer first
+        assert [f.failed_at for f in every] == [at_us(base + t) for t in (9, 7, 7, 0)]
+        # A page does not end inside one microsecond: the tie comes whole.
+        assert [f.task.id for f in await q.failed(limit=2)] == [d.id, c.id, b.id]
+        assert [f.task.id for f in await q.failed(limit=1)] == [d.id]
+        assert [f.task.id for f in await q.failed(before=every[1].failed_at)] == [a.id]
+        assert [f.task.id for f in await q.failed(before=every[1].failed_at + US)] == [
+            c.id, b.id, a.id]
+        assert len(await q.failed(since=every[1].failed_at)) == 3  # inclusive
+        assert len(await q.failed(since=every[1].failed_at + US)) == 1
+        assert [f.task.id for f in await q.failed("f1")] == [c.id, a.id]
+        assert await q.failed(limit=0) == [] and await q.failed("nowhere") == []
+        # Newer failures are listed above the moved ones and page down into them.
+        e = await _dead(q, "f1")
+        seen, before = [], None
+        while page := await q.failed(before=before, limit=2):
+            seen += [f.task.id for f in page]
+            before = page[-1].failed_at
+        assert seen == [e.id, d.id, c.id, b.id, a.id]
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_a_burst_of_failures_pages_without_a_gap_or_a_repeat(shared_prefix: str) -> None:
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        tasks = [_task(("b1", "b2")[i % 2]) for i in range(40)]
+        await asyncio.gather(*(q.enqueue(t) for t in tasks))
+        got = await q.dequeue_many(["b1", "b2"], 30, 5, 64)
+        while len(got) < 40:
+            got += await q.dequeue_many(["b1", "b2"], 30, 5, 64)
+        await asyncio.gather(*(q.ack(d, failed=True) for d in got))  # together
+        seen, before, pages = [], None, 0
+        while True:
+            page = await q.failed(None, None, before, 7)
+            pages += 1
+            seen += [f.task.id for f in page]
+            if len(page) < 7:
+                break
+            before = page[-1].failed_at
+        assert sorted(seen) == sorted(t.id for t in tasks) and len(seen) == 40
+        assert pages >= 6
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_failed_skips_stale_records_and_reads_undecodable_dead_letters(
+    shared_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omniq.backends.nats import deadletters, headers
+    from omniq.serialization import UNDECODABLE_FUNC
+
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        old, bad = await _dead(q, "st"), await _dead(q, "st")
+        waiting = _task("st")
+        await q.enqueue(waiting)
+        # Records whose state is not (or no longer) theirs: a waiting task, a claim that
+        # lost its lease while failing the task, a task that is gone.
+        for task_id, claim in ((waiting.id, ""), (old.id, "another-claim"), (_task().id, "")):
+            heads = {headers.H_ID: task_id, headers.H_QUEUE: "st", headers.H_CLAIM: claim}
+            await q._conn.js.publish(f"{shared_prefix}.failed.st.{task_id}", b"", headers=heads)
+        entry = await q._state.get(nats_backend.task_key(bad.id))
+        await q._state.put(entry.key, b"\xff not a task", {
+            k: v for k, v in entry.headers.items() if k.startswith("Omniq-")})
+        page = await q.failed("st", limit=2)
+        assert [f.task.id for f in page] == [bad.id, old.id]  # still a full page
+        assert page[0].task.func == UNDECODABLE_FUNC and page[0].task.queue == "st"
+        assert (await _failed_stream(q)).messages == 5  # young stale records are kept
+        monkeypatch.setattr(deadletters, "STALE", -1.0)
+        assert [f.task.id for f in await q.failed("st")] == [bad.id, old.id]
+        await asyncio.sleep(0.1)  # their deletion goes out with the next request
+        await q.get_task(old.id)
+        assert (await _failed_stream(q)).messages == 2
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_a_dead_letter_queued_again_loses_its_record_before_it_runs(shared_prefix: str) -> None:
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        t = await _dead(q, "rq")
+        (first,) = await q.failed()
+        assert await q.enqueue(t) == t.id  # as omniq.retry does
+        assert await q.failed() == [] and (await _failed_stream(q)).messages == 0
+        d = await q.dequeue(["rq"], 30, 5)
+        assert d is not None and await q.ack(d, failed=True)
+        (again,) = await q.failed()
+        assert again.task.id == t.id and again.failed_at > first.failed_at
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_purge_drops_the_records_of_the_dead_letters_it_drops(shared_prefix: str) -> None:
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        kept = await _dead(q, "keep")
+        for _ in range(3):
+            await _dead(q, "pq")
+        await q.enqueue(_task("pq"))
+        assert await q.purge("pq") == 4
+        assert [f.task.id for f in await q.failed()] == [kept.id]
+        assert (await _failed_stream(q)).messages == 1
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_forget_frees_the_key_and_the_records_and_counts_once(
+    shared_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        keyed = await _dead(q, "fg", unique_key="nightly")
+        many = [await _dead(q, "fg") for _ in range(3)]
+        waiting = _task("fg")
+        await q.enqueue(waiting)
+        ids = [keyed.id, *(t.id for t in many)]
+        wire = _Wire(q, monkeypatch)
+        unknown = [_task().id for _ in range(300)]
+        assert await q.forget([*ids, waiting.id, *unknown, *ids]) == 4  # a repeat counts once
+        # 256 ids at a time: their states read together, the dead ones purged together,
+        # then their records with the unique key's read, then the key's purge (4); the
+        # next 56 ids: their states (1).
+        assert wire.trips == 5
+        wire.reset()
+        assert await q.forget(ids) == 0
+        assert wire.trips == 1 and await q.failed("fg") == []
+        assert (await _failed_stream(q)).messages == 0
+        assert [(s.queue, s.queued, s.failed) for s in await q.stats()] == [("fg", 1, 0)]
+        fresh = _task("fg", unique_key="nightly")
+        assert await q.enqueue(fresh) == fresh.id
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_records_live_in_a_bucket_of_their_own(
+    shared_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        await q.put_record("a.b", "c", b"1")
+        await q.put_record("a", "b.c", b"2")
+        await q.put_record("a", "x:y_z", b"3")
+        bucket = f"KV_{shared_prefix}_records"
+        info = await q._conn.js.stream_info(bucket, subjects_filter=">")
+        assert sorted(info.state.subjects) == [
+            f"$KV.{shared_prefix}_records.{k}" for k in ("a.b_dc", "a.x_cy__z", "a_db.c")]
+        wire = _Wire(q, monkeypatch)
+        assert await q.list_records("a") == [("b.c", b"2"), ("x:y_z", b"3")]
+        assert (wire.requests, wire.trips) == (3, 2)  # which keys, then their values
+        wire.reset()
+        assert await q.list_records("cancel") == [] and (wire.requests, wire.trips) == (1, 1)
+        wire.reset()
+        # Names that could never be stored are never found (nothing is asked).
+        assert await q.get_record("a", "no spaces") is None
+        assert await q.list_records("no spaces") == []
+        assert await q.delete_record("a", "") is False and wire.requests == 0
+        assert await q.delete_record("a", "x:y_z") is True
+        assert await q.delete_record("a", "x:y_z") is False
+        assert await q.get_record("a.b", "c") == b"1"
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_get_many_is_one_round_trip_for_many(
+    shared_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body() -> None:
+        r = nats_backend.NATSResultStorage(SHARED, prefix=shared_prefix)
+        results = [TaskResult(_task().id, TaskStatus.COMPLETED, value=i) for i in range(3)]
+        for result in results:
+            await r.store(result)
+        ids = [_task().id for _ in range(500)] + [x.task_id for x in results]
+        wire = _Wire(r, monkeypatch)
+        got = await r.get_many([*ids, results[0].task_id])
+        assert got == {x.task_id: x for x in results}
+        assert (wire.requests, wire.trips) == (503, 1)
+        await r.close()
+
+    asyncio.run(body())
+
+
+async def _issue10_dead_letter(prefix: str, t: Task) -> None:
+    """A dead letter as an omniq of issue 10 wrote it: a state entry, no failure record."""
+    import nats
+
+    from omniq.backends.nats import headers
+    from omniq.serialization import encode_task
+
+    nc = await nats.connect(SHARED)
+    js = nc.jetstream()
+    with contextlib.suppress(Exception):
+        await js.create_key_value(bucket=f"{prefix}_queue", history=1, direct=True)
+    heads = {headers.H_ID: t.id, headers.H_QUEUE: t.queue, headers.H_PRIORITY: "0",
+             headers.H_STATE: "failed", headers.H_ATTEMPTS: "1",
+             headers.H_CLAIM: uuid.uuid4().hex}
+    await js.publish(f"$KV.{prefix}_queue.{nats_backend.task_key(t.id)}", encode_task(t),
+                     headers=heads)
+    await nc.close()
+
+
+async def _written_at(prefix: str, t: Task) -> datetime:
+    """When the server stored the task's state entry (its timestamp, to the us)."""
+    import nats
+
+    nc = await nats.connect(SHARED)
+    subject = f"$KV.{prefix}_queue.{nats_backend.task_key(t.id)}"
+    msg = await nc.request(f"$JS.API.DIRECT.GET.KV_{prefix}_queue",
+                           json.dumps({"last_by_subj": subject}).encode(), timeout=5)
+    await nc.close()
+    stamp = (msg.headers or {})["Nats-Time-Stamp"]  # RFC 3339 with nanoseconds
+    return datetime.fromisoformat(stamp[:26] + "+00:00")
+
+
+def test_dead_letters_of_an_older_omniq_are_listed_with_their_failure_times(
+    shared_prefix: str,
+) -> None:
+    async def body() -> None:
+        old = [_task("up") for _ in range(3)]
+        for t in old:
+            await _issue10_dead_letter(shared_prefix, t)
+            await asyncio.sleep(0.01)
+        written = [await _written_at(shared_prefix, t) for t in old]
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        await q.open()  # gives them their records, with the times their states were written
+        listed = await q.failed()
+        assert [f.task for f in listed] == old[::-1]
+        for f, at in zip(listed, written[::-1], strict=True):
+            assert abs((f.failed_at - at).total_seconds()) <= 1e-6
+        new = await _dead(q, "up")  # a failure of this omniq: above them
+        assert [f.task.id for f in await q.failed(limit=2)] == [new.id, old[2].id]
+        assert [f.task for f in await q.failed(before=listed[0].failed_at)] == old[1::-1]
+        # An older worker still running beside writes one more: listed once stats() saw it.
+        later = _task("up")
+        await _issue10_dead_letter(shared_prefix, later)
+        assert later.id not in {f.task.id for f in await q.failed()}
+        assert [(s.queue, s.failed) for s in await q.stats()] == [("up", 5)]
+        assert (await q.failed(limit=1))[0].task.id == later.id
+        assert await q.forget([t.id for t in old]) == 3
+        assert [f.task.id for f in await q.failed()] == [later.id, new.id]
+        await q.close()
+        again = _fresh(shared_prefix)  # the marker says it is done: nothing moved twice
+        assert [f.task.id for f in await again.failed()] == [later.id, new.id]
+        assert (await _failed_stream(again)).messages == 2
+        await again.close()
+
+    asyncio.run(body())
+
+
+def test_dependencies_and_failed_tasks_through_a_worker(shared_prefix: str) -> None:
+    """On one Backend (the fused claim and finish): a dependent task's one STARTED is
+    the worker's; then the failed tasks in bulk."""
+    from omniq import OmniQ
+    from omniq.config import OmniQConfig
+    from omniq.errors import TaskFailed
+
+    where = {f"{role}_{key}": value
+             for role in ("task_queue", "result_storage", "event_storage")
+             for key, value in (("type", "nats"), ("servers", [SHARED]),
+                                ("prefix", shared_prefix))}
+    config = OmniQConfig.from_values(default_retry_delay=0.01,
+                                     worker_queues=["default", "mail"], **where)
+
+    def kinds(client: OmniQ, task_id: str) -> list[str]:
+        return [e.event_type.value for e in client.get_events(task_id)]
+
+    with OmniQ(config, embedded_worker="shared") as omniq:
+        first = omniq.enqueue("omniq.examples:sleep", 0.3, "first")
+        then = omniq.options(after=[first]).enqueue("omniq.examples:echo", "second")
+        assert omniq.get_result(then, timeout=10) == {"args": ["second"], "kwargs": {}}
+        assert kinds(omniq, then) == ["enqueued", "started", "completed"]
+        bad = omniq.enqueue("omniq.examples:fail", "boom")
+        dependent = omniq.options(after=[bad]).enqueue("omniq.examples:add", 1, 1)
+        with pytest.raises(TaskFailed, match="dependency failed"):
+            omniq.get_result(dependent, timeout=10)
+        assert kinds(omniq, dependent) == ["enqueued", "failed"]
+        mail = omniq.options(queue="mail").enqueue("omniq.examples:fail", "mail")
+        with pytest.raises(TaskFailed):
+            omniq.get_result(mail, timeout=10)
+        assert [f.task.id for f in omniq.failed()] == [mail, dependent, bad]
+        assert omniq.failed(queue="mail")[0].error == "RuntimeError: mail"
+        assert omniq.retry_failed(queue="default", func="fail") == [bad]
+        with pytest.raises(TaskFailed):
+            omniq.get_result(bad, timeout=10)  # ran again, failed again
+        assert omniq.purge_failed(queue="mail") == [mail]
+        assert {f.task.id for f in omniq.failed()} == {bad, dependent}
