@@ -16,10 +16,10 @@ For command authors (the worker daemon included):
 - `handle_errors()`: the single top-level error handler (context manager or
   decorator). It turns exceptions into one or two lines on stderr and an exit
   code (`SystemExit`): ConfigError 78; BackendUnavailable, BackendError and
-  MissingDependency (with its install hint) 69; TaskNotFound 4; ResultTimeout 3;
-  Refused 5; TaskFailed and its kinds 1; SerializationError, ValueError and usage
-  errors 2; Ctrl-C 130; any other error 1. Tracebacks only with `-v`. `main()`
-  wraps every command in it, so commands just raise.
+  MissingDependency (with its install hint) 69; TaskNotFound and ScheduleNotFound 4;
+  ResultTimeout 3; Refused and TaskStateError 5; TaskFailed and its kinds 1;
+  SerializationError, ValueError and usage errors 2; Ctrl-C 130; any other error 1.
+  Tracebacks only with `-v`. `main()` wraps every command in it, so commands just raise.
 - Parameter types for click options: `DURATION`, `TASK_ID`, `QUEUE` (a bad value
   is a usage error naming the option), and `examples(...)` for help epilogs.
 
@@ -257,6 +257,7 @@ def examples(*lines: str) -> str:
 
 def _exit_code_for(exc: BaseException) -> tuple[ExitCode, str]:
     from omniq import errors
+    from omniq.operate import ScheduleNotFound
 
     table: tuple[tuple[type[BaseException], ExitCode], ...] = (
         (errors.ConfigError, ExitCode.CONFIG),
@@ -264,8 +265,10 @@ def _exit_code_for(exc: BaseException) -> tuple[ExitCode, str]:
         (errors.BackendError, ExitCode.UNAVAILABLE),
         (errors.MissingDependency, ExitCode.UNAVAILABLE),
         (errors.TaskNotFound, ExitCode.NOT_FOUND),
+        (ScheduleNotFound, ExitCode.NOT_FOUND),
         (errors.ResultTimeout, ExitCode.PENDING),
         (errors.TaskFailed, ExitCode.TASK_FAILED),
+        (errors.TaskStateError, ExitCode.REFUSED),
         (Refused, ExitCode.REFUSED),
         (errors.SerializationError, ExitCode.USAGE),
         (errors.OmniQError, ExitCode.TASK_FAILED),

@@ -43,6 +43,13 @@ def line(text: str = "", *, flush: bool = False) -> None:
         sys.stdout.flush()
 
 
+def write(text: str, *, err: bool = False) -> None:
+    """Text as it came (a shell task's output), to stdout or stderr, flushed."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text)
+    stream.flush()
+
+
 def json_line(value: Any, *, flush: bool = False) -> None:
     """One JSON document on one line of stdout (`--json`; JSON lines for streams)."""
     line(to_json(value), flush=flush)
@@ -67,9 +74,15 @@ def info(message: str) -> None:
 
 
 def _stderr(text: str) -> None:
+    if _LIVE:  # a bar is drawn on stderr: print above it, not through it
+        _LIVE[-1].console.print(text.rstrip("\n"), markup=False, highlight=False)
+        return
     sys.stdout.flush()  # keep stdout and stderr in order on a shared terminal
     sys.stderr.write(text.rstrip("\n") + "\n")
     sys.stderr.flush()
+
+
+_LIVE: list[Any] = []  # the rich progress bars drawn now (at most one in practice)
 
 
 def iso(moment: datetime | None) -> str:
@@ -128,6 +141,8 @@ _EVENT_STYLE = {
     "cancelled": "yellow",
     "retried": "yellow",
     "started": "cyan",
+    "progress": "blue",
+    "output": "dim",
 }
 
 
@@ -185,3 +200,116 @@ def progress(total: int | None, description: str) -> Iterator[Progress]:
         meter._bar = bar
         meter._task = bar.add_task(description, total=total)
         yield meter
+
+
+class Counter:
+    """Counts bulk work (`retry --all-failed`); a bar on a terminal once the total is large."""
+
+    def __init__(self, description: str, show_from: int) -> None:
+        self.description = description
+        self.show_from = show_from
+        self._bar: Any = None
+        self._task: Any = None
+
+    def update(self, done: int, total: int) -> None:
+        if self._bar is None and total >= self.show_from and stderr_is_tty():
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(console=_console(stderr=True), transient=True,
+                                     redirect_stdout=False, redirect_stderr=False)
+            self._bar.start()
+            _LIVE.append(self._bar)
+            self._task = self._bar.add_task(self.description, total=total)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            _LIVE.remove(self._bar)
+            self._bar.stop()
+            self._bar = None
+
+
+@contextlib.contextmanager
+def counter(description: str, show_from: int = 20) -> Iterator[Counter]:
+    meter = Counter(description, show_from)
+    try:
+        yield meter
+    finally:
+        meter.close()
+
+
+class TaskBar:
+    """A task's own progress (its `progress` events) while a command waits for it: a bar
+    on stderr when stderr is a terminal, nothing otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._state = "waiting"
+        self._message: str | None = None
+        self._bar: Any = None
+        self._task: Any = None
+
+    @property
+    def drawn(self) -> bool:
+        return self._bar is not None
+
+    def start(self) -> None:
+        if not stderr_is_tty():
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
+        self._bar = RichProgress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+            MofNCompleteColumn(), TimeElapsedColumn(),
+            console=_console(stderr=True), transient=True,
+            redirect_stdout=False, redirect_stderr=False,
+        )
+        self._bar.start()
+        _LIVE.append(self._bar)
+        self._task = self._bar.add_task(self._describe(), total=None)
+
+    def state(self, text: str) -> None:
+        """waiting, running, ...: shown until the task reports a message of its own."""
+        self._state = text
+        if self._bar is not None:
+            self._bar.update(self._task, description=self._describe())
+
+    def update(self, done: float, total: float | None, message: str | None) -> None:
+        if self._bar is None:
+            return
+        self._state = "running"
+        if message:
+            self._message = " ".join(str(message).split())
+        self._bar.update(self._task, completed=done, total=total, description=self._describe())
+
+    def _describe(self) -> str:
+        from rich.markup import escape
+
+        text = f"{self.label} {self._message or self._state}"
+        return escape(text if len(text) <= 80 else text[:79] + "…")
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            _LIVE.remove(self._bar)
+            self._bar.stop()
+            self._bar = None
+
+
+@contextlib.contextmanager
+def task_bar(label: str, draw: bool = True) -> Iterator[TaskBar]:
+    """A TaskBar, drawn when `draw` and stderr is a terminal."""
+    bar = TaskBar(label)
+    if draw:
+        bar.start()
+    try:
+        yield bar
+    finally:
+        bar.stop()

@@ -37,6 +37,8 @@ EPILOG = common.examples(
     '*/10 * * * * omniq enqueue myapp.tasks:report --key "report-$(date +\\%F)" --key-ttl 1d',
     "omniq enqueue omniq.examples:add -- -1 2          # '--' before negative numbers",
     "omniq enqueue --from-file tasks.jsonl            # or '-' for stdin",
+    "a=$(omniq enqueue omniq.examples:add 2 3)",
+    "omniq enqueue omniq.examples:add 10 --after $a --pass-result   # 15, once a is done",
     "omniq enqueue --shell -- tar czf /tmp/b.tgz /srv",
     "omniq enqueue --sh 'pg_dump app | gzip > /tmp/app.sql.gz'",
 )
@@ -67,11 +69,17 @@ default 7 days), so a cron job that enqueues "report-$(date +%F)" every few
 minutes runs once a day. --key-ttl DURATION holds it that long after the task
 finished instead (0: only while it is unfinished).
 
+--after ID (repeatable) makes the task wait until those tasks completed; if one
+of them fails, is cancelled or expires, this one fails with "dependency failed"
+without running. While it waits it counts as scheduled in `omniq status`.
+--pass-result gives it the first --after task's result as its first argument.
+
 --from-file reads one JSON object per line: {"func": "mod:fn", "args": [...],
 "kwargs": {...}} or {"shell": [argv...]} or {"sh": "command"}, plus any option
 of the Python API: "queue", "delay", "eta" (or "at"), "priority", "retries",
-"retry_delay", "timeout", "ttl", "result_ttl", "unique_key" (or "key") and
-"unique_ttl" (or "key_ttl"); durations as seconds or "30s", "5m". The
+"retry_delay", "timeout", "ttl", "result_ttl", "unique_key" (or "key"),
+"unique_ttl" (or "key_ttl"), "after" (a task id or a list) and "pass_result";
+durations as seconds or "30s", "5m". The
 command-line options are the defaults for every line. Ids are printed one per
 line, in order. Nothing is queued if any line is bad; errors name the file and
 line.
@@ -279,6 +287,8 @@ _LINE_NAMES = {
     "key": "unique_key",
     "unique_ttl": "unique_ttl",
     "key_ttl": "unique_ttl",
+    "after": "after",
+    "pass_result": "pass_result",
 }
 _LINE_FIELDS = frozenset(("func", "args", "kwargs", "shell", "sh", *_LINE_NAMES))
 
@@ -336,27 +346,43 @@ def line_options(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def _line_option(obj: dict[str, Any], name: str, target: str) -> Any:
-    if target == "queue":
-        return common.check_queue(_typed(obj, name, str))
-    if target == "eta":
-        return parse_at(_typed(obj, name, str))
-    if target == "unique_key":
-        return _typed(obj, name, str)
-    if target == "priority":
-        return _typed(obj, name, int)
-    if target == "retries":
-        return _non_negative(_typed(obj, name, int), name)
+    plain = _PLAIN_FIELDS.get(target)
+    if plain is not None:
+        return plain(obj, name)
     seconds = common.duration(_duration_text(obj, name))
     if target in ("timeout", "ttl", "result_ttl") and seconds <= 0:
         raise ValueError(f'"{name}" must be more than zero, got {obj[name]!r}')
     return seconds
 
 
+# The option fields that are not durations, and how each is read.
+_PLAIN_FIELDS: dict[str, Any] = {
+    "queue": lambda obj, name: common.check_queue(_typed(obj, name, str)),
+    "eta": lambda obj, name: parse_at(_typed(obj, name, str)),
+    "unique_key": lambda obj, name: _typed(obj, name, str),
+    "priority": lambda obj, name: _typed(obj, name, int),
+    "retries": lambda obj, name: _non_negative(_typed(obj, name, int), name),
+    "after": lambda obj, name: _after_ids(obj[name]),
+    "pass_result": lambda obj, name: _typed(obj, name, bool),
+}
+
+
+_KINDS = {str: "a string", int: "an integer", bool: "true or false"}
+
+
 def _typed(obj: dict[str, Any], name: str, kind: type) -> Any:
     value = obj[name]
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ValueError(f'"{name}" must be {"a string" if kind is str else "an integer"}')
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        raise ValueError(f'"{name}" must be {_KINDS[kind]}')
     return value
+
+
+def _after_ids(value: Any) -> tuple[str, ...]:
+    """"after": one task id or a list of them."""
+    ids = [value] if isinstance(value, str) else value
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise ValueError('"after" must be a task id or a list of task ids')
+    return tuple(common.check_task_id(i) for i in ids)
 
 
 def _duration_text(obj: dict[str, Any], name: str) -> str:
@@ -496,9 +522,13 @@ async def _enqueue_all(config: OmniQConfig, specs: list[TaskSpec], as_json: bool
 # --- the command ----------------------------------------------------------------------------
 
 
-def _duration(flag: str, help: str, positive: bool = False) -> Any:
+def duration_option(flag: str, help: str, positive: bool = False) -> Any:
+    """A DURATION option (`positive`: more than zero); also used by `omniq schedule add`."""
     kind = common.Checked("duration", positive_duration) if positive else common.DURATION
     return click.option(flag, type=kind, metavar="DURATION", help=help)
+
+
+_duration = duration_option
 
 
 @common.command("enqueue", help=HELP, epilog=EPILOG)
@@ -522,6 +552,11 @@ def _duration(flag: str, help: str, positive: bool = False) -> Any:
     "--key", metavar="KEY", help="Unique key: while it is held, print the holder's id instead."
 )
 @_duration("--key-ttl", "Hold --key this long after the task finished (default: its result's).")
+@click.option(
+    "--after", metavar="TASK_ID", type=common.TASK_ID, multiple=True,
+    help="Run only once this task completed (repeatable; see above).",
+)
+@click.option("--pass-result", is_flag=True, help="Pass the first --after task's result first.")
 @click.option("--wait", is_flag=True, help="Wait for the outcome and print it (see above).")
 @_duration("--wait-timeout", "Stop waiting after this, exit 3 (implies --wait).")
 @common.json_option("Print one JSON object per task (with --wait: with its result).")
@@ -579,12 +614,16 @@ def task_options(
     retry_delay: float | None = None,
     result_ttl: float | None = None,
     key_ttl: float | None = None,
+    after: tuple[str, ...] = (),
+    pass_result: bool = False,
 ) -> dict[str, Any]:
     """TaskOptions fields from the options the user gave (the rest stay config defaults)."""
     if delay is not None and at is not None:
         raise ValueError("give --delay or --at, not both")
     if key_ttl is not None and key is None:
         raise ValueError("--key-ttl needs --key")
+    if pass_result and not after:
+        raise ValueError("--pass-result needs --after TASK_ID (the task whose result to pass)")
     given = {
         "queue": queue,
         "delay": delay,
@@ -597,6 +636,8 @@ def task_options(
         "result_ttl": result_ttl,
         "unique_key": key,
         "unique_ttl": key_ttl,
+        "after": tuple(after) or None,
+        "pass_result": pass_result or None,
     }
     return {name: value for name, value in given.items() if value is not None}
 

@@ -36,6 +36,9 @@ RESULT_EPILOG = common.examples(
 EVENTS_EPILOG = common.examples(
     "omniq events TASK_ID",
     "omniq events TASK_ID --json | jq -r .event_type",
+) + (
+    "\n\nProgress events (omniq.current_task().progress) read \"3/10 (30%) message\"; a"
+    "\nshell task's output events \"stdout: text\" (omniq logs ID prints the output itself)."
 )
 TAIL_EPILOG = (
     common.examples(
@@ -44,6 +47,7 @@ TAIL_EPILOG = (
         "omniq tail --since 10m --type failed --type timeout",
         "omniq tail --queue mail --json",
         "omniq tail --task TASK_ID",
+        "omniq tail --type progress               # how far running tasks got",
     )
     + "\n\nCtrl-C stops it (exit 0)."
 )
@@ -84,6 +88,34 @@ def format_details(details: dict[str, Any]) -> str:
         shown = value if isinstance(value, str) else console.to_json(value)
         parts.append(f"{key}={' '.join(shown.split())}")  # one line, whatever the message
     return " ".join(parts)
+
+
+OUTPUT_WIDTH = 200  # characters of an output event shown on its one line
+
+
+def describe_event(kind: str, details: dict[str, Any]) -> str:
+    """The DETAILS column: progress as "3/10 (30%) message", output as "stdout: text",
+    anything else as key=value pairs."""
+    if kind == "progress" and isinstance(details.get("done"), int | float):
+        return progress_text(details["done"], details.get("total"), details.get("message"))
+    if kind == "output" and isinstance(details.get("text"), str):
+        text = " ".join(details["text"].split())
+        if len(text) > OUTPUT_WIDTH:
+            text = text[: OUTPUT_WIDTH - 1] + "…"
+        return f"{details.get('stream', 'stdout')}: {text}"
+    return format_details(details)
+
+
+def progress_text(done: float, total: Any = None, message: Any = None) -> str:
+    """"3/10 (30%) resized a.png", or "3 resized a.png" when the total is unknown."""
+    text = f"{done:g}"
+    if isinstance(total, int | float) and not isinstance(total, bool):
+        text += f"/{total:g}"
+        if total > 0:
+            text += f" ({100 * done / total:.0f}%)"
+    if message:
+        text += f" {' '.join(str(message).split())}"
+    return text
 
 
 def shell_output(result: TaskResult) -> dict[str, Any] | None:
@@ -135,17 +167,53 @@ async def wait_result(
     client: AsyncOmniQ, task_id: str, timeout: float | None, queue: str | None = None
 ) -> TaskResult:
     """`client.wait_result`, with one hint on stderr after HINT_AFTER seconds when no
-    live worker serves the task's queue (the wait goes on)."""
+    live worker serves the task's queue (the wait goes on). On a terminal, a waiting
+    (timeout not 0) draws a bar from the task's progress events on stderr."""
     import asyncio
 
     waiting = asyncio.ensure_future(client.wait_result(task_id, timeout))
-    try:
-        done, _ = await asyncio.wait({waiting}, timeout=HINT_AFTER)
-        if not done:
-            await _hint_if_unserved(client, task_id, queue)
-        return await waiting
-    finally:
-        waiting.cancel()
+    watch: asyncio.Future[None] | None = None
+    with console.task_bar(f"task {task_id}", draw=timeout != 0) as bar:
+        if bar.drawn:
+            watch = asyncio.ensure_future(_draw_progress(client, task_id, bar))
+        try:
+            done, _ = await asyncio.wait({waiting}, timeout=HINT_AFTER)
+            if not done:
+                await _hint_if_unserved(client, task_id, queue)
+            return await waiting
+        finally:
+            waiting.cancel()
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+
+
+async def _draw_progress(client: AsyncOmniQ, task_id: str, bar: console.TaskBar) -> None:
+    """Feed the bar with the task's progress so far, then live (only while drawn: following
+    the event log costs a read per new batch of events)."""
+    from omniq.errors import OmniQError
+    from omniq.models import EventFilter, EventType
+
+    kinds = frozenset({EventType.PROGRESS, EventType.STARTED, EventType.RETRIED})
+    with contextlib.suppress(OmniQError):  # only a picture: never let it break the wait
+        cursor = await client.event_cursor()
+        for event in await client.get_events(task_id):
+            _on_bar(bar, event)
+        only = EventFilter(task_id=task_id, event_types=kinds)
+        async for _, event in client.follow_events(cursor, only, idle_wait=0.5):
+            _on_bar(bar, event)
+
+
+def _on_bar(bar: console.TaskBar, event: TaskEvent) -> None:
+    kind, details = event.event_type.value, event.details
+    if kind == "started":
+        bar.state("running" if event.attempt <= 1 else f"running, attempt {event.attempt}")
+    elif kind == "retried":
+        bar.state("waiting to retry")
+    elif kind == "progress" and isinstance(details.get("done"), int | float):
+        total = details.get("total")
+        bar.update(details["done"], total if isinstance(total, int | float) else None,
+                   details.get("message"))
 
 
 async def _hint_if_unserved(client: AsyncOmniQ, task_id: str, queue: str | None) -> None:
@@ -223,7 +291,7 @@ def events(task_id: str, as_json: bool) -> None:
             e.event_type.value,
             str(e.attempt),
             e.worker_id or "-",
-            format_details(e.details),
+            describe_event(e.event_type.value, e.details),
         ]
         for e in found
     ]
@@ -271,7 +339,7 @@ def _types_callback(ctx: click.Context, param: click.Parameter, values: Any) -> 
     multiple=True,
     callback=_types_callback,
     help="Only events of this type (repeatable): enqueued, started, completed, "
-    "failed, retried, cancelled, timeout, expired.",
+    "failed, retried, cancelled, timeout, expired, progress, output.",
 )
 @common.queue_option("Only events of this queue.")
 @click.option(
@@ -319,7 +387,7 @@ def _print_event(cursor: str, event: TaskEvent, as_json: bool) -> None:
         str(event.attempt),
         event.queue or "-",
         event.worker_id or "-",
-        format_details(event.details),
+        describe_event(event.event_type.value, event.details),
     ]
     console.stream_line(fields, kind_at=2)
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from omniq.cli import common, console
+from omniq.cli import common, console, failed_cmd
 from omniq.cli.exit_codes import ExitCode
 
 if TYPE_CHECKING:
@@ -14,23 +14,18 @@ if TYPE_CHECKING:
     from omniq.models import QueueStats, WorkerInfo
 
 STATUS_EPILOG = common.examples("omniq status", "omniq status --json | jq '.queues'")
-CANCEL_EPILOG = common.examples("omniq cancel TASK_ID") + (
-    "\n\n\b\nExit codes: 0 cancelled; 5 refused: it has started or finished; 4 no such task."
-)
-RETRY_EPILOG = common.examples("id=$(omniq retry TASK_ID)") + (
-    "\n\n\b\nPrints the id of the queued task. Retrying a task that is queued already does"
-    "\nnothing and prints the same id (exit 0): running it twice queues one copy."
-    "\nExit codes: 0 queued; 5 refused: the task has not failed; 4 no such task."
-)
 PURGE_EPILOG = (
     common.examples(
         "omniq purge --results-older-than 7d --events-older-than 7d",
         "omniq purge --expired --yes                # in cron: no question asked",
         "omniq purge --queue mail                   # drop mail's waiting and failed tasks",
         "omniq purge --all-queues --yes",
+        "omniq purge --failed --since 30d --yes      # failed tasks (dead letters) only",
+        "omniq purge --failed -q mail --func 'send_*' --dry-run",
     )
     + "\n\nWithout --yes it asks first, and refuses (exit 2) when there is no terminal;"
-    "\na declined question exits 5."
+    "\na declined question exits 5. With --failed, -q/--since/--func choose which failed"
+    "\ntasks to delete (their results stay until their TTL)."
 )
 
 
@@ -140,37 +135,108 @@ def _status_tables(stats: list[QueueStats], workers: list[WorkerInfo]) -> None:
 # --- cancel and retry -------------------------------------------------------------------------
 
 
+CANCEL_EPILOG = common.examples(
+    "omniq cancel TASK_ID                  # waits up to 10s for the worker to confirm",
+    "omniq cancel TASK_ID --kill           # a --pool process task: no grace period",
+    "omniq cancel TASK_ID --wait 1m --json",
+) + (
+    "\n\nA task no worker has started is cancelled at once. A running one is asked to stop"
+    "\nand its worker confirms within about a second: an async task gets CancelledError,"
+    "\na sync task sees omniq.current_task().cancelled (it must check it), a --pool"
+    "\nprocess child is killed after the worker's --cancel-grace (--kill: at once). It"
+    "\nends cancelled and is not retried."
+    "\n\n\b\nExit codes: 0 cancelled (before it ran, or while running); 3 requested but no"
+    "\nworker confirmed within --wait (it may still stop later); 5 it had already finished;"
+    "\n4 no such task."
+)
+
+# operate's outcome -> (JSON name, exit code, plain sentence)
+_CANCEL_OUTCOMES = {
+    "before": ("cancelled_before_start", ExitCode.OK, "cancelled {id} before it ran"),
+    "running": ("cancelled_while_running", ExitCode.OK, "cancelled {id} while it was running"),
+    "finished": ("already_finished", ExitCode.REFUSED,
+                 "task {id} had already finished ({status}): nothing to cancel"),
+    "requested": ("requested", ExitCode.PENDING,
+                  "cancel of task {id} requested, but no worker confirmed within {wait}: it "
+                  "stops when its worker next looks, or when a sync task checks "
+                  "omniq.current_task().cancelled"),
+}
+
+
 @common.command("cancel", epilog=CANCEL_EPILOG)
 @common.task_id_argument()
-@common.json_option('Print {"task_id": ..., "cancelled": true|false}.')
-def cancel(task_id: str, as_json: bool) -> None:
-    """Cancel a task that no worker has started yet."""
+@click.option("--kill", is_flag=True, help="Kill a --pool process task at once (no grace).")
+@click.option(
+    "--wait", type=common.DURATION, default="10s", show_default=True, metavar="DURATION",
+    help="How long to wait for the worker running it to confirm.",
+)
+@common.json_option('Print {"task_id", "outcome", "cancelled", "status"}.')
+def cancel(task_id: str, kill: bool, wait: float, as_json: bool) -> int:
+    """Cancel a task: waiting, or running (its worker stops it)."""
     config = common.load_config()
-    done = common.run_async(_cancel(config, task_id))
+    kind, status = common.run_async(_cancel(config, task_id, kill, wait))
+    name, code, sentence = _CANCEL_OUTCOMES[kind]
     if as_json:
-        console.json_line({"task_id": task_id, "cancelled": done})
-    elif done:
-        console.line(f"cancelled {task_id}")
-    if not done:
-        raise common.Refused(f"task {task_id} was not cancelled: it is running or already finished")
+        console.json_line({"task_id": task_id, "outcome": name,
+                           "cancelled": code == ExitCode.OK, "status": status})
+    text = sentence.format(id=task_id, status=status, wait=f"{wait:g}s")
+    if code == ExitCode.OK:
+        if not as_json:
+            console.line(text)
+    elif code == ExitCode.PENDING:
+        console.warn(text)
+    else:
+        console.error(text)
+    return code
 
 
-async def _cancel(config: OmniQConfig, task_id: str) -> bool:
-    from omniq.errors import TaskNotFound
+async def _cancel(config: OmniQConfig, task_id: str, kill: bool, wait: float
+                  ) -> tuple[str, str | None]:
+    """What happened ("before", "running", "finished", "requested") and the task's final
+    status when it has one."""
+    from omniq import operate
 
     async with common.open_client(config) as client:
-        if await client.cancel(task_id):
-            return True
-        if not await client.task_exists(task_id):
-            raise TaskNotFound(f"no task with id {task_id}")
-        return False
+        outcome = await client.cancel_task(task_id, kill=kill, wait=wait)
+        kind = {operate.BEFORE: "before", operate.WHILE_RUNNING: "running",
+                operate.FINISHED: "finished"}.get(outcome, "requested")
+        if kind == "requested":
+            return kind, None
+        return kind, (await client.wait_result(task_id, 0)).status.value
+
+
+RETRY_EPILOG = common.examples(
+    "id=$(omniq retry TASK_ID)",
+    "omniq retry --all-failed                         # every failed task",
+    "omniq retry --all-failed -q mail --since 1h --func 'send_*' --dry-run",
+) + (
+    "\n\n\b\nPrints the id of the queued task. Retrying a task that is queued already does"
+    "\nnothing and prints the same id (exit 0): running it twice queues one copy."
+    "\n--all-failed queues every failed task that matches the filters again (each under"
+    "\nits own id) and prints how many; a bar on a terminal when there are many."
+    "\nExit codes: 0 queued; 5 refused: the task has not failed; 4 no such task."
+)
 
 
 @common.command("retry", epilog=RETRY_EPILOG)
-@common.task_id_argument()
-@common.json_option('Print {"task_id": ..., "new_id": ...}.')
-def retry(task_id: str, as_json: bool) -> None:
-    """Queue a failed task again; prints the queued task's id."""
+@click.argument("task_id", metavar="[TASK_ID]", type=common.TASK_ID, required=False)
+@click.option("--all-failed", is_flag=True, help="Every failed task matching the filters below.")
+@common.queue_option("With --all-failed: only this queue's.")
+@failed_cmd.filter_options
+@click.option("--dry-run", is_flag=True, help="With --all-failed: count them, queue nothing.")
+@common.json_option('Print {"task_id": ..., "new_id": ...} (--all-failed: {"count", "task_ids"}).')
+def retry(task_id: str | None, all_failed: bool, queue: str | None, since: float | None,
+          func: str | None, dry_run: bool, as_json: bool) -> None:
+    """Queue a failed task again (prints its id), or every failed one (--all-failed)."""
+    if all_failed:
+        if task_id is not None:
+            raise ValueError("give a TASK_ID or --all-failed, not both")
+        failed_cmd.retry_all(failed_cmd.Filters(queue, since, func), dry_run, as_json)
+        return
+    if task_id is None:
+        raise ValueError("missing TASK_ID (or --all-failed to retry every failed task)")
+    if queue is not None or since is not None or func is not None or dry_run:
+        raise ValueError("-q, --since, --func and --dry-run go with --all-failed")
     config = common.load_config()
     new_id = common.run_async(_retry(config, task_id))
     if as_json:
@@ -200,10 +266,16 @@ def _duration_option(flag: str, help: str) -> Any:
 @_duration_option("--results-older-than", "Delete results finished more than DURATION ago.")
 @_duration_option("--events-older-than", "Delete events older than DURATION.")
 @click.option("--expired", is_flag=True, help="Delete results past their TTL.")
-@common.queue_option("Drop the waiting and failed tasks of this queue.")
+@common.queue_option("Drop the waiting and failed tasks of this queue (--failed: its failed ones).")
 @click.option(
     "--all-queues", is_flag=True, help="Drop the waiting and failed tasks of every queue."
 )
+@click.option(
+    "--failed", "failed", is_flag=True,
+    help="Delete failed tasks (dead letters) only: those of -q, --since and --func.",
+)
+@failed_cmd.filter_options
+@click.option("--dry-run", is_flag=True, help="With --failed: count them, delete nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @common.json_option("Print the counts as one JSON object.")
 def purge(
@@ -212,10 +284,22 @@ def purge(
     expired: bool,
     queue: str | None,
     all_queues: bool,
+    failed: bool,
+    since: float | None,
+    func: str | None,
+    dry_run: bool,
     yes: bool,
     as_json: bool,
-) -> None:
-    """Delete old results and events, or the waiting tasks of queues."""
+) -> int:
+    """Delete old results and events, the waiting tasks of queues, or failed tasks."""
+    if failed:
+        others = (results_older_than, events_older_than, expired or None, all_queues or None)
+        if any(v is not None for v in others):
+            raise ValueError("--failed deletes failed tasks only: run the other purges apart")
+        return failed_cmd.purge_failed(failed_cmd.Filters(queue, since, func), dry_run, yes,
+                                       as_json)
+    if since is not None or func is not None or dry_run:
+        raise ValueError("--since, --func and --dry-run go with --failed")
     plan = purge_plan(results_older_than, events_older_than, expired, queue, all_queues)
     config = common.load_config()  # a bad config is reported before any question
     if not yes:
@@ -227,6 +311,7 @@ def purge(
         console.json_line(counts)
     else:
         console.line("purged " + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
+    return ExitCode.OK
 
 
 def purge_plan(
@@ -253,7 +338,7 @@ def purge_plan(
     if not plan:
         raise ValueError(
             "nothing to purge: give --results-older-than, --events-older-than, --expired, "
-            "--queue or --all-queues"
+            "--queue, --all-queues or --failed"
         )
     return plan
 

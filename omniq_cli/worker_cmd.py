@@ -75,6 +75,13 @@ EPILOG = common.examples(
     "handed back to the queue, e.g. 30s, 2m [default: 30s].",
 )
 @click.option(
+    "--cancel-grace",
+    type=common.DURATION,
+    metavar="DURATION",
+    help="How long a --pool process task asked to stop by `omniq cancel` may run on "
+    "before its process is killed (`omniq cancel --kill`: at once) [default: 10s].",
+)
+@click.option(
     "--task-modules",
     metavar="GLOBS",
     multiple=True,
@@ -144,6 +151,7 @@ def worker(
     burst: bool,
     max_tasks: int | None,
     shutdown_timeout: float | None,
+    cancel_grace: float | None,
     task_modules: tuple[str, ...],
     strict: bool,
     allow_shell: bool | None,
@@ -169,6 +177,7 @@ def worker(
         "metrics_port": metrics_port,
     }
     config = common.load_config(None, **flags)
+    flags["cancel_grace"] = cancel_grace  # a worker setting, not a configuration key
     if systemd_timer:
         if not burst:
             raise ValueError("--systemd-timer is for a burst worker: add --burst")
@@ -181,7 +190,7 @@ def worker(
         console.line(unit_text(config, flags, burst, max_tasks, identity).rstrip("\n"))
         return 0
     check_task_modules(config.task_modules, strict)
-    return run_worker(config, burst=burst, max_tasks=max_tasks)
+    return run_worker(config, burst=burst, max_tasks=max_tasks, cancel_grace=cancel_grace)
 
 
 def check_task_modules(patterns: list[str], strict: bool) -> None:
@@ -229,7 +238,8 @@ def split_globs(values: list[str] | None) -> list[str] | None:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
-def run_worker(config: OmniQConfig, *, burst: bool, max_tasks: int | None) -> int:
+def run_worker(config: OmniQConfig, *, burst: bool, max_tasks: int | None,
+               cancel_grace: float | None = None) -> int:
     """Configure logging, run the daemon, return its exit code."""
     import logging
 
@@ -237,7 +247,8 @@ def run_worker(config: OmniQConfig, *, burst: bool, max_tasks: int | None) -> in
     from omniq.logsetup import setup_logging
     from omniq.worker import settings_from_config
 
-    settings = settings_from_config(config, burst=burst, max_tasks=max_tasks)
+    extra = {} if cancel_grace is None else {"cancel_grace": cancel_grace}
+    settings = settings_from_config(config, burst=burst, max_tasks=max_tasks, **extra)
     level = "DEBUG" if common.STATE.verbose else config.log_level
     setup_logging(level, config.log_format)
     # -v gave the "omniq" logger a handler of its own; the root handler now covers it.
@@ -366,6 +377,7 @@ def worker_args(flags: dict[str, Any], burst: bool, max_tasks: int | None) -> li
         ("--concurrency", "worker_concurrency"),
         ("--pool", "worker_pool"),
         ("--shutdown-timeout", "worker_shutdown_timeout"),
+        ("--cancel-grace", "cancel_grace"),
         ("--log-level", "log_level"),
         ("--log-format", "log_format"),
         ("--metrics-port", "metrics_port"),

@@ -31,6 +31,8 @@ from omniq.models import (
 
 if TYPE_CHECKING:
     from omniq.client import AsyncOmniQ
+    from omniq.operate import FailedInfo
+    from omniq.schedules import Schedule
 
 WINDOW = 60.0  # seconds the rates average over
 SEED_EVENTS = 2000  # newest events read at the start to fill the window
@@ -406,6 +408,64 @@ def event_record(event: TaskEvent) -> dict[str, Any]:
         "worker_id": event.worker_id,
         "queue": event.queue,
         "details": details,
+    }
+
+
+def failed_record(info: FailedInfo) -> dict[str, Any]:
+    """A dead letter (`omniq failed`, the dashboard's failed list): errors masked."""
+    r = info.result
+    message = None if r is None or r.error_message is None else redact(r.error_message)
+    return {
+        "task_id": info.task.id,
+        "queue": info.task.queue,
+        "func": info.task.func,
+        "failed_at": iso(info.failed_at),
+        "status": info.status,
+        "attempts": None if r is None else r.attempts,
+        "error_type": None if r is None else r.error_type,
+        "error_message": message,
+        "error": redact(info.error),
+        "schedule": info.task.schedule,
+    }
+
+
+def schedule_when(schedule: Schedule) -> str:
+    """'every 30s', '*/5 * * * * (Europe/Paris)': when a schedule fires, in one phrase."""
+    if schedule.every is not None:
+        return f"every {duration_text(schedule.every)}"
+    return f"{schedule.cron} ({schedule.timezone})"
+
+
+def duration_text(seconds: float) -> str:
+    """30 -> '30s', 300 -> '5m', 7200 -> '2h', 90 -> '90s': a duration as one would type it."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def schedule_record(schedule: Schedule, now: datetime | None = None) -> dict[str, Any]:
+    """A schedule with its last slot (enqueued by any worker) and its next one (None while
+    it is paused)."""
+    upcoming = None if schedule.paused else schedule.next_slot(now or utcnow())
+    return {
+        "name": schedule.name,
+        "func": schedule.func,
+        "args": list(schedule.args),
+        "kwargs": dict(schedule.kwargs),
+        "queue": schedule.queue,
+        "when": schedule_when(schedule),
+        "cron": schedule.cron,
+        "timezone": schedule.timezone,
+        "every": schedule.every,
+        "catch_up": schedule.catch_up,
+        "catch_up_limit": schedule.catch_up_limit,
+        "options": dict(schedule.options),
+        "paused": schedule.paused,
+        "source": schedule.source,
+        "created_at": iso(schedule.created_at),
+        "last_slot": iso(schedule.last_slot),
+        "next_slot": iso(upcoming),
     }
 
 

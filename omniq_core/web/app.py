@@ -23,8 +23,15 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from omniq.errors import OmniQError, TaskNotFound, TaskStateError, redact
-from omniq.models import is_valid_id
-from omniq.observe import Observer, event_record, overview_record, record
+from omniq.models import check_queue_name, is_valid_id, utcnow
+from omniq.observe import (
+    Observer,
+    event_record,
+    failed_record,
+    overview_record,
+    record,
+    schedule_record,
+)
 from omniq.web.security import AUTH_COOKIE, Guard, harden, refuse
 
 if TYPE_CHECKING:
@@ -41,6 +48,8 @@ SUBSCRIBER_BACKLOG = 1000  # events a slow page may fall behind before it is dro
 OVERVIEW_MAX_AGE = 0.5  # seconds an overview is shared between pages asking at once
 FAILED_LIMIT = 100
 RECENT_EVENTS = 30
+FUNC_PATTERN_MAX = 200  # characters of a function filter
+SCHEDULE_ACTIONS = ("pause", "resume", "run-now")
 
 
 def _static(name: str) -> str:
@@ -125,6 +134,10 @@ class Dashboard:
         add.add_get("/favicon.ico", _no_icon)
         add.add_get("/api/overview", self.api_overview)
         add.add_get("/api/failed", self.api_failed)
+        add.add_post("/api/failed/retry", self.api_retry_failed)
+        add.add_post("/api/failed/purge", self.api_purge_failed)
+        add.add_get("/api/schedules", self.api_schedules)
+        add.add_post("/api/schedules/{name}/{action}", self.api_schedule_action)
         add.add_get("/api/events", self.api_events)
         add.add_get("/api/tasks/{task_id}", self.api_task)
         add.add_post("/api/tasks/{task_id}/retry", self.api_retry)
@@ -199,14 +212,61 @@ class Dashboard:
         return _json(cached[1])
 
     async def api_failed(self, request: web.Request) -> web.Response:
+        """The dead letters, newest first, filtered by ?queue=, ?since= (30m, 1h) and
+        ?func= (a glob over the import path or the function's name)."""
+        queue, since, func = _failed_filters(request)
         failures, stats = await asyncio.gather(
-            self.observer.failed_tasks(FAILED_LIMIT), self.client.stats()
+            self.client.failed(queue, since, func, FAILED_LIMIT), self.client.stats()
         )
         return _json({
-            "failures": [record(f) for f in failures],
+            "failures": [failed_record(f) for f in failures],
+            "limit": FAILED_LIMIT,
             "dead_letters": sum(s.failed for s in stats),
+            "queues": sorted(s.queue for s in stats if s.failed),
             "actions": self.guard.allow_actions,
         })
+
+    async def api_retry_failed(self, request: web.Request) -> web.Response:
+        """Queue every dead letter that matches the filters again."""
+        if not self.guard.allow_actions:
+            return refuse(403, "read-only dashboard: start it with --allow-actions to retry")
+        queue, since, func = _failed_filters(request)
+        ids = await self.client.retry_failed(queue, since, func)
+        log.info("%d failed tasks queued again from the dashboard", len(ids))
+        return _json({"count": len(ids)})
+
+    async def api_purge_failed(self, request: web.Request) -> web.Response:
+        """Delete every dead letter that matches the filters."""
+        if not self.guard.allow_actions:
+            return refuse(403, "read-only dashboard: start it with --allow-actions to purge")
+        queue, since, func = _failed_filters(request)
+        ids = await self.client.purge_failed(queue, since, func)
+        log.info("%d failed tasks purged from the dashboard", len(ids))
+        return _json({"count": len(ids)})
+
+    async def api_schedules(self, request: web.Request) -> web.Response:
+        now = utcnow()
+        found = await self.client.schedules()
+        return _json({"schedules": [schedule_record(s, now) for s in found],
+                      "actions": self.guard.allow_actions})
+
+    async def api_schedule_action(self, request: web.Request) -> web.Response:
+        name, action = request.match_info["name"], request.match_info["action"]
+        if action not in SCHEDULE_ACTIONS:
+            raise web.HTTPNotFound()
+        if not self.guard.allow_actions:
+            return refuse(403, f"read-only dashboard: start it with --allow-actions to {action}")
+        from omniq.operate import ScheduleNotFound
+
+        calls = {"pause": self.client.pause_schedule, "resume": self.client.resume_schedule,
+                 "run-now": self.client.run_schedule_now}
+        try:
+            done = await calls[action](name)
+        except ScheduleNotFound as exc:
+            return refuse(404, str(exc))
+        log.info("schedule %s: %s from the dashboard", name, action)
+        task_id = done if isinstance(done, str) else None
+        return _json({"name": name, "action": action, "task_id": task_id})
 
     async def api_events(self, request: web.Request) -> web.Response:
         rows = await self.client.events.latest(RECENT_EVENTS)
@@ -268,6 +328,31 @@ async def _store_errors(request: web.Request, handler: Any) -> web.StreamRespons
         return response
     except OmniQError as exc:
         return refuse(503, redact(str(exc)))
+
+
+def _failed_filters(request: web.Request) -> tuple[str | None, Any, str | None]:
+    """queue, since (an aware time) and func from the query string; 400 when one is bad."""
+    from datetime import timedelta
+
+    from omniq.config import parse_duration
+
+    query = request.query
+    queue = query.get("queue") or None
+    func = query.get("func") or None
+    try:
+        if queue is not None:
+            check_queue_name(queue)
+        since = None
+        if query.get("since"):
+            seconds = parse_duration(query["since"])
+            since = utcnow() - timedelta(seconds=max(0.0, seconds))
+    except (ValueError, OverflowError) as exc:
+        raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}),
+                                 content_type="application/json") from None
+    if func is not None and len(func) > FUNC_PATTERN_MAX:
+        raise web.HTTPBadRequest(text=json.dumps({"error": "function filter too long"}),
+                                 content_type="application/json")
+    return queue, since, func
 
 
 async def _no_icon(request: web.Request) -> web.Response:

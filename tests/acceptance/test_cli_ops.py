@@ -76,12 +76,14 @@ def test_status_lists_live_workers_and_their_current_task(cli_env: dict[str, str
 def test_cancel(cli_env: dict[str, str]) -> None:
     task_id = enqueue(cli_env, "omniq.examples:add", "1", "2", "--delay", "1h")
     code, out, err = run_omniq(["cancel", task_id], cli_env)
-    assert (code, out) == (0, f"cancelled {task_id}\n"), err
+    assert (code, out) == (0, f"cancelled {task_id} before it ran\n"), err
     code, _, err = run_omniq(["result", task_id], cli_env)
     assert code == 1 and "cancelled" in err
     code, out, err = run_omniq(["cancel", task_id, "--json"], cli_env)
-    assert code == 5 and json.loads(out) == {"task_id": task_id, "cancelled": False}
-    assert "running or already finished" in err
+    assert code == 5 and json.loads(out) == {
+        "task_id": task_id, "outcome": "already_finished", "cancelled": False,
+        "status": "cancelled"}
+    assert "had already finished (cancelled): nothing to cancel" in err
     assert run_omniq(["cancel", UNKNOWN_ID], cli_env)[0] == 4
     assert run_omniq(["cancel", "12345"], cli_env)[0] == 2
 

@@ -137,7 +137,7 @@ def pages_with_a_busy_worker(
 
     page.goto(dashboard.url)
     expect(page.locator("#queues")).to_contain_text("default")
-    expect(page.locator("#workers")).to_contain_text("2 / 2", timeout=10_000)
+    expect(page.locator("#workers")).to_contain_text("2 / 2", timeout=30_000)  # a loaded CI
     expect(page.locator("#failures")).to_contain_text(bad)
     expect(page.locator("#live")).to_have_text("live")
     expect(page.locator("#mode")).to_have_text("actions enabled")
@@ -160,8 +160,7 @@ def pages_with_a_busy_worker(
     page.goto(f"{dashboard.url}failed")
     row = page.locator("#failed tr", has_text=bad)
     expect(row).to_have_count(1)
-    expect(page.locator("#purge-later")).to_contain_text("arrives with issue 11")
-    page.screenshot(path=str(shots / "failed.png"), full_page=True)
+    expect(row).to_contain_text("RuntimeError: as planned")
     row.locator("button.retry").click()
     expect(page.locator("#flash")).to_contain_text("queued again")
     expect(page.locator("#failed tr", has_text=bad)).to_have_count(0, timeout=10_000)
@@ -169,13 +168,84 @@ def pages_with_a_busy_worker(
     assert events[-1] == "enqueued" and events.count("enqueued") == 2
 
     page.goto(f"{dashboard.url}schedules")
-    expect(page.locator("#schedules-later")).to_contain_text("arrives with issue 11")
-    assert page.locator("button").filter(has_text=re.compile("schedule", re.I)).count() == 0
-    page.screenshot(path=str(shots / "schedules.png"), full_page=True)
+    expect(page.locator("#schedules")).to_contain_text("No schedules")
 
     page.goto(f"{dashboard.url}tasks/{bad}")  # the retried task waits again
     expect(page.locator("#task-status")).to_have_text("pending")
     assert errors == []
+
+
+def test_failed_filters_bulk_retry_purge_and_schedules(
+    browser: Any, place: Place, dashboards: list[Dashboard], tmp_path: Path
+) -> None:
+    """The failed list filtered (queue, age, function), retried and purged in bulk; the
+    schedules with their next and last run, paused, resumed and run now."""
+    from playwright.sync_api import expect
+
+    from omniq.schedules import Schedule
+
+    shots = artifacts(f"dashboard-{place.tech}", tmp_path)
+    defaults = [place.api.enqueue("omniq.examples:fail", f"boom {i}") for i in range(2)]
+    mail = place.api.options(queue="mail").enqueue("omniq.examples:fail", "mail boom")
+    code, _, err = run_omniq(["worker", "--burst", "-q", "default", "-q", "mail"], place.env)
+    assert code == 0, err
+    place.api.add_schedule(Schedule(name="hourly", func="omniq.examples:add", args=(1, 2),
+                                    every=3600))
+    place.api.add_schedule(Schedule(name="morning", func="omniq.examples:echo",
+                                    cron="0 7 * * *", timezone="Europe/Paris", paused=True))
+    dashboard = open_dashboard(dashboards, place.env, "--allow-actions")
+    page = browser.new_page(viewport=VIEWPORT)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("dialog", lambda dialog: dialog.accept())  # the purge's confirmation
+
+    page.goto(f"{dashboard.url}failed?queue=mail")
+    expect(page.locator("#failed tbody tr")).to_have_count(1)
+    expect(page.locator("#failed")).to_contain_text(mail)
+    page.fill("#filter-queue", "")
+    page.fill("#filter-func", "nothing_*")
+    page.click("#failed-filters button[type=submit]")
+    expect(page.locator("#failed")).to_contain_text("No failed tasks match")
+    bad = post(page, "/api/failed/retry?since=soon", csrf_of(page))
+    assert bad["status"] == 400 and "soon" in bad["body"]["error"]
+    page.goto(f"{dashboard.url}failed?queue=default&since=1h&func=fai*")
+    expect(page.locator("#failed tbody tr")).to_have_count(2)
+    expect(page.locator("#failed-summary")).to_contain_text("3 failed tasks are kept")
+    page.screenshot(path=str(shots / "failed.png"), full_page=True)
+    page.click("#retry-all")
+    expect(page.locator("#flash")).to_contain_text("2 failed task(s) queued again")
+    expect(page.locator("#failed")).to_contain_text("No failed tasks match", timeout=10_000)
+    for task_id in defaults:
+        assert [e.event_type.value for e in place.api.get_events(task_id)][-1] == "enqueued"
+    page.goto(f"{dashboard.url}failed")
+    expect(page.locator("#failed tbody tr")).to_have_count(1)
+    page.click("#purge-all")
+    expect(page.locator("#flash")).to_contain_text("1 failed task(s) purged")
+    expect(page.locator("#failed")).to_contain_text("No failed tasks", timeout=10_000)
+    assert place.api.failed() == []
+
+    page.goto(f"{dashboard.url}schedules")
+    hourly = page.locator("#schedules tr", has_text="hourly")
+    expect(hourly).to_contain_text("every 1h")
+    expect(page.locator("#schedules tr", has_text="morning")).to_contain_text("paused")
+    expect(page.locator("#schedules tr", has_text="morning")).to_contain_text("Europe/Paris")
+    page.screenshot(path=str(shots / "schedules.png"), full_page=True)
+    hourly.locator("button.pause").click()
+    expect(page.locator("#flash")).to_contain_text("hourly: paused")
+    expect(hourly.locator(".pill")).to_have_text("paused", timeout=10_000)
+    assert _paused(place, "hourly")
+    hourly.locator("button.resume").click()
+    expect(hourly.locator(".pill")).to_have_text("active", timeout=10_000)
+    hourly.locator("button.run-now").click()
+    expect(page.locator("#flash")).to_contain_text("queued")
+    task_id = re.search(r"task (\S+) queued", page.locator("#flash").inner_text())
+    assert task_id and [e.event_type.value for e in place.api.get_events(task_id.group(1))] \
+        == ["enqueued"]
+    assert errors == []
+
+
+def _paused(place: Place, name: str) -> bool:
+    return bool(next(s for s in place.api.schedules() if s.name == name).paused)
 
 
 def test_read_only_refuses_actions(
@@ -192,6 +262,11 @@ def test_read_only_refuses_actions(
     assert page.locator("button.retry").count() == 0  # no button that could only fail
     refused = post(page, f"/api/tasks/{bad}/retry", csrf_of(page))
     assert refused["status"] == 403 and "--allow-actions" in refused["body"]["error"]
+    assert page.locator("#retry-all, #purge-all").count() == 0
+    for path in ("/api/failed/retry", "/api/failed/purge", "/api/schedules/any/pause",
+                 "/api/schedules/any/run-now"):
+        refused = post(page, path, csrf_of(page))
+        assert refused["status"] == 403 and "--allow-actions" in refused["body"]["error"], path
     page.goto(f"{dashboard.url}tasks/{bad}")
     expect(page.locator("#task-status")).to_have_text("failed")
     assert page.locator("button.retry").count() == 0
@@ -207,8 +282,9 @@ def test_csrf_and_host_checks(
     page.goto(dashboard.url)
     path = f"/api/tasks/{bad}/retry"
     for token in (None, "0" * 64, "é"):  # none, wrong, not even ASCII
-        refused = post(page, path, token)
-        assert refused["status"] == 403 and "CSRF" in refused["body"]["error"], refused
+        for where in (path, "/api/failed/purge", "/api/schedules/x/pause"):
+            refused = post(page, where, token)
+            assert refused["status"] == 403 and "CSRF" in refused["body"]["error"], refused
     # From another site: no cookie of ours, or an Origin that is not ours.
     assert http(dashboard.url + path[1:], method="POST")[0] == 403
     assert http(dashboard.url + path[1:], method="POST",
@@ -253,7 +329,8 @@ def test_token_off_loopback_and_no_secret_on_any_page(
             page.goto(dashboard.url + path)
             page.wait_for_selector("#content > *")
             seen.append(page.content())
-        for path in ("api/overview", "api/failed", f"api/tasks/{bad}", "api/events"):
+        for path in ("api/overview", "api/failed", f"api/tasks/{bad}", "api/events",
+                     "api/schedules"):
             seen.append(page.evaluate("async (p) => (await fetch(p)).text()", "/" + path))
         for text in seen:
             assert "s3cret-redis-pw" not in text and TOKEN not in text

@@ -11,6 +11,8 @@ import pytest
 from omniq.cli import enqueue_cmd as enq
 from omniq.cli.ops_cmd import purge_plan
 
+DEP = "0190a5c4-7b1e-7c3d-8a2b-1f2e3d4c5b6a"
+
 
 @pytest.mark.parametrize(
     ("text", "value"),
@@ -200,11 +202,14 @@ def test_lines_take_every_option_of_the_python_api() -> None:
         "result_ttl": "2d",
         "unique_key": "k",
         "unique_ttl": "1d",
+        "after": [DEP],
+        "pass_result": True,
     }
     spec = enq.spec_from_line(line(func="m:f", **values), {})
     assert set(spec.options) == {f.name for f in fields(TaskOptions)} - {"eta"}
     assert spec.options["retry_delay"] == 10.0 and spec.options["result_ttl"] == 172800.0
     assert spec.options["unique_ttl"] == 86400.0
+    assert spec.options["after"] == (DEP,) and spec.options["pass_result"] is True
     TaskOptions(**spec.options)  # every name is a real option
     eta = enq.spec_from_line(line(func="m:f", eta="2030-01-01T00:00:00Z", key="k", key_ttl=0), {})
     assert eta.options["eta"] == datetime(2030, 1, 1, tzinfo=UTC)
@@ -269,3 +274,24 @@ def test_purge_plan() -> None:
         purge_plan(None, None, False, None, False)
     with pytest.raises(ValueError, match="not both"):
         purge_plan(None, None, False, "q", True)
+
+
+def test_after_takes_one_id_or_a_list_and_pass_result_a_boolean() -> None:
+    one = enq.spec_from_line(line(func="m:f", after=DEP.upper()), {})
+    assert one.options["after"] == (DEP,)
+    for bad, message in ((["nope"], "not a task id"), ([], "task id or a list"),
+                         (3, "task id or a list")):
+        with pytest.raises(ValueError, match=message):
+            enq.spec_from_line(line(func="m:f", after=bad), {})
+    with pytest.raises(ValueError, match="true or false"):
+        enq.spec_from_line(line(func="m:f", after=[DEP], pass_result=1), {})
+    with pytest.raises(ValueError, match='"priority" must be an integer'):
+        enq.spec_from_line(line(func="m:f", priority=True), {})
+
+
+def test_after_and_pass_result_options() -> None:
+    assert enq.task_options(after=(DEP,), pass_result=True) == {
+        "after": (DEP,), "pass_result": True}
+    assert enq.task_options() == {}
+    with pytest.raises(ValueError, match="--pass-result needs --after"):
+        enq.task_options(pass_result=True)

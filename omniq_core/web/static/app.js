@@ -10,7 +10,7 @@
   const TASK = meta("task");
   const content = document.getElementById("content");
   const LIVE_ROWS = 30;
-  const ISSUE_11 = "arrives with issue 11";
+  const FILTERS = ["queue", "since", "func"];
 
   // --- small DOM helpers -------------------------------------------------------------------
   function el(tag, attrs, ...children) {
@@ -37,6 +37,7 @@
   const section = (title, ...children) => el("section", {}, el("h2", {}, title), ...children);
   const taskLink = (id) => el("a", { href: `/tasks/${encodeURIComponent(id)}`, class: "mono" }, id);
   const time = (iso) => (iso ? new Date(iso).toLocaleTimeString() : "-");
+  const moment = (iso) => (iso ? new Date(iso).toLocaleString() : "-");
   const rate = (value) => (value ? value.toFixed(2) : "0");
   const pill = (status) => el("span", { class: `pill ${status}` }, status);
 
@@ -64,6 +65,68 @@
   }
 
   // --- actions -----------------------------------------------------------------------------
+  const post = (path) => api(path, { method: "POST", headers: { "X-CSRF-Token": CSRF } });
+
+  function actionButton(label, attrs, run) {
+    const button = el("button", { type: "button", ...attrs }, label);
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      try {
+        flash(await run());
+        refreshSoon();
+      } catch (error) {
+        flash(`${label} refused: ${error.message}`, true);
+      }
+      button.disabled = false;
+    });
+    return button;
+  }
+
+  // The failed list's filters, as in the page's address (/failed?queue=mail&since=1h).
+  function filters() {
+    const found = new URLSearchParams(window.location.search);
+    const kept = new URLSearchParams();
+    for (const name of FILTERS) if (found.get(name)) kept.set(name, found.get(name));
+    return kept;
+  }
+  const filterQuery = () => (filters().toString() ? `?${filters()}` : "");
+
+  function filterForm() {
+    const current = filters();
+    const input = (name, label, placeholder) => el("label", {}, `${label} `,
+      el("input", { name, id: `filter-${name}`, value: current.get(name) || "", placeholder, autocomplete: "off" }));
+    return el("form", { id: "failed-filters", class: "filters", method: "get", action: "/failed" },
+      input("queue", "Queue", "any"), input("since", "Failed within", "1h, 7d"),
+      input("func", "Function", "myapp.tasks:* or send_*"),
+      el("button", { type: "submit" }, "Filter"),
+      current.toString() ? el("a", { href: "/failed", id: "clear-filters" }, "clear") : null);
+  }
+
+  function bulkButtons() {
+    const which = filters().toString() ? "matching" : "";
+    const retry = actionButton(`Retry all ${which}`.trim(), { id: "retry-all" }, async () => {
+      const done = await post(`/api/failed/retry${filterQuery()}`);
+      return `${done.count} failed task(s) queued again.`;
+    });
+    const purge = actionButton(`Purge all ${which}`.trim(), { id: "purge-all", class: "danger" }, async () => {
+      if (!window.confirm(`Delete every failed task ${which ? "matching these filters" : "kept"}? Their results stay until they expire.`)) {
+        return "Nothing purged.";
+      }
+      const done = await post(`/api/failed/purge${filterQuery()}`);
+      return `${done.count} failed task(s) purged.`;
+    });
+    return el("div", { class: "bulk" }, retry, " ", purge);
+  }
+
+  function scheduleButtons(s) {
+    const act = (action, label) => actionButton(label, { class: action, "data-schedule": s.name }, async () => {
+      const done = await post(`/api/schedules/${encodeURIComponent(s.name)}/${action}`);
+      return action === "run-now" ? `Schedule ${s.name}: task ${done.task_id} queued.` : `Schedule ${s.name}: ${action}d.`;
+    });
+    return el("span", { class: "actions" }, s.paused ? act("resume", "Resume") : act("pause", "Pause"), " ",
+      act("run-now", "Run now"));
+  }
+
   function retryButton(taskId) {
     const button = el("button", { class: "retry", type: "button", "data-task": taskId }, "Retry");
     button.addEventListener("click", async () => {
@@ -117,22 +180,38 @@
 
   function renderFailed(data) {
     const rows = data.failures.map((f) => {
-      const cells = [time(f.at), f.queue || "-", f.func || "?", taskLink(f.task_id), pill(f.outcome), `${f.attempt}`, f.error];
+      const cells = [moment(f.failed_at), f.queue, f.func, taskLink(f.task_id), pill(f.status),
+        f.attempts === null ? "-" : `${f.attempts}`, f.error];
       if (ACTIONS) cells.push(retryButton(f.task_id));
       return cells;
     });
-    const columns = ["Time", "Queue", "Function", "Task", "Outcome", "Attempts", "Error"];
+    const columns = ["Failed at", "Queue", "Function", "Task", "Outcome", "Attempts", "Error"];
     if (ACTIONS) columns.push("");
+    const more = data.failures.length >= data.limit ? ` (the newest ${data.limit})` : "";
+    const list = document.getElementById("filter-queue-list");
+    if (list) list.replaceChildren(...data.queues.map((q) => el("option", { value: q })));
     return [
-      el("p", { class: "muted" },
-        `${data.dead_letters} failed tasks are kept in the queues. Listed: the newest failures found in the event log whose outcome is still a failure.`),
-      table("failed", columns, rows, "No failed tasks."),
-      el("p", { class: "later", id: "purge-later" }, `Filters, bulk retry and purging failed tasks: ${ISSUE_11}.`),
+      el("p", { class: "muted", id: "failed-summary" },
+        `${data.dead_letters} failed tasks are kept in the queues; ${data.failures.length} shown${more}, newest first${filters().toString() ? ", filtered" : ""}.`),
+      ACTIONS && rows.length ? bulkButtons() : null,
+      table("failed", columns, rows, filters().toString() ? "No failed tasks match." : "No failed tasks."),
     ];
   }
 
-  function renderSchedules() {
-    return [el("p", { class: "later", id: "schedules-later" }, `Schedules ${ISSUE_11}: this page will list them.`)];
+  function renderSchedules(data) {
+    const rows = data.schedules.map((s) => {
+      const state = el("span", {}, pill(s.paused ? "paused" : "active"), s.source === "config" ? " omniq.yaml" : "");
+      const cells = [s.name, state, s.when, s.func, s.queue, moment(s.next_slot), moment(s.last_slot)];
+      if (ACTIONS) cells.push(scheduleButtons(s));
+      return cells;
+    });
+    const columns = ["Name", "State", "When", "Function", "Queue", "Next run", "Last run"];
+    if (ACTIONS) columns.push("");
+    return [
+      el("p", { class: "muted" }, "Every worker fires the schedules that are due; each slot is enqueued once."),
+      table("schedules", columns, rows,
+        "No schedules: add one with `omniq schedule add`, or under `schedules:` in omniq.yaml."),
+    ];
   }
 
   function progress(data) {
@@ -154,6 +233,16 @@
       result.traceback ? el("pre", { class: "traceback" }, result.traceback) : null);
   }
 
+  function details(e) {
+    const d = e.details;
+    if (e.event_type === "progress" && typeof d.done === "number") {
+      const total = typeof d.total === "number" ? `/${d.total}${d.total > 0 ? ` (${Math.round(100 * d.done / d.total)}%)` : ""}` : "";
+      return `${d.done}${total}${d.message ? ` ${d.message}` : ""}`;
+    }
+    if (e.event_type === "output" && typeof d.text === "string") return `${d.stream}: ${d.text}`;
+    return Object.entries(d).map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`).join(" ");
+  }
+
   function renderTask(data) {
     const args = data.args === null ? el("p", { class: "muted" }, "Not kept: the queue keeps a task's arguments until it completes.")
       : el("pre", { id: "arguments" }, JSON.stringify({ args: data.args, kwargs: data.kwargs }, null, 2));
@@ -165,23 +254,23 @@
       section("Arguments", args),
       section("Outcome", renderResult(data.result)),
       section("Events", table("events", ["Time", "Event", "Attempt", "Worker", "Details"],
-        data.events.map((e) => [time(e.timestamp), pill(e.event_type), e.attempt, e.worker_id || "-",
-          Object.entries(e.details).map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`).join(" ")]),
+        data.events.map((e) => [time(e.timestamp), pill(e.event_type), e.attempt, e.worker_id || "-", details(e)]),
         "No events.")),
     ];
   }
 
   const PAGES = {
     overview: { path: "/api/overview", render: renderOverview },
-    failed: { path: "/api/failed", render: renderFailed },
-    schedules: { path: null, render: renderSchedules },
+    failed: { path: () => `/api/failed${filterQuery()}`, render: renderFailed },
+    schedules: { path: "/api/schedules", render: renderSchedules },
     task: { path: `/api/tasks/${encodeURIComponent(TASK)}`, render: renderTask },
   };
 
   async function load() {
     const page = PAGES[PAGE];
     try {
-      const data = page.path ? await api(page.path) : {};
+      const path = typeof page.path === "function" ? page.path() : page.path;
+      const data = path ? await api(path) : {};
       content.replaceChildren(...page.render(data).filter(Boolean));
       content.dataset.loaded = String(Date.now());
     } catch (error) {
@@ -213,7 +302,7 @@
     source.onmessage = (message) => {
       const event = JSON.parse(message.data);
       if (PAGE === "overview") addLiveEvent(event);
-      if (PAGE !== "schedules") refreshSoon();
+      refreshSoon();
     };
   }
 
@@ -229,6 +318,12 @@
       const id = document.getElementById("find-id").value.trim();
       if (id) window.location.href = `/tasks/${encodeURIComponent(id)}`;
     });
+    if (PAGE === "failed") {  // outside the content that reloads: typing is not lost
+      const form = filterForm();
+      form.querySelector("#filter-queue").setAttribute("list", "filter-queue-list");
+      form.append(el("datalist", { id: "filter-queue-list" }));
+      content.before(form);
+    }
     if (PAGE === "overview") {
       document.getElementById("main").append(section("Live events", liveList));
       try {
