@@ -175,9 +175,9 @@ def worker(
         "log_level": log_level.upper() if log_level else None,
         "log_format": log_format.lower() if log_format else None,
         "metrics_port": metrics_port,
+        "worker_cancel_grace": cancel_grace,
     }
     config = common.load_config(None, **flags)
-    flags["cancel_grace"] = cancel_grace  # a worker setting, not a configuration key
     if systemd_timer:
         if not burst:
             raise ValueError("--systemd-timer is for a burst worker: add --burst")
@@ -190,7 +190,7 @@ def worker(
         console.line(unit_text(config, flags, burst, max_tasks, identity).rstrip("\n"))
         return 0
     check_task_modules(config.task_modules, strict)
-    return run_worker(config, burst=burst, max_tasks=max_tasks, cancel_grace=cancel_grace)
+    return run_worker(config, burst=burst, max_tasks=max_tasks)
 
 
 def check_task_modules(patterns: list[str], strict: bool) -> None:
@@ -238,8 +238,7 @@ def split_globs(values: list[str] | None) -> list[str] | None:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
-def run_worker(config: OmniQConfig, *, burst: bool, max_tasks: int | None,
-               cancel_grace: float | None = None) -> int:
+def run_worker(config: OmniQConfig, *, burst: bool, max_tasks: int | None) -> int:
     """Configure logging, run the daemon, return its exit code."""
     import logging
 
@@ -247,8 +246,7 @@ def run_worker(config: OmniQConfig, *, burst: bool, max_tasks: int | None,
     from omniq.logsetup import setup_logging
     from omniq.worker import settings_from_config
 
-    extra = {} if cancel_grace is None else {"cancel_grace": cancel_grace}
-    settings = settings_from_config(config, burst=burst, max_tasks=max_tasks, **extra)
+    settings = settings_from_config(config, burst=burst, max_tasks=max_tasks)
     level = "DEBUG" if common.STATE.verbose else config.log_level
     setup_logging(level, config.log_format)
     # -v gave the "omniq" logger a handler of its own; the root handler now covers it.
@@ -377,7 +375,7 @@ def worker_args(flags: dict[str, Any], burst: bool, max_tasks: int | None) -> li
         ("--concurrency", "worker_concurrency"),
         ("--pool", "worker_pool"),
         ("--shutdown-timeout", "worker_shutdown_timeout"),
-        ("--cancel-grace", "cancel_grace"),
+        ("--cancel-grace", "worker_cancel_grace"),
         ("--log-level", "log_level"),
         ("--log-format", "log_format"),
         ("--metrics-port", "metrics_port"),

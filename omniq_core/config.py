@@ -175,6 +175,7 @@ SPECS: dict[str, _Spec] = {
     "worker_shutdown_timeout": _Spec("duration", 30.0, check=_at_least(0)),
     "worker_heartbeat_seconds": _opt("duration", _above(0)),  # None: a third of the lease
     "worker_poll_interval": _Spec("duration", 1.0, check=_above(0)),
+    "worker_cancel_grace": _Spec("duration", 10.0, check=_at_least(0)),
     "default_queue": _Spec("str", "default", check=check_queue_name),
     "default_retries": _Spec("int", 0, check=_at_least(0)),
     "default_retry_delay": _Spec("duration", 1.0, check=_at_least(0)),
@@ -605,6 +606,7 @@ class OmniQConfig:
     worker_shutdown_timeout: float
     worker_heartbeat_seconds: float | None
     worker_poll_interval: float
+    worker_cancel_grace: float
     default_queue: str
     default_retries: int
     default_retry_delay: float

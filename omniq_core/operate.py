@@ -72,11 +72,12 @@ async def failed(
     found: list[FailedInfo] = []
     before: datetime | None = None
     while limit is None or len(found) < limit:
-        page = await store.failed(queue, since, before, PAGE)
+        size = PAGE if func is not None or limit is None else min(PAGE, limit)
+        page = await store.failed(queue, since, before, size)
         wanted = [f for f in page if func_matches(f.task.func, func)]
         outcomes = await results.get_many([f.task.id for f in wanted]) if wanted else {}
         found += [FailedInfo(f.task, f.failed_at, outcomes.get(f.task.id)) for f in wanted]
-        if len(page) < PAGE:
+        if len(page) < size:
             break
         before = page[-1].failed_at
     return found if limit is None else found[:limit]
@@ -175,7 +176,9 @@ async def add_schedule(client: AsyncOmniQ, schedule: Schedule, *, replace_: bool
 async def set_paused(client: AsyncOmniQ, name: str, paused: bool) -> Schedule:
     schedule = await get_schedule(client, name)
     store = await client._q()
-    changed = replace(schedule, paused=paused, last_slot=None)
+    # A resume starts from the next slot: the pause's slots are not caught up.
+    resumed = schedule.resumed_at if paused else utcnow()
+    changed = replace(schedule, paused=paused, last_slot=None, resumed_at=resumed)
     await store.put_record(SCHEDULE, name, changed.to_record())
     return changed
 
@@ -204,12 +207,17 @@ async def fire_schedules(client: AsyncOmniQ, now: datetime | None = None) -> lis
         if schedule.paused:
             continue
         due = schedule.due(now)
+        done = None
         for slot in due:
             task = _slot_task(client, schedule, slot)
-            if await client.submit(task) == task.id:
+            holder = await client.submit(task)
+            if holder == task.id:
                 fired.append(task.id)
-        if due:
-            await _note_slot(client, schedule.name, due[-1])
+            elif not await client.task_exists(holder):
+                break  # its key is held by a firing that died half-way: try again later
+            done = slot
+        if done is not None:
+            await _note_slot(client, schedule.name, done)
     return fired
 
 

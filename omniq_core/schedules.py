@@ -55,6 +55,7 @@ class Schedule:
     source: str = "cli"  # "config" when declared in omniq.yaml (the file wins at start)
     created_at: datetime = field(default_factory=utcnow)
     last_slot: datetime | None = None  # the newest slot enqueued (by any worker)
+    resumed_at: datetime | None = None  # slots of a pause are not caught up
 
     def __post_init__(self) -> None:
         check_schedule(self)
@@ -76,7 +77,7 @@ class Schedule:
         return self._iterate(after or utcnow())[0]
 
     def _since(self) -> datetime:
-        return self.last_slot or self.created_at
+        return max(t for t in (self.created_at, self.last_slot, self.resumed_at) if t)
 
     def _slots_between(self, start: datetime, end: datetime) -> list[datetime]:
         """Slots in (start, end]; at most catch_up_limit + 1 of the newest."""
@@ -110,7 +111,7 @@ class Schedule:
     def to_record(self) -> bytes:
         data = asdict(self)
         data["args"] = list(self.args)
-        for key in ("created_at", "last_slot"):
+        for key in ("created_at", "last_slot", "resumed_at"):
             value = getattr(self, key)
             data[key] = None if value is None else value.isoformat()
         return json.dumps(data, separators=(",", ":")).encode()
@@ -118,7 +119,7 @@ class Schedule:
     @classmethod
     def from_record(cls, data: bytes | str) -> Schedule:
         d = json.loads(data)
-        for key in ("created_at", "last_slot"):
+        for key in ("created_at", "last_slot", "resumed_at"):
             if d.get(key) is not None:
                 d[key] = datetime.fromisoformat(d[key])
         d["args"] = tuple(d.get("args") or ())

@@ -27,7 +27,7 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from omniq import serialization
@@ -521,10 +521,11 @@ class Worker:
         context = self._context(delivery, progress)
         kind, payload = await self._run_task(task, context)
         await progress.flush()
+        if self._cancel_asked(task.id):
+            await self._forget_cancel(task.id)  # answered, whatever the outcome
         if self._was_cancelled(task.id, kind, payload):
             await self._finish(delivery, started_at, TaskStatus.CANCELLED,
                                error=TaskCancelledError("cancelled while running"))
-            await self._forget_cancel(task.id)
         elif kind == "ok":
             await self._success(delivery, started_at, payload)
         elif kind == "timeout":
@@ -867,6 +868,10 @@ class Worker:
             running.call = call
         return call
 
+    def _cancel_asked(self, task_id: str) -> bool:
+        running = self.running.get(task_id)
+        return running is not None and running.cancelled
+
     def _was_cancelled(self, task_id: str, kind: str, payload: Any) -> bool:
         running = self.running.get(task_id)
         if running is None or not running.cancelled:
@@ -973,9 +978,12 @@ class Worker:
                 log.debug("could not read cancel requests: %s", exc)
                 continue
             for task_id, data in requests:
+                request = cancel_request(data)
                 running = self.running.get(task_id)
                 if running is not None and not running.cancelled:
-                    self._cancel_running(running, bool(cancel_request(data).get("kill")))
+                    self._cancel_running(running, bool(request.get("kill")))
+                elif running is None and _stale(request):
+                    await self._forget_cancel(task_id)  # its task ended elsewhere long ago
 
     def _cancel_running(self, running: _Running, kill: bool) -> None:
         running.cancelled = True
@@ -1108,6 +1116,17 @@ _NO_TRACEBACK = (TaskRefused, TimeoutError, WorkerLost, UndecodableTask, Depende
                  TaskCancelledError)
 
 
+STALE_CANCEL = 600.0  # seconds after which a cancel request no worker answered is dropped
+
+
+def _stale(request: Mapping[str, Any]) -> bool:
+    try:
+        asked = datetime.fromisoformat(str(request.get("at")))
+    except ValueError:
+        return True
+    return (utcnow() - asked).total_seconds() > STALE_CANCEL
+
+
 def task_label(task: Task) -> str:
     """How logs name a task's callable: `add` for omniq.examples:add, `shell` for a command."""
     if task.kind == TaskKind.SHELL:
@@ -1155,6 +1174,7 @@ def settings_from_config(config: Any, **overrides: Any) -> WorkerSettings:
         "allowed_modules": tuple(config.task_modules),
         "allow_shell": config.allow_shell,
         "shell_output_limit": config.shell_output_limit,
+        "cancel_grace": config.worker_cancel_grace,
     }
     values.update(overrides)
     return WorkerSettings(**values)

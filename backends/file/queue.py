@@ -92,7 +92,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _PRIO_LIMIT = 10**9 - 1
-_STALE_LOCK = 30.0  # seconds before a unique lock without a task counts as abandoned
+# Seconds before a unique lock without a task counts as abandoned (its producer died
+# between locking and publishing, a few ms apart): longer than any publish takes, short
+# enough that a schedule slot whose firing worker was killed there is not skipped.
+_STALE_LOCK = 5.0
 _REAP_EVERY = 0.25  # seconds between scans of leased/ for expired leases
 _SWEEP_EVERY = 60.0  # seconds between sweeps of held/ for unique keys past their time
 _LISTING_TTL = 0.05  # seconds a ready-dir listing is trusted (more if listing is slow)
