@@ -9,13 +9,14 @@ import asyncio
 import contextlib
 import fnmatch
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from omniq.errors import OmniQError, TaskNotFound, TaskStateError
-from omniq.models import Task, TaskResult, TaskStatus, is_valid_id, utcnow
+from omniq.models import EventType, Task, TaskResult, TaskStatus, is_valid_id, utcnow
 from omniq.schedules import SLOT_KEY_TTL, Schedule, schedule_from_mapping
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ PAGE = 200  # dead letters read per store call while filtering
 SCHEDULE = "schedule"  # record kinds beside the queue
 SCHEDULE_STATE = "schedule-state"  # written by workers only: a pause is never lost to them
 CANCEL = "cancel"
+
+log = logging.getLogger("omniq.schedules")
 
 
 # --- failed tasks -------------------------------------------------------------------------
@@ -206,19 +209,58 @@ async def fire_schedules(client: AsyncOmniQ, now: datetime | None = None) -> lis
     for schedule in await schedules(client):
         if schedule.paused:
             continue
-        due = schedule.due(now)
         done = None
-        for slot in due:
+        for slot in schedule.due(now):
             task = _slot_task(client, schedule, slot)
             holder = await client.submit(task)
             if holder == task.id:
                 fired.append(task.id)
-            elif not await client.task_exists(holder):
+                _half_since.pop((schedule.name, slot), None)
+            elif await _half_fired(client, schedule.name, slot, holder):
                 break  # its key is held by a firing that died half-way: try again later
             done = slot
         if done is not None:
             await _note_slot(client, schedule.name, done)
     return fired
+
+
+# A slot whose key is held by a task that never appeared is tried again for this long
+# (the queue frees such a key once its producer is surely dead: the file queue after
+# _STALE_LOCK, 5 s); then it is given up as fired, with a warning, so that a key held
+# for other reasons cannot stop the schedule.
+HALF_FIRED_GIVE_UP = 60.0
+_half_since: dict[tuple[str, datetime], float] = {}
+
+
+async def _half_fired(client: AsyncOmniQ, name: str, slot: datetime, holder: str) -> bool:
+    """True while the slot's key holder is a task that was never queued (its producer
+    died between the key and the task: an ENQUEUED event may exist, nothing else)."""
+    if await _task_seen(client, holder):
+        _half_since.pop((name, slot), None)
+        return False
+    now = asyncio.get_running_loop().time()
+    first = _half_since.setdefault((name, slot), now)
+    if now - first < HALF_FIRED_GIVE_UP:
+        return True
+    del _half_since[(name, slot)]
+    log.warning("schedule %s: slot %s given up: its key is held by task %s, which never "
+                "appeared", name, slot.isoformat(), holder)
+    return False
+
+
+async def _task_seen(client: AsyncOmniQ, task_id: str) -> bool:
+    """Queued, running, finished or failed; an ENQUEUED event alone does not count."""
+    if not is_valid_id(task_id):
+        return False
+    local = client._local_queue
+    if local is not None and await local.get_task(task_id) is not None:
+        return True
+    if await (await client._q()).get_task(task_id) is not None:
+        return True
+    if await (await client._r()).get(task_id) is not None:
+        return True
+    events = await (await client._e()).get(task_id)
+    return any(e.event_type is not EventType.ENQUEUED for e in events)
 
 
 async def _note_slot(client: AsyncOmniQ, name: str, slot: datetime) -> None:

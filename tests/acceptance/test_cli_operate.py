@@ -181,16 +181,7 @@ def _time(text: str) -> Any:
 MISSED = {"redis": 500, "postgres": 800, "nats": 800, "sqlite": 800, "file": 400}
 
 
-# The file queue keeps a unique-key lock whose producer died before publishing its task
-# for 30 s (_STALE_LOCK), and fire_schedules takes the lock's holder for the slot's task:
-# a worker killed in that window loses the slot (seen in ~2 of 5 runs). Fix to come in
-# the core (fire_schedules) or the file queue; remove this mark with it.
-FILE_SLOT_LOST = pytest.mark.xfail(reason="file: a SIGKILL between the unique lock and the "
-                                   "task loses the slot (lock held 30 s)", strict=False)
-
-
-@pytest.mark.parametrize("tech", [pytest.param(t, marks=FILE_SLOT_LOST) if t == "file" else t
-                                  for t in DURABLE])
+@pytest.mark.parametrize("tech", DURABLE)
 def test_a_worker_killed_while_it_fires_leaves_each_slot_enqueued_once(
     tech: str, deploy: Deploy
 ) -> None:

@@ -238,3 +238,47 @@ def test_schedules_declared_in_the_configuration() -> None:
         await client.close()
 
     asyncio.run(main())
+
+
+def _ghost_holds_the_slot(client: AsyncOmniQ, schedule: Schedule, now: datetime) -> str:
+    """The slot's key held by a task that never appeared: a firing worker killed between
+    the key and the task (memory stores cannot die half-way; the file queue can)."""
+    import uuid
+
+    ghost = str(uuid.uuid4())
+    slot = schedule.due(now)[-1]
+    held = (ghost, time.time() + 3600)  # memory frees an unfinished holder it does not know
+    client.queue._unique[schedule.slot_key(slot)] = held  # type: ignore[union-attr]
+    return ghost
+
+
+def test_a_slot_held_by_a_task_that_never_appeared_is_fired_again_later(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from omniq import operate
+
+    async def main() -> None:
+        client = AsyncOmniQ(memory_config())
+        await client.open()
+        start = datetime.now(UTC) - timedelta(seconds=10)
+        tick = Schedule(name="tick", func="omniq.examples:add", args=(1, 1), every=5,
+                        created_at=start)
+        await client.add_schedule(tick)
+        now = datetime.now(UTC)
+        ghost = _ghost_holds_the_slot(client, tick, now)
+        assert await client.fire_schedules(now) == []
+        (s,) = await client.schedules()
+        assert s.last_slot is None, "a slot nobody enqueued was noted as fired"
+        client.queue._unique.clear()  # type: ignore[union-attr]  # the queue freed the key
+        assert len(await client.fire_schedules(now)) == 1
+        # A key that stays held by a ghost is given up after HALF_FIRED_GIVE_UP, loudly.
+        later = now + timedelta(seconds=5)
+        ghost = _ghost_holds_the_slot(client, tick, later)
+        monkeypatch.setattr(operate, "HALF_FIRED_GIVE_UP", 0.0)
+        assert await client.fire_schedules(later) == []
+        (s,) = await client.schedules()
+        assert s.last_slot == tick.due(later)[-1]
+        assert ghost in caplog.text and "given up" in caplog.text
+        await client.close()
+
+    asyncio.run(main())
