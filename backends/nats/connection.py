@@ -641,12 +641,15 @@ async def scan(
     last_only: bool = False,
     headers_only: bool = False,
     start_seq: int | None = None,
+    start_time: float | None = None,
     limit: int | None = None,
 ) -> AsyncIterator[Msg]:
     """Messages of `subject` in stream order through a short-lived ephemeral consumer,
-    pulled SCAN_BATCH at a time."""
+    pulled SCAN_BATCH at a time; from `start_seq`, or those stored since `start_time`."""
     if last_only:
         policy = api.DeliverPolicy.LAST_PER_SUBJECT
+    elif start_time is not None:
+        policy = api.DeliverPolicy.BY_START_TIME
     else:
         policy = api.DeliverPolicy.BY_START_SEQUENCE if start_seq else api.DeliverPolicy.ALL
     config = api.ConsumerConfig(
@@ -657,11 +660,15 @@ async def scan(
         headers_only=headers_only or None,
         inactive_threshold=SCAN_IDLE,
         mem_storage=True,
-    )
+    ).as_dict()
+    if policy == api.DeliverPolicy.BY_START_TIME:
+        assert start_time is not None
+        # The server takes RFC 3339 (nats-py's field is an int).
+        config["opt_start_time"] = datetime.fromtimestamp(start_time, UTC).isoformat()
     pulled = _Pulled(conn)
     sub = await conn.nc.subscribe(conn.nc.new_inbox(), cb=pulled.on_message)
     created = await conn.api(f"$JS.API.CONSUMER.CREATE.{stream}",
-                             {"stream_name": stream, "config": config.as_dict()})
+                             {"stream_name": stream, "config": config})
     name = created["name"]
     try:
         next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"
@@ -884,9 +891,14 @@ class Bucket:
         (reply,) = await self._conn.replies([await self.send_purge_at(key, rev)])
         return self.purged_of(reply)
 
-    async def scan(self, pattern: str, *, headers_only: bool) -> AsyncIterator[Entry]:
+    async def scan(
+        self, pattern: str, *, headers_only: bool, since: float | None = None
+    ) -> AsyncIterator[Entry]:
+        """The keys matching `pattern`; with `since`, only those written since then (each
+        key keeps one message, its latest, so no older value of a key shows up)."""
         async for msg in scan(
-            self._conn, self.stream, self.pre + pattern, last_only=True, headers_only=headers_only
+            self._conn, self.stream, self.pre + pattern, last_only=since is None,
+            start_time=since, headers_only=headers_only,
         ):
             headers = msg.headers or {}
             if headers.get("KV-Operation") in _KV_DELETED:

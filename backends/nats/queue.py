@@ -104,6 +104,11 @@ ACK_WAIT = 5.0
 HOLD = 1.0  # pulled messages nobody claimed go back to the stream after this
 FRESH = 0.1  # a lane the server just called empty is skipped this long, unless woken
 MAX_BATCH = 64
+# Stranded enqueues (NATSQueue.finish_stranded): a task's message follows its state
+# within a round trip, so one waiting this long without a message never gets one.
+STRANDED_AFTER = 10.0
+SWEEP_EVERY = 15.0  # an idle worker looks for them this often
+SWEEP_LOOKBACK = 3600.0  # over the tasks written this long ago at most
 LEVEL_REFRESH = 10.0  # re-discover the priority levels of a queue this often
 ETA_SLACK = 0.005
 POLL_MARGIN = 0.02  # long polls end this much before the caller's deadline
@@ -204,6 +209,8 @@ class _Dispatcher:
         self._wakes: dict[str, Subscription] = {}
         self._create_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self.sweeper: asyncio.Task[None] | None = None  # finishing stranded enqueues
+        self.swept_at = -math.inf
         # Resolved (and replaced) whenever work may have arrived: claimers wait on it.
         self.changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -419,6 +426,8 @@ class _Dispatcher:
                 lane.timer.cancel()
             leftovers.extend(msg for msg, _ in lane.buffer)
             lane.buffer.clear()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         if not same_connection:
             return
         subs = [lane.sub for lane in self._lanes.values() if lane.sub] + list(self._wakes.values())
@@ -525,6 +534,12 @@ def _own_headers(entry: Entry, state: str) -> dict[str, str]:
 def _task_id_of(entry: Entry) -> str:
     # Entries of an older omniq lack the id header; their key is the id when it is plain.
     return entry.text(H_ID) or entry.key[2:]
+
+
+def _never_dispatched(entry: Entry, before: float) -> bool:
+    """A waiting task that never ran, stored before `before`: its message should exist."""
+    return (_state(entry) == WAITING and not entry.text(H_CLAIM) and bool(entry.text(H_ID))
+            and entry.stored < before)
 
 
 def _holder(entry: Entry) -> str:
@@ -672,16 +687,24 @@ class NATSQueue(Store):
         if _state(entry) != WAITING or entry.text(H_CLAIM) or not entry.text(H_ID):
             return task.id  # claimed at least once (or an older omniq's): left alone
         # Ours, or an earlier enqueue of this id whose reply was lost: finish its work.
+        return await self._finish_put(dispatcher, entry, task.id, announce)
+
+    async def _finish_put(
+        self, dispatcher: _Dispatcher, entry: Entry, task_id: str,
+        announce: Awaitable[Any] | None,
+    ) -> str:
+        """Take the task's unique key (or drop the task if another holds it), then
+        send the message that makes it claimable."""
         ukey = entry.text(H_UNIQUE)
         if ukey:
-            holder = await self._hold_unique(ukey, task.id)
-            if holder != task.id:
-                await self._state.purge_at(key, entry.rev)
+            holder = await self._hold_unique(ukey, task_id)
+            if holder != task_id:
+                await self._state.purge_at(entry.key, entry.rev)
                 return holder
         if announce is not None:
             await announce
         await self._dispatch(dispatcher, entry)
-        return task.id
+        return task_id
 
     async def _put_waiting(self, task: Task, key: str) -> Entry:
         """Create the task's state; or the unfinished entry of its id, left as it is;
@@ -811,9 +834,64 @@ class NATSQueue(Store):
                 return got
             budget = deadline - loop.time()
             if budget <= 0:
+                self._sweep_when_idle(dispatcher)
                 return []
             await dispatcher.arm(lanes, budget)
             await within(changed, budget)
+
+    # --- stranded enqueues ---------------------------------------------------------
+    # An enqueue writes the task's state, then its message: a producer killed between
+    # the two (one round trip) leaves a waiting task that no message will hand out,
+    # counted as queued and holding its unique key. Idle workers finish such enqueues.
+
+    def _sweep_when_idle(self, dispatcher: _Dispatcher) -> None:
+        now = time.monotonic()
+        if dispatcher.sweeper is not None and not dispatcher.sweeper.done():
+            return
+        if now - dispatcher.swept_at < SWEEP_EVERY:
+            return
+        dispatcher.swept_at = now
+        dispatcher.sweeper = asyncio.create_task(self._sweep_quietly(dispatcher))
+
+    async def _sweep_quietly(self, dispatcher: _Dispatcher) -> None:
+        try:
+            finished = await self.finish_stranded(dispatcher)
+        except Exception as exc:  # an outage: the claims report it; tried again later
+            log.debug("NATS: stranded enqueues not swept: %s", describe(exc))
+            return
+        if finished:
+            log.warning("NATS: finished %d enqueues whose producer died between the "
+                        "task and its message", finished)
+
+    async def finish_stranded(self, dispatcher: _Dispatcher | None = None) -> int:
+        """Finish the enqueues of tasks written in the last SWEEP_LOOKBACK seconds whose
+        message never went out; how many. A task counts as stranded when it never ran,
+        is older than STRANDED_AFTER and its queue has no message left in the stream
+        (so none stands for it): queues with messages are looked at once they drain."""
+        dispatcher = dispatcher or await self._lanes()
+        now = time.time()
+        found: dict[str, list[Entry]] = {}
+        async for entry in self._state.scan("t.*", headers_only=True,
+                                            since=now - SWEEP_LOOKBACK):
+            if _never_dispatched(entry, now - STRANDED_AFTER):
+                found.setdefault(entry.text(H_QUEUE), []).append(entry)
+        finished = 0
+        for queue, entries in found.items():
+            if await self._messages_in(queue):
+                continue
+            for seen in entries:
+                now_at = await self._state.get(seen.key)
+                if now_at is not None and now_at.rev == seen.rev:
+                    await self._finish_put(dispatcher, now_at, _task_id_of(now_at), None)
+                    finished += 1
+        return finished
+
+    async def _messages_in(self, queue: str) -> int:
+        info = await self._conn.api(
+            f"$JS.API.STREAM.INFO.{self._stream}",
+            {"subjects_filter": f"{self.prefix}.tasks.{_qtok(queue)}.*"},
+        )
+        return sum((info.get("state", {}).get("subjects") or {}).values())
 
     def unsettled(self) -> deque[_Unsettled]:
         # On the Backend, not the connection: a claim outlives a connection closed

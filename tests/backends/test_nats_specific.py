@@ -351,6 +351,84 @@ def test_unique_key_survives_a_holder_that_vanished(shared_prefix: str) -> None:
     asyncio.run(body())
 
 
+async def _stranded(q: Any, task: Task) -> None:
+    """What a producer killed between the task's state and its message leaves."""
+    await q._ready()
+    await q._put_waiting(task, nats_backend.task_key(task.id))
+
+
+async def _first_nonzero(fn: Callable[[], Awaitable[int]], within: float = 5.0) -> int:
+    deadline = time.monotonic() + within
+    while not (found := await fn()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return found
+
+
+def test_an_enqueue_whose_producer_died_half_way_is_finished_by_an_idle_worker(
+    shared_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omniq.backends.nats import queue as nats_queue
+
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        lost = _task()
+        await _stranded(q, lost)
+        assert [s.queued for s in await q.stats()] == [1]
+        assert await q.claim_many(["default"], 30, 0.3, 10) == []  # no message: never handed out
+        assert await q.finish_stranded() == 0  # too young: its message may be on its way
+        monkeypatch.setattr(nats_queue, "STRANDED_AFTER", 0.0)
+        monkeypatch.setattr(nats_queue, "SWEEP_EVERY", 0.0)
+        # An idle claim starts the sweep (no message left in the queue), which finishes it.
+        assert await q.claim_many(["default"], 30, 0.1, 10) == []
+        got = await q.claim_many(["default"], 30, 10, 10)
+        assert [d.task_id for d in got] == [lost.id]
+        assert await q.finish_stranded() == 0  # nothing more to finish
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_a_stranded_task_whose_unique_key_went_to_another_is_dropped(
+    shared_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omniq.backends.nats import queue as nats_queue
+
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        # Died before taking the key; another firing of the slot took it, ran and finished.
+        await _stranded(q, _task(unique_key="slot", unique_ttl=600))
+        holder = await q.enqueue(_task(unique_key="slot", unique_ttl=600))
+        (d,) = await q.claim_many(["default"], 30, 5, 10)
+        assert d.task_id == holder and await q.ack(d)
+        monkeypatch.setattr(nats_queue, "STRANDED_AFTER", 0.0)
+        assert await _first_nonzero(q.finish_stranded) == 1
+        assert sum(s.queued + s.running for s in await q.stats()) == 0  # dropped, not run
+        assert await q.claim_many(["default"], 30, 0.3, 10) == []
+        await q.close()
+
+    asyncio.run(body())
+
+
+def test_stranded_tasks_wait_while_their_queue_has_messages(
+    shared_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omniq.backends.nats import queue as nats_queue
+
+    async def body() -> None:
+        q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
+        monkeypatch.setattr(nats_queue, "STRANDED_AFTER", 0.0)
+        await q.enqueue(_task())  # its message could stand for any waiting task
+        await _stranded(q, _task())
+        assert await q.finish_stranded() == 0
+        (d,) = await q.claim_many(["default"], 30, 5, 10)
+        assert await q.finish_stranded() == 0  # a running task's message stays till its ack
+        assert await q.ack(d)  # its message goes (the ack's +ACK is not waited for)
+        assert await _first_nonzero(q.finish_stranded) == 1  # the queue drained
+        await q.close()
+
+    asyncio.run(body())
+
+
 def test_a_message_that_is_not_a_task_is_dropped(shared_prefix: str) -> None:
     async def body() -> None:
         q = nats_backend.NATSQueue(SHARED, prefix=shared_prefix)
