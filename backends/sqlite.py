@@ -898,9 +898,22 @@ def _give_space_back(conn: sqlite3.Connection, name: str, always_convert: bool) 
         # executescript steps the pragma to its end: execute() stops after one page,
         # since each freed page is a row without columns.
         conn.executescript(f"PRAGMA {name}.incremental_vacuum")
-    # Empties the WAL (it keeps its largest size otherwise). Waits at most the busy
-    # timeout for readers of older snapshots; a checkpoint left busy is not an error.
-    conn.execute(f"PRAGMA {name}.wal_checkpoint(TRUNCATE)").fetchall()
+    _empty_wal(conn, name)
+
+
+# A checkpoint refused at once (another connection's automatic checkpoint is running:
+# SQLite does not wait for that one) is tried again this many times, 20 ms apart.
+_CHECKPOINT_TRIES = 50
+
+
+def _empty_wal(conn: sqlite3.Connection, name: str) -> None:
+    """Empty the WAL (it keeps its largest size otherwise). Waits at most the busy
+    timeout for readers of older snapshots; a checkpoint left busy is not an error."""
+    for _ in range(_CHECKPOINT_TRIES):
+        busy, _log, _done = conn.execute(f"PRAGMA {name}.wal_checkpoint(TRUNCATE)").fetchone()
+        if not busy:
+            return
+        time.sleep(0.02)
 
 
 def _live_bytes(conn: sqlite3.Connection, name: str) -> int:
