@@ -248,6 +248,25 @@ def _paused(place: Place, name: str) -> bool:
     return bool(next(s for s in place.api.schedules() if s.name == name).paused)
 
 
+def test_a_worker_that_starts_shows_without_any_task_event(
+    browser: Any, sqlite_place: Place, dashboards: list[Dashboard]
+) -> None:
+    """The overview reloads on events, and every few seconds besides: a worker (its
+    heartbeat, its running count) and wait ages change without any event."""
+    from playwright.sync_api import expect
+
+    dashboard = open_dashboard(dashboards, sqlite_place.env)
+    page = browser.new_page(viewport=VIEWPORT)
+    page.goto(dashboard.url)
+    expect(page.locator("#workers")).to_have_text("No live workers.")
+    worker = start_omniq(["worker", "-c", "3"], sqlite_place.env)
+    try:
+        expect(page.locator("#workers")).to_contain_text("0 / 3", timeout=30_000)
+    finally:
+        code, err = stop(worker)
+    assert code == 0, err
+
+
 def test_read_only_refuses_actions(
     browser: Any, sqlite_place: Place, dashboards: list[Dashboard]
 ) -> None:

@@ -278,6 +278,7 @@
     }
   }
 
+  const PERIODIC_RELOAD_MS = 5000;
   let pending = null;
   function refreshSoon() {  // at most one reload a second, however many events arrive
     if (pending) return;
@@ -332,6 +333,8 @@
     }
     await load();
     connect();
+    // Worker heartbeats, running counts and wait ages change without any task event.
+    setInterval(() => { if (!document.hidden) refreshSoon(); }, PERIODIC_RELOAD_MS);
   }
 
   start();
