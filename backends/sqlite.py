@@ -511,10 +511,21 @@ class SQLiteBackend:
     async def submit(self, task: Task, event: TaskEvent) -> str:
         job = Job(self._submit_here, (_task_row(task), _event_row(event)), info=self._fused)
         task_id: str = await self._threads.submit(job)
+        self._submitted(task, task_id)
+        return task_id
+
+    def submit_blocking(self, task: Task, event: TaskEvent) -> str:
+        """`submit` for a thread that may block (the sync `OmniQ`): the store thread
+        answers it directly, without a trip through an event loop."""
+        job = Job(self._submit_here, (_task_row(task), _event_row(event)), info=self._fused)
+        task_id: str = self._threads.call_blocking(job)
+        self._submitted(task, task_id)
+        return task_id
+
+    def _submitted(self, task: Task, task_id: str) -> None:
         self._role("queue", SQLiteQueue)._signal.notify("ready")
         if task_id == task.id:
             self._role("events", SQLiteEventStorage)._signal.notify("new")
-        return task_id
 
     async def claim(
         self, queues: Sequence[str], lease: float, timeout: float, limit: int, worker_id: str

@@ -457,6 +457,19 @@ class AsyncOmniQ:
         finally:
             await sent
 
+    def submit_blocking(self, task: Task) -> str | None:
+        """`submit` on the calling thread, blocking, where the store can answer a thread
+        directly (SQLite's fused submit; the sync `OmniQ` uses it): None where it cannot
+        (stores not open yet, a task that runs in this process, other technologies)."""
+        queue, events = self._opened.get("queue"), self._opened.get("events")
+        if queue is None or events is None or self._runs_here(task):
+            return None
+        blocking = getattr(fused_ops(queue, events), "submit_blocking", None)
+        if blocking is None:
+            return None
+        task_id: str = blocking(task, _enqueued_event(task))
+        return task_id
+
     async def submit_many(self, tasks: Sequence[Task]) -> list[str]:
         """Like `submit` for many tasks: their ENQUEUED events go out in one write
         (or, on one Backend, the fused writes go out together)."""
@@ -850,6 +863,9 @@ class _LoopThread:
         )
         self._thread.start()
 
+    def is_current(self) -> bool:
+        return threading.current_thread() is self._thread
+
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         if threading.current_thread() is self._thread:
             coro.close()
@@ -933,7 +949,7 @@ class OmniQ:
         self._run(_start(self._core, **overrides))
 
     def enqueue(self, func: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> str:
-        return self._run(self._core.enqueue_call(func, args, kwargs))
+        return self.enqueue_call(func, args, kwargs)
 
     def enqueue_call(
         self,
@@ -942,6 +958,14 @@ class OmniQ:
         kwargs: dict[str, Any] | None = None,
         options: TaskOptions | None = None,
     ) -> str:
+        thread = self._thread
+        if thread is not None and not thread.is_current():
+            # Stores open: the task is built here and, where the store thread can answer
+            # this thread itself (SQLite), written without a trip through the loop.
+            task = self._core.build_task(func, tuple(args), dict(kwargs or {}),
+                                         options or TaskOptions())
+            task_id = self._core.submit_blocking(task)
+            return task_id if task_id is not None else self._run(self._core.submit(task))
         return self._run(self._core.enqueue_call(func, args, kwargs, options))
 
     def enqueue_many(self, calls: Iterable[Call], options: TaskOptions | None = None) -> list[str]:

@@ -13,6 +13,7 @@ run_in_executor). Fork-aware: a forked child starts threads of its own on first 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import queue
@@ -39,6 +40,7 @@ class Job(Generic[T]):
     future: asyncio.Future[T] | None = None
     orphan: Callable[[T], None] | None = None  # gets the value if the caller gave up
     info: Any = None
+    waiter: concurrent.futures.Future[T] | None = None  # a blocked thread waits (no loop)
 
     def __call__(self) -> T:
         return self.fn(*self.args, **self.kwargs)
@@ -114,6 +116,14 @@ class Threads:
             if job.orphan is not None and _succeeded(future):
                 job.orphan(future.result())
             raise
+
+    def call_blocking(self, job: Job[T]) -> T:
+        """Run `job` and wait for it on this (non-loop) thread: two thread hops, where
+        a sync caller going through an event loop thread makes four."""
+        waiter: concurrent.futures.Future[T] = concurrent.futures.Future()
+        job.loop, job.waiter = None, waiter
+        self._put(job)
+        return waiter.result()
 
     def post(self, job: Job[Any]) -> None:
         """Queue a job whose outcome nobody awaits."""
@@ -269,6 +279,12 @@ def deliver(jobs: list[Job[Any]], outcomes: list[Outcome]) -> None:
     for job, outcome in zip(jobs, outcomes, strict=True):
         if job.loop is not None:
             by_loop.setdefault(job.loop, []).append((job, outcome))
+        elif job.waiter is not None:
+            ok, value = outcome
+            if ok:
+                job.waiter.set_result(value)
+            else:
+                job.waiter.set_exception(value)
     for loop, settled in by_loop.items():
         _mailbox(loop).put(settled)
 

@@ -392,3 +392,30 @@ def test_follow_from_now_means_the_call_not_the_first_next(omniq: OmniQ) -> None
     event = next(follow)
     assert event.task_id == task_id
     follow.close()
+
+
+def test_sync_enqueue_on_sqlite_skips_the_loop_and_keeps_its_guarantees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the stores are open, the sync API writes a task on SQLite through the store
+    thread alone (two thread hops instead of four: ~310 -> ~230 us per enqueue measured),
+    with what `submit` guarantees: the ENQUEUED event, a held key's holder, the errors."""
+    from omniq import client as client_module
+
+    config = OmniQConfig.from_values(home=str(tmp_path), embedded_worker="off")
+    with OmniQ(config) as q:
+        first = q.enqueue("omniq.examples:add", 1, 2)  # opens the stores (through the loop)
+        trips: list[object] = []
+        real = client_module._LoopThread.call
+        monkeypatch.setattr(client_module._LoopThread, "call",
+                            lambda self, coro: trips.append(coro) or real(self, coro))
+        task_id = q.enqueue("omniq.examples:add", 2, 3)
+        keyed = q.options(unique_key="k").enqueue("omniq.examples:add", 3, 4)
+        again = q.options(unique_key="k").enqueue("omniq.examples:add", 5, 6)
+        assert trips == [], "a sync enqueue went through the event loop"
+        assert again == keyed != task_id != first
+        assert [e.event_type for e in q.get_events(task_id)] == [EventType.ENQUEUED]
+        with pytest.raises(SerializationError):
+            q.enqueue("omniq.examples:add", object())
+        local = q.enqueue(lambda: 7)  # runs in this process: through the loop as before
+        assert q.get_result(local, timeout=10) == 7
