@@ -130,6 +130,7 @@ class AsyncOmniQ:
         self._local_queue: TaskQueue | None = None
         self._local_functions: dict[str, Callable[..., Any]] = {}
         self._local_tokens: dict[int, str] = {}
+        self._local_lock = threading.Lock()  # the sync API builds tasks on callers' threads
         self._workers: dict[str, tuple[Worker, asyncio.Task[int]]] = {}
         self._open_lock: asyncio.Lock | None = None
 
@@ -420,13 +421,15 @@ class AsyncOmniQ:
         return path if path is not None else self._register_local(func)
 
     def _register_local(self, func: Callable[..., Any]) -> str:
-        token = self._local_tokens.get(id(func))
-        if token is None:
-            name = getattr(func, "__qualname__", type(func).__name__)
-            token = f"local:{getattr(func, '__module__', '?')}.{name}#{len(self._local_tokens) + 1}"
-            self._local_tokens[id(func)] = token
-            self._local_functions[token] = func
-        return token
+        with self._local_lock:
+            token = self._local_tokens.get(id(func))
+            if token is None:
+                name = getattr(func, "__qualname__", type(func).__name__)
+                number = len(self._local_tokens) + 1
+                token = f"local:{getattr(func, '__module__', '?')}.{name}#{number}"
+                self._local_tokens[id(func)] = token
+                self._local_functions[token] = func
+            return token
 
     def _runs_here(self, task: Task) -> bool:
         return task.is_local or self._run_own_here

@@ -419,3 +419,23 @@ def test_sync_enqueue_on_sqlite_skips_the_loop_and_keeps_its_guarantees(
             q.enqueue("omniq.examples:add", object())
         local = q.enqueue(lambda: 7)  # runs in this process: through the loop as before
         assert q.get_result(local, timeout=10) == 7
+
+
+def test_local_functions_enqueued_from_many_threads_each_run_their_own(omniq: OmniQ) -> None:
+    """The sync API builds tasks on its callers' threads: two lambdas registered at once
+    must not share a token (one would run the other's code)."""
+    import threading
+
+    omniq.enqueue(lambda: 0)  # the loop thread exists: later calls build here
+    ids: dict[int, str] = {}
+
+    def enqueue_some(base: int) -> None:
+        for i in range(base, base + 40):
+            ids[i] = omniq.enqueue(lambda i=i: i)
+
+    threads = [threading.Thread(target=enqueue_some, args=(40 * n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {i: omniq.get_result(t, timeout=30) for i, t in ids.items()} == {i: i for i in ids}
