@@ -107,7 +107,8 @@ MAX_BATCH = 64
 # Stranded enqueues (NATSQueue.finish_stranded): a task's message follows its state
 # within a round trip, so one waiting this long without a message never gets one.
 STRANDED_AFTER = 10.0
-SWEEP_EVERY = 15.0  # an idle worker looks for them this often
+SWEEP_EVERY = 15.0  # an idle worker looks for them this often, at first;
+SWEEP_MOST = 600.0  # after 3 looks that found none, twice as long each time, up to this
 SWEEP_LOOKBACK = 3600.0  # over the tasks written this long ago at most
 LEVEL_REFRESH = 10.0  # re-discover the priority levels of a queue this often
 ETA_SLACK = 0.005
@@ -211,6 +212,7 @@ class _Dispatcher:
         self._background: set[asyncio.Task[None]] = set()
         self.sweeper: asyncio.Task[None] | None = None  # finishing stranded enqueues
         self.swept_at = -math.inf
+        self.sweep_gaps = 0  # sweeps in a row that found nothing (each doubles the gap)
         # Resolved (and replaced) whenever work may have arrived: claimers wait on it.
         self.changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -848,7 +850,8 @@ class NATSQueue(Store):
         now = time.monotonic()
         if dispatcher.sweeper is not None and not dispatcher.sweeper.done():
             return
-        if now - dispatcher.swept_at < SWEEP_EVERY:
+        gap = SWEEP_EVERY * 2 ** max(0, dispatcher.sweep_gaps - 2)  # 3 looks, then slower
+        if now - dispatcher.swept_at < min(SWEEP_MOST, gap):
             return
         dispatcher.swept_at = now
         dispatcher.sweeper = asyncio.create_task(self._sweep_quietly(dispatcher))
@@ -859,6 +862,9 @@ class NATSQueue(Store):
         except Exception as exc:  # an outage: the claims report it; tried again later
             log.debug("NATS: stranded enqueues not swept: %s", describe(exc))
             return
+        # Rare by nature: each look that finds none waits twice as long for the next
+        # (a look reads every task written within SWEEP_LOOKBACK, headers only).
+        dispatcher.sweep_gaps = 0 if finished else min(dispatcher.sweep_gaps + 1, 10)
         if finished:
             log.warning("NATS: finished %d enqueues whose producer died between the "
                         "task and its message", finished)

@@ -378,10 +378,15 @@ def test_an_enqueue_whose_producer_died_half_way_is_finished_by_an_idle_worker(
         assert await q.finish_stranded() == 0  # too young: its message may be on its way
         monkeypatch.setattr(nats_queue, "STRANDED_AFTER", 0.0)
         monkeypatch.setattr(nats_queue, "SWEEP_EVERY", 0.0)
+        dispatcher = await q._lanes()
+        assert dispatcher.sweeper is not None  # the idle claim above looked (too young)
+        await dispatcher.sweeper
+        assert dispatcher.sweep_gaps == 1  # a look that found none: the next waits longer
         # An idle claim starts the sweep (no message left in the queue), which finishes it.
         assert await q.claim_many(["default"], 30, 0.1, 10) == []
         got = await q.claim_many(["default"], 30, 10, 10)
         assert [d.task_id for d in got] == [lost.id]
+        assert dispatcher.sweep_gaps == 0
         assert await q.finish_stranded() == 0  # nothing more to finish
         await q.close()
 
