@@ -509,18 +509,19 @@ class SQLiteBackend:
     # --- fused operations (omniq.storage.FusedOps): one call, one transaction ---------
 
     async def submit(self, task: Task, event: TaskEvent) -> str:
-        job = Job(self._submit_here, (_task_row(task), _event_row(event)), info=self._fused)
-        task_id: str = await self._threads.submit(job)
+        task_id: str = await self._threads.submit(self._submit_job(task, event))
         self._submitted(task, task_id)
         return task_id
 
     def submit_blocking(self, task: Task, event: TaskEvent) -> str:
         """`submit` for a thread that may block (the sync `OmniQ`): the store thread
         answers it directly, without a trip through an event loop."""
-        job = Job(self._submit_here, (_task_row(task), _event_row(event)), info=self._fused)
-        task_id: str = self._threads.call_blocking(job)
+        task_id: str = self._threads.call_blocking(self._submit_job(task, event))
         self._submitted(task, task_id)
         return task_id
+
+    def _submit_job(self, task: Task, event: TaskEvent) -> Job[str]:
+        return Job(self._submit_here, (_task_row(task), _event_row(event)), info=self._fused)
 
     def _submitted(self, task: Task, task_id: str) -> None:
         self._role("queue", SQLiteQueue)._signal.notify("ready")

@@ -521,7 +521,10 @@ class AsyncOmniQ:
             raise ResultTimeout(f"task {task_id} has no result after {timeout:g}s")
         return result
 
-    async def task_exists(self, task_id: str) -> bool:
+    async def task_exists(self, task_id: str, *, enqueued_event_counts: bool = True) -> bool:
+        """Queued, running, finished or failed, or known by its events. Without
+        `enqueued_event_counts`, an ENQUEUED event alone is not enough: its producer may
+        have died before the task was written (a schedule's half-fired slot)."""
         if not is_valid_id(task_id):
             return False
         if self._local_queue is not None and await self._local_queue.get_task(task_id):
@@ -530,7 +533,10 @@ class AsyncOmniQ:
             return True
         if await (await self._r()).get(task_id) is not None:
             return True
-        return bool(await (await self._e()).get(task_id))
+        events = await (await self._e()).get(task_id)
+        if enqueued_event_counts:
+            return bool(events)
+        return any(e.event_type is not EventType.ENQUEUED for e in events)
 
     async def get_events(self, task_id: str) -> list[TaskEvent]:
         if not is_valid_id(task_id):

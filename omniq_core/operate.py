@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from omniq.errors import OmniQError, TaskNotFound, TaskStateError
-from omniq.models import EventType, Task, TaskResult, TaskStatus, is_valid_id, utcnow
+from omniq.models import Task, TaskResult, TaskStatus, is_valid_id, utcnow
 from omniq.schedules import SLOT_KEY_TTL, Schedule, schedule_from_mapping
 
 if TYPE_CHECKING:
@@ -235,7 +235,7 @@ _half_since: dict[tuple[str, datetime], float] = {}
 async def _half_fired(client: AsyncOmniQ, name: str, slot: datetime, holder: str) -> bool:
     """True while the slot's key holder is a task that was never queued (its producer
     died between the key and the task: an ENQUEUED event may exist, nothing else)."""
-    if await _task_seen(client, holder):
+    if await client.task_exists(holder, enqueued_event_counts=False):
         _half_since.pop((name, slot), None)
         return False
     now = asyncio.get_running_loop().time()
@@ -246,21 +246,6 @@ async def _half_fired(client: AsyncOmniQ, name: str, slot: datetime, holder: str
     log.warning("schedule %s: slot %s given up: its key is held by task %s, which never "
                 "appeared", name, slot.isoformat(), holder)
     return False
-
-
-async def _task_seen(client: AsyncOmniQ, task_id: str) -> bool:
-    """Queued, running, finished or failed; an ENQUEUED event alone does not count."""
-    if not is_valid_id(task_id):
-        return False
-    local = client._local_queue
-    if local is not None and await local.get_task(task_id) is not None:
-        return True
-    if await (await client._q()).get_task(task_id) is not None:
-        return True
-    if await (await client._r()).get(task_id) is not None:
-        return True
-    events = await (await client._e()).get(task_id)
-    return any(e.event_type is not EventType.ENQUEUED for e in events)
 
 
 async def _note_slot(client: AsyncOmniQ, name: str, slot: datetime) -> None:
